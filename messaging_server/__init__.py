@@ -1,0 +1,25 @@
+"""Niki: a durable push-messaging server.
+
+App backends queue short messages with :func:`enqueue`; clients holding a TCP
+connection to a server receive them at once, or as soon as they reconnect.
+
+    >>> import messaging_server
+    >>> messaging_server.enqueue(3000, "hello client")   # doctest: +SKIP
+    True
+"""
+
+from .enqueue import Enqueuer, enqueue
+from .errors import BodyRejected, ConfigurationError, NikiError, StorageUnavailable, UnknownClient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BodyRejected",
+    "ConfigurationError",
+    "Enqueuer",
+    "NikiError",
+    "StorageUnavailable",
+    "UnknownClient",
+    "__version__",
+    "enqueue",
+]

@@ -1,0 +1,162 @@
+"""A small blocking Python client for Niki servers.
+
+    with Client("push.example.com", 8000, client_id=stored_id) as client:
+        save(client.client_id)             # keep it for the next connect
+        for body in client.messages():     # pending ones first, then live ones
+            print(body)
+
+The line protocol itself lives in :mod:`messaging_server.protocol`; this
+module only moves bytes between it and a socket.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import socket
+import time
+from typing import Deque, Iterator, List, Optional, Union
+
+from .errors import NikiError
+from .protocol import (
+    ClientConnection,
+    ClientEvent,
+    ConnectionClosed,
+    IdAssigned,
+    IdRequested,
+    LineTooLong,
+    Message,
+    Notice,
+)
+
+
+class ClientError(NikiError):
+    """The server did not follow the protocol, or closed during the handshake."""
+
+
+class Client:
+    def __init__(self, host: str, port: int = 8000,
+                 client_id: Optional[Union[int, str]] = None, timeout: float = 10.0) -> None:
+        self.host = host
+        self.port = port
+        self.requested_id = client_id
+        self.timeout = timeout
+        self.client_id: Optional[str] = None
+        self.notices: List[str] = []  # lines other than messages (Invalid command: …)
+        self.closed = False
+        self._sock: Optional[socket.socket] = None
+        self._protocol = ClientConnection()
+        self._events: Deque[ClientEvent] = collections.deque()  # during the handshake
+        self._messages: Deque[str] = collections.deque()
+
+    def connect(self) -> str:
+        """Connect and identify; return the client id to store for next time."""
+        self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        first = self._next_event(self.timeout)
+        if not isinstance(first, IdRequested):
+            raise ClientError(f"expected GET_CLIENT_ID, got {first!r}")
+        self._sock.sendall(self._protocol.identify(self.requested_id))
+        answer = self._next_event(self.timeout)
+        if not isinstance(answer, IdAssigned):
+            raise ClientError(f"expected SET_CLIENT_ID, got {answer!r}")
+        self.client_id = answer.client_id
+        self._pump_handshake_leftovers()
+        return self.client_id
+
+    def _pump_handshake_leftovers(self) -> None:
+        """Lines that arrived with SET_CLIENT_ID belong to the message stream."""
+        while self._events:
+            event = self._events.popleft()
+            if isinstance(event, Message):
+                self._messages.append(event.body)
+            elif isinstance(event, Notice):
+                self.notices.append(event.line)
+            elif isinstance(event, (ConnectionClosed, LineTooLong)):
+                self.closed = True
+
+    def receive(self, timeout: Optional[float] = None) -> Optional[str]:
+        """The next message body; None when the server closed; TimeoutError after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._messages:
+            if self.closed:
+                return None
+            self._pump(deadline)
+        return self._messages.popleft()
+
+    def messages(self, timeout: Optional[float] = None) -> Iterator[str]:
+        """Message bodies until the server closes the connection."""
+        while True:
+            body = self.receive(timeout)
+            if body is None:
+                return
+            yield body
+
+    def read_line(self, timeout: Optional[float] = None) -> Optional[str]:
+        """The next line that is not a message (``Invalid command: …``); None when closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.notices:
+            if self.closed:
+                return None
+            self._pump(deadline)
+        return self.notices.pop(0)
+
+    def send_command(self, command: str) -> None:
+        assert self._sock is not None, "connect() first"
+        self._sock.sendall(self._protocol.command(command))
+
+    def disconnect(self) -> None:
+        """Send DISCONNECT (best effort) and close."""
+        if self._sock is None:
+            return
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                self._sock.sendall(self._protocol.command("DISCONNECT"))
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.disconnect()
+
+    def _next_event(self, timeout: Optional[float]) -> ClientEvent:
+        """The next event during the handshake."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._events:
+            if self.closed:
+                return ConnectionClosed()
+            self._events.extend(self._read(deadline))
+        return self._events.popleft()
+
+    def _pump(self, deadline: Optional[float]) -> None:
+        """Read once and sort what arrived into messages and notices."""
+        for event in self._read(deadline):
+            if isinstance(event, Message):
+                self._messages.append(event.body)
+            elif isinstance(event, Notice):
+                self.notices.append(event.line)
+
+    def _read(self, deadline: Optional[float]) -> List[ClientEvent]:
+        if self._sock is None:
+            self.closed = True
+            return [ConnectionClosed()]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._sock.settimeout(timeout)
+        try:
+            data = self._sock.recv(65536)
+        except socket.timeout:
+            raise TimeoutError(f"nothing from {self.host}:{self.port} within the timeout") from None
+        except (ConnectionResetError, ConnectionAbortedError):
+            data = b""
+        events = self._protocol.receive_data(data)
+        if any(isinstance(e, (ConnectionClosed, LineTooLong)) for e in events):
+            self.closed = True
+        return events

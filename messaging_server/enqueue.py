@@ -1,0 +1,147 @@
+"""Queueing messages from the application side: ``enqueue()`` and :class:`Enqueuer`.
+
+A message is committed to the database first and only then are servers woken
+with a UDP datagram, so a wake-up never arrives before its message is
+visible.  Either the message is committed or the caller gets an exception:
+nothing is half-queued.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+from . import settings
+from .errors import BodyRejected, UnknownClient
+from .protocol import parse_client_id
+from .storage import Storage, open_storage
+from .wakeup import Address, WakeupSender, parse_peers
+
+ClientId = Union[int, str]
+# An application rarely needs more: enqueue is one short transaction.
+ENQUEUE_POOL_SIZE = 4
+
+
+def client_id_of(client_id: ClientId) -> int:
+    """The numeric id of ``client_id`` (an int, or the string the server handed out)."""
+    if isinstance(client_id, bool):
+        raise UnknownClient(f"{client_id!r} is not a client id")
+    if isinstance(client_id, int):
+        value: Optional[int] = client_id if client_id > 0 else None
+    elif isinstance(client_id, str):
+        value = parse_client_id(client_id.strip())
+    else:
+        value = None
+    if value is None:
+        raise UnknownClient(f"{client_id!r} is not a client id")
+    return value
+
+
+def check_body(body: Union[str, bytes], max_bytes: int = settings.MAX_BODY_BYTES) -> str:
+    """``body`` as text if the line protocol can carry it; BodyRejected otherwise."""
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BodyRejected("the message body is not valid UTF-8") from None
+    if not isinstance(body, str):
+        raise BodyRejected(f"the message body must be text, not {type(body).__name__}")
+    if not body:
+        raise BodyRejected("the message body is empty")
+    if "\n" in body or "\r" in body:
+        raise BodyRejected("the message body contains a line break")
+    try:
+        size = len(body.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BodyRejected("the message body is not valid Unicode text") from None
+    if size > max_bytes:
+        raise BodyRejected(f"the message body is {size} bytes; the limit is {max_bytes}")
+    return body
+
+
+class Enqueuer:
+    """Queues messages into one database and wakes one list of peers.
+
+    Thread-safe; keep one per process and ``close()`` it when done.
+    """
+
+    def __init__(self, db: Optional[str] = None, peers: Optional[Union[str, Sequence[Address]]] = None,
+                 *, max_body_bytes: int = settings.MAX_BODY_BYTES,
+                 storage: Optional[Storage] = None) -> None:
+        self.db = db or settings.default_db()
+        if peers is None:
+            self.peers = settings.default_peers()
+        elif isinstance(peers, str):
+            self.peers = parse_peers(peers)
+        else:
+            self.peers = list(peers)
+        self.max_body_bytes = max_body_bytes
+        self._storage = storage or open_storage(self.db, pool_size=ENQUEUE_POOL_SIZE)
+        self._sender = WakeupSender(self.peers)
+        self._send_lock = threading.Lock()
+
+    def enqueue(self, client_id: ClientId, body: Union[str, bytes]) -> bool:
+        """Queue ``body`` for ``client_id``; False when it duplicates one from the last 5 s.
+
+        Raises UnknownClient, BodyRejected or StorageUnavailable.
+        """
+        numeric_id = client_id_of(client_id)
+        text = check_body(body, self.max_body_bytes)
+        message_id = self._storage.enqueue(numeric_id, text, settings.DUPLICATE_WINDOW_S)
+        if message_id is None:
+            return False
+        with self._send_lock:
+            self._sender.wake([numeric_id])
+        return True
+
+    def close(self) -> None:
+        self._sender.close()
+        self._storage.close()
+
+    def __enter__(self) -> Enqueuer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_shared: Dict[Tuple[str, Tuple[Address, ...]], Enqueuer] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_enqueuer(db: Optional[str], peers: Optional[Union[str, Sequence[Address]]]) -> Enqueuer:
+    db = db or settings.default_db()
+    if peers is None:
+        peer_list = settings.default_peers()
+    elif isinstance(peers, str):
+        peer_list = parse_peers(peers)
+    else:
+        peer_list = list(peers)
+    key = (db, tuple(peer_list))
+    with _shared_lock:
+        enqueuer = _shared.get(key)
+        if enqueuer is None:
+            enqueuer = _shared[key] = Enqueuer(db, peer_list)
+        return enqueuer
+
+
+def enqueue(client_id: ClientId, body: Union[str, bytes], *, db: Optional[str] = None,
+            peers: Optional[Union[str, Sequence[Address]]] = None) -> bool:
+    """Queue one message for a client and wake the servers.
+
+    ``client_id``: an int, or the string the server sent after ``SET_CLIENT_ID: ``.
+    ``db`` and ``peers`` default to NIKI_DB and NIKI_PEERS, as the server reads them.
+    Returns True when queued, False when the same body was queued for the same
+    client in the last 5 seconds (it is then recorded as ignored).
+    Raises UnknownClient, BodyRejected or StorageUnavailable (all NikiError).
+    """
+    return _shared_enqueuer(db, peers).enqueue(client_id, body)
+
+
+@atexit.register
+def _close_shared() -> None:
+    with _shared_lock:
+        for enqueuer in _shared.values():
+            enqueuer.close()
+        _shared.clear()

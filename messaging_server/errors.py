@@ -1,0 +1,38 @@
+"""The exceptions Niki raises to its callers.
+
+One base class, :class:`NikiError`, and a few subclasses a caller can act on,
+in the manner of PyMySQL's ``err.py``: catch ``NikiError`` for "anything went
+wrong", or a subclass to react to one situation.  Driver errors (PyMySQL,
+sqlite3) are mapped to these at the storage boundary and never leak out.
+"""
+
+from __future__ import annotations
+
+
+class NikiError(Exception):
+    """Base class of every error Niki raises on purpose."""
+
+
+class UnknownClient(NikiError):
+    """The client id does not name a client the server ever handed out."""
+
+
+class BodyRejected(NikiError, ValueError):
+    """The message body cannot be carried by the line protocol (empty, newline, too long)."""
+
+
+class StorageUnavailable(NikiError):
+    """The database could not be reached or did not answer; nothing was changed."""
+
+
+class ConfigurationError(NikiError, ValueError):
+    """A setting (database URL, peer list, port) is malformed."""
+
+
+__all__ = [
+    "BodyRejected",
+    "ConfigurationError",
+    "NikiError",
+    "StorageUnavailable",
+    "UnknownClient",
+]

@@ -1,0 +1,291 @@
+"""The Niki line protocol as a pure state machine: bytes in, events out.
+
+Nothing here touches a socket, a database or a clock (the model is h11).  The
+server feeds what it reads from a client into :class:`ServerConnection` and
+acts on the events it gets back; it turns what it wants to say into bytes with
+the ``ServerConnection`` methods.  :class:`ClientConnection` is the mirror image
+used by :mod:`messaging_server.client`.
+
+The conversation (see docs/PROTOCOL.md)::
+
+    server: GET_CLIENT_ID
+    client: NONE | <id>
+    server: SET_CLIENT_ID: <id>
+    server: MESSAGE: <body>          (pending messages, then new ones)
+    client: DISCONNECT               (the server closes the connection)
+    client: <any other line>   ->    server: Invalid command: <line>
+
+Lines end in ``\\n``; a ``\\r`` before it is dropped, so telnet's ``\\r\\n`` works.
+States: ``AWAITING_ID`` -> ``IDENTIFIED`` -> ``CLOSED``; nothing leaves ``CLOSED``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+# Longest line a client may send, terminator included.  Client lines are an id
+# or a command: a few dozen bytes.  1 KiB leaves room for future capability
+# words while bounding what a stranger can make the server buffer per socket.
+MAX_CLIENT_LINE = 1024
+
+# Longest line a server may send to a client (read by ClientConnection).  A
+# MESSAGE line carries a body of at most the enqueue limit; 64 KiB leaves room
+# for servers configured with a larger body limit.
+MAX_SERVER_LINE = 65536
+
+GREETING = "GET_CLIENT_ID"
+NEW_CLIENT = "NONE"
+SET_CLIENT_ID_PREFIX = "SET_CLIENT_ID: "
+MESSAGE_PREFIX = "MESSAGE: "
+INVALID_COMMAND_PREFIX = "Invalid command: "
+ERROR_PREFIX = "ERROR: "
+DISCONNECT = "DISCONNECT"
+
+# Largest id the storage layer can hold (signed 64-bit, as SQLite's INTEGER).
+MAX_CLIENT_ID = 2**63 - 1
+
+
+class State(enum.Enum):
+    AWAITING_ID = "awaiting id"
+    IDENTIFIED = "identified"
+    CLOSED = "closed"
+
+
+class ProtocolError(Exception):
+    """A protocol object was used against its state (a bug in the caller)."""
+
+
+# --- events a server receives ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identify:
+    """The client's answer to GET_CLIENT_ID.
+
+    ``client_id`` is None for ``NONE`` and for an answer that is not a valid id;
+    ``malformed`` tells the two apart so the server can log the latter.
+    ``capabilities`` are the words after the id, kept for later protocol versions.
+    """
+
+    client_id: Optional[int]
+    raw: str
+    malformed: bool = False
+    capabilities: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """The client asked the server to close the connection."""
+
+
+@dataclass(frozen=True)
+class InvalidCommand:
+    """A line that is not a command; the server answers it and carries on."""
+
+    line: str
+
+
+@dataclass(frozen=True)
+class LineTooLong:
+    """The client sent more than ``limit`` bytes without a newline."""
+
+    limit: int
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The client closed its side of the connection."""
+
+
+ServerEvent = Union[Identify, Disconnect, InvalidCommand, LineTooLong, ConnectionClosed]
+
+
+# --- events a client receives ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdRequested:
+    """The server sent GET_CLIENT_ID."""
+
+
+@dataclass(frozen=True)
+class IdAssigned:
+    client_id: str
+
+
+@dataclass(frozen=True)
+class Message:
+    body: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Any other line from the server (``Invalid command: …``, ``ERROR: …``)."""
+
+    line: str
+
+
+ClientEvent = Union[IdRequested, IdAssigned, Message, Notice, LineTooLong, ConnectionClosed]
+
+
+class LineBuffer:
+    """Splits a byte stream into lines, holding at most ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Tuple[List[str], bool]:
+        """Add ``data``; return the complete lines and whether the limit was passed."""
+        self._buf += data
+        lines: List[str] = []
+        start = 0
+        while True:
+            end = self._buf.find(b"\n", start)
+            if end < 0:
+                break
+            if end + 1 - start > self.limit:
+                return lines, True
+            raw = bytes(self._buf[start:end])
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            lines.append(raw.decode("utf-8", errors="replace"))
+            start = end + 1
+        del self._buf[:start]
+        return lines, len(self._buf) > self.limit
+
+    @property
+    def pending(self) -> int:
+        """Bytes held that do not yet form a line."""
+        return len(self._buf)
+
+
+def parse_client_id(text: str) -> Optional[int]:
+    """The id in ``text`` (digits, optionally the ``<id>.<suffix>`` form), or None."""
+    head = text.split(".", 1)[0]
+    if not head.isascii() or not head.isdigit():
+        return None
+    value = int(head)
+    return value if 0 < value <= MAX_CLIENT_ID else None
+
+
+def check_body(body: str) -> None:
+    """Raise ValueError when ``body`` cannot travel on one protocol line."""
+    if "\n" in body or "\r" in body:
+        raise ValueError("a message body cannot contain a line break")
+
+
+class ServerConnection:
+    """The server's side of one client connection."""
+
+    def __init__(self, max_line: int = MAX_CLIENT_LINE) -> None:
+        self.state = State.AWAITING_ID
+        self._lines = LineBuffer(max_line)
+
+    def receive_data(self, data: bytes) -> List[ServerEvent]:
+        """Feed bytes read from the client; ``b""`` means the client closed."""
+        if self.state is State.CLOSED:
+            return []
+        if not data:
+            self.state = State.CLOSED
+            return [ConnectionClosed()]
+        lines, overflow = self._lines.feed(data)
+        events: List[ServerEvent] = []
+        for line in lines:
+            events.append(self._line_event(line))
+            if self.state is State.CLOSED:
+                return events
+        if overflow:
+            self.state = State.CLOSED
+            events.append(LineTooLong(self._lines.limit))
+        return events
+
+    def _line_event(self, line: str) -> ServerEvent:
+        if self.state is State.AWAITING_ID:
+            self.state = State.IDENTIFIED
+            return _identify(line)
+        if line.strip() == DISCONNECT:
+            self.state = State.CLOSED
+            return Disconnect()
+        return InvalidCommand(line)
+
+    # --- what the server says ---
+
+    def greeting(self) -> bytes:
+        if self.state is not State.AWAITING_ID:
+            raise ProtocolError(f"greeting in state {self.state.value}")
+        return _line(GREETING)
+
+    @staticmethod
+    def set_client_id(client_id: Union[int, str]) -> bytes:
+        return _line(f"{SET_CLIENT_ID_PREFIX}{client_id}")
+
+    @staticmethod
+    def message(body: str) -> bytes:
+        check_body(body)
+        return _line(MESSAGE_PREFIX + body)
+
+    @staticmethod
+    def invalid_command(line: str) -> bytes:
+        return _line(INVALID_COMMAND_PREFIX + line)
+
+    @staticmethod
+    def error(text: str) -> bytes:
+        return _line(ERROR_PREFIX + text)
+
+
+def _identify(line: str) -> Identify:
+    words = line.split()
+    if not words:
+        return Identify(None, line, malformed=True)
+    head, capabilities = words[0], tuple(words[1:])
+    if head.upper() == NEW_CLIENT:
+        return Identify(None, line, capabilities=capabilities)
+    client_id = parse_client_id(head)
+    return Identify(client_id, line, malformed=client_id is None, capabilities=capabilities)
+
+
+def _line(text: str) -> bytes:
+    return (text + "\n").encode("utf-8")
+
+
+class ClientConnection:
+    """The client's side: parses what a server sends, formats what a client says."""
+
+    def __init__(self, max_line: int = MAX_SERVER_LINE) -> None:
+        self._lines = LineBuffer(max_line)
+        self.closed = False
+
+    def receive_data(self, data: bytes) -> List[ClientEvent]:
+        if self.closed:
+            return []
+        if not data:
+            self.closed = True
+            return [ConnectionClosed()]
+        lines, overflow = self._lines.feed(data)
+        events: List[ClientEvent] = [_server_line_event(line) for line in lines]
+        if overflow:
+            self.closed = True
+            events.append(LineTooLong(self._lines.limit))
+        return events
+
+    @staticmethod
+    def identify(client_id: Optional[Union[int, str]]) -> bytes:
+        return _line(NEW_CLIENT if client_id is None else str(client_id))
+
+    @staticmethod
+    def command(text: str) -> bytes:
+        check_body(text)
+        return _line(text)
+
+
+def _server_line_event(line: str) -> ClientEvent:
+    if line == GREETING:
+        return IdRequested()
+    if line.startswith(SET_CLIENT_ID_PREFIX):
+        return IdAssigned(line[len(SET_CLIENT_ID_PREFIX):])
+    if line.startswith(MESSAGE_PREFIX):
+        return Message(line[len(MESSAGE_PREFIX):])
+    return Notice(line)

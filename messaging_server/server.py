@@ -1,0 +1,276 @@
+"""The Niki server: a ``socketserver.ThreadingTCPServer`` and its helper threads.
+
+Threads and who owns what:
+
+* The main thread runs :meth:`NikiServer.serve_forever`, accepting connections.
+* One handler thread per connection (:class:`ClientHandler`, a daemon thread)
+  does the handshake, registers the client, delivers its pending messages,
+  then waits until the connection ends.  It owns the socket.
+* One command-listener thread (:class:`~messaging_server.commands.CommandListener`)
+  reads the commands of every identified client.
+* One delivery thread (:class:`~messaging_server.delivery.DeliveryThread`)
+  listens for UDP wake-ups and delivers to the clients they name.
+
+The server owns the storage, the registry of connected clients and both
+helper threads; :meth:`NikiServer.stop` shuts them down in order.  No thread
+holds a database connection while it waits for a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+from .commands import CommandListener, handle_events
+from .connection import ClientConnection
+from .delivery import DeliveryThread, deliver
+from .errors import StorageUnavailable
+from .protocol import ConnectionClosed, Identify, LineTooLong, ServerEvent
+from .settings import ServerSettings
+from .storage import Storage
+from .wakeup import WakeupListener
+
+log = logging.getLogger("messaging_server")
+
+# Connections waiting to be accepted.  A reconnect storm after a network blip
+# arrives all at once; the kernel caps this at net.core.somaxconn anyway.
+LISTEN_BACKLOG = 1024
+
+
+class ConnectionRegistry:
+    """The identified clients connected to this server, by client id."""
+
+    def __init__(self) -> None:
+        self._by_client: Dict[int, ClientConnection] = {}
+        self._lock = threading.Lock()
+
+    def register(self, conn: ClientConnection) -> Optional[ClientConnection]:
+        """Make ``conn`` its client's connection; return the one it replaces."""
+        assert conn.client_id is not None
+        with self._lock:
+            previous = self._by_client.get(conn.client_id)
+            self._by_client[conn.client_id] = conn
+        return previous
+
+    def unregister(self, conn: ClientConnection) -> None:
+        """Forget ``conn``, unless a newer connection of its client replaced it."""
+        with self._lock:
+            if conn.client_id is not None and self._by_client.get(conn.client_id) is conn:
+                del self._by_client[conn.client_id]
+
+    def get(self, client_id: int) -> Optional[ClientConnection]:
+        with self._lock:
+            return self._by_client.get(client_id)
+
+    def all(self) -> List[ClientConnection]:
+        with self._lock:
+            return list(self._by_client.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_client)
+
+
+class ClientHandler(socketserver.BaseRequestHandler):
+    """One client connection, from greeting to close."""
+
+    server: NikiServer
+
+    def handle(self) -> None:
+        peer = _format_peer(self.client_address)
+        conn = ClientConnection(self.request, peer)
+        self.server.track(conn)
+        try:
+            self._serve(conn)
+        finally:
+            conn.close("connection ended")
+            self.server.registry.unregister(conn)
+            self.server.untrack(conn)
+            who = f"client {conn.client_id}" if conn.client_id is not None else "unidentified client"
+            log.info("%s disconnected from %s (%s)", who, peer, conn.close_reason)
+
+    def _serve(self, conn: ClientConnection) -> None:
+        settings = self.server.settings
+        log.info("connection from %s", conn.peer)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock.settimeout(settings.write_timeout)
+        if not conn.send(conn.protocol.greeting()):
+            return
+        events = self._read_identify(conn, settings.handshake_timeout)
+        if not events:
+            return
+        identify, rest = events[0], events[1:]
+        assert isinstance(identify, Identify)
+        try:
+            self._identify(conn, identify)
+        except StorageUnavailable as exc:
+            log.error("cannot identify %s: database unavailable: %s", conn.peer, exc)
+            conn.send(conn.protocol.error("database unavailable, try again later"))
+            conn.close("database unavailable")
+            return
+        conn.sock.settimeout(settings.write_timeout)
+        previous = self.server.registry.register(conn)
+        if previous is not None and previous is not conn:
+            log.info("client %s: closing %s, taken over by %s", conn.client_id,
+                     previous.peer, conn.peer)
+            previous.close("taken over by a newer connection")
+        if not conn.send(conn.protocol.set_client_id(conn.client_id)):
+            return
+        conn.ready.set()
+        deliver(self.server.storage, conn, settings.delivery_batch, wait=True)
+        handle_events(conn, rest)
+        if conn.closed:
+            return
+        self.server.commands.add(conn)
+        conn.released.wait()
+
+    def _read_identify(self, conn: ClientConnection, timeout: float) -> List[ServerEvent]:
+        """Read until the client's id line; [] when it closed, timed out or sent junk."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                conn.send(conn.protocol.error(f"no client id within {timeout:g} s"))
+                conn.close("handshake timed out")
+                return []
+            conn.sock.settimeout(remaining)
+            try:
+                data = conn.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                data = b""
+            events = conn.protocol.receive_data(data)
+            if not events:
+                continue
+            first = events[0]
+            if isinstance(first, Identify):
+                return events
+            if isinstance(first, LineTooLong):
+                conn.send(conn.protocol.error(f"line too long (limit {first.limit} bytes)"))
+                conn.close("client id line too long")
+            elif isinstance(first, ConnectionClosed):
+                conn.close("closed during handshake")
+            return []
+
+    def _identify(self, conn: ClientConnection, identify: Identify) -> None:
+        storage = self.server.storage
+        session = None
+        if identify.client_id is not None:
+            session = storage.claim_client(identify.client_id)
+            if session is None:
+                log.warning("%s presented unknown client id %s: issuing a new id",
+                            conn.peer, identify.client_id)
+            else:
+                conn.client_id, conn.session = identify.client_id, session
+                log.info("client %s identified from %s", conn.client_id, conn.peer)
+                return
+        elif identify.malformed:
+            log.warning("%s presented malformed client id %r: issuing a new id",
+                        conn.peer, identify.raw[:80])
+        conn.client_id, conn.session = storage.new_client()
+        log.info("new client %s from %s", conn.client_id, conn.peer)
+
+
+class NikiServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True  # a handler lives as long as its client: never join them
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, settings: ServerSettings, storage: Storage) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.registry = ConnectionRegistry()
+        self._connections: set = set()
+        self._connections_lock = threading.Lock()
+        host = settings.host
+        if not host and socket.has_dualstack_ipv6():
+            self.address_family = socket.AF_INET6
+            host = "::"
+        elif ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, settings.port), ClientHandler)
+        self.wakeups = WakeupListener(settings.host or "0.0.0.0", settings.resolved_event_port)
+        self.commands = CommandListener()
+        self.delivery = DeliveryThread(self.wakeups, self._lookup_ready, storage,
+                                       settings.delivery_batch)
+        self.server_id: Optional[int] = None
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def _lookup_ready(self, client_id: int) -> Optional[ClientConnection]:
+        return self.registry.get(client_id)
+
+    def track(self, conn: ClientConnection) -> None:
+        with self._connections_lock:
+            self._connections.add(conn)
+
+    def untrack(self, conn: ClientConnection) -> None:
+        with self._connections_lock:
+            self._connections.discard(conn)
+
+    def start(self) -> None:
+        """Start the helper threads and record this server in the database."""
+        self.commands.start()
+        self.delivery.start()
+        self.server_id = self.storage.register_server(
+            socket.gethostname(), self.port, self.wakeups.port, os.getpid())
+
+    def stop(self) -> None:
+        """Close every connection, stop the threads, forget this server."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.close("server shutting down")
+        self.commands.stop()
+        self.delivery.stop()
+        self.wakeups.close()
+        if self.server_id is not None:
+            try:
+                self.storage.unregister_server(self.server_id)
+            except StorageUnavailable as exc:
+                log.warning("could not unregister this server: %s", exc)
+        self.server_close()
+
+
+def _format_peer(address: Tuple) -> str:
+    host, port = address[0], address[1]
+    if host.startswith("::ffff:"):
+        host = host[len("::ffff:"):]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(settings: ServerSettings, storage: Storage) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    server = NikiServer(settings, storage)
+    server.start()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever() to return, and serve_forever()
+        # runs on this (the main) thread: ask from another thread.
+        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    log.info("listening on %s port %d (clients, TCP) and port %d (wake-ups, UDP)",
+             settings.host or "all interfaces", server.port, server.wakeups.port)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop()
+        log.info("stopped")

@@ -1,0 +1,157 @@
+"""Every setting in one place: its default, its environment variable, its option.
+
+Options win over environment variables, which win over defaults, so a server
+and the ``niki-enqueue`` run beside it can share ``NIKI_DB`` and ``NIKI_PEERS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Mapping, Optional
+
+from .errors import ConfigurationError
+from .wakeup import Address, parse_peers
+
+DEFAULT_PORT = 8000
+DEFAULT_DB = "sqlite:///niki.sqlite3"
+# The original's duplicate rule: the same body for the same client within this
+# many seconds is recorded as ignored and not delivered.
+DUPLICATE_WINDOW_S = 5.0
+# Largest body, in UTF-8 bytes.  Push payloads are small (APNs allows 4 KiB);
+# the bound keeps every MESSAGE line, and what a client must buffer, small.
+MAX_BODY_BYTES = 4096
+# A client that has not identified by then is dropped, freeing its thread.
+HANDSHAKE_TIMEOUT_S = 30.0
+# A client that cannot take a write within this long is disconnected; what was
+# not written stays pending.  Also bounds how long a delivery holds its locks.
+WRITE_TIMEOUT_S = 10.0
+# Messages read, written and marked per database transaction when delivering.
+DELIVERY_BATCH = 500
+
+
+def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = None) -> str:
+    environ = os.environ if environ is None else environ
+    value = environ.get(name, "")
+    return value if value.strip() else default
+
+
+def default_peers(environ: Optional[Mapping[str, str]] = None) -> List[Address]:
+    """NIKI_PEERS, or this host's default event port."""
+    text = env_default("NIKI_PEERS", f"127.0.0.1:{DEFAULT_PORT + 1}", environ)
+    return parse_peers(text)
+
+
+def default_db(environ: Optional[Mapping[str, str]] = None) -> str:
+    return env_default("NIKI_DB", DEFAULT_DB, environ)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = ""
+    port: int = DEFAULT_PORT
+    event_port: Optional[int] = None
+    db: str = DEFAULT_DB
+    verbose: bool = False
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S
+    write_timeout: float = WRITE_TIMEOUT_S
+    delivery_batch: int = DELIVERY_BATCH
+    pool_size: int = 8
+
+    @property
+    def resolved_event_port(self) -> int:
+        """The UDP port: as set, else the client port + 1 (0 stays 0: any free port)."""
+        if self.event_port is not None:
+            return self.event_port
+        return self.port + 1 if self.port else 0
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def server_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
+    e = os.environ if environ is None else environ
+
+    def env(name: str, default: object, convert: Callable[[str], object] = str) -> object:
+        text = env_default(name, "", e)
+        return convert(text) if text else default
+
+    p = argparse.ArgumentParser(
+        prog="python -m messaging_server",
+        description="Niki: a durable push-messaging server. Clients connect over TCP "
+        "(telnet works); messages queued with niki-enqueue or messaging_server.enqueue() "
+        "reach them at once, or as soon as they reconnect.",
+        epilog="Every option can also be set by the environment variable shown in brackets.",
+    )
+    p.add_argument("-p", "--port", type=_port, default=env("NIKI_PORT", DEFAULT_PORT, _port),
+                   help="TCP port for clients; 0 picks a free one [NIKI_PORT] (default %(default)s)")
+    p.add_argument("--host", default=env("NIKI_HOST", ""),
+                   help="address to listen on [NIKI_HOST] (default: all interfaces)")
+    p.add_argument("--db", default=default_db(e),
+                   help="database URL: sqlite:///FILE or mysql://USER:PASSWORD@HOST:PORT/DB "
+                   "[NIKI_DB] (default %(default)s)")
+    p.add_argument("--event-port", type=_port, default=env("NIKI_EVENT_PORT", None, _port),
+                   help="UDP port for wake-ups from enqueue [NIKI_EVENT_PORT] (default: port + 1)")
+    p.add_argument("--handshake-timeout", type=_positive_float,
+                   default=env("NIKI_HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT_S, _positive_float),
+                   help="seconds a client has to identify [NIKI_HANDSHAKE_TIMEOUT] (default %(default)s)")
+    p.add_argument("--write-timeout", type=_positive_float,
+                   default=env("NIKI_WRITE_TIMEOUT", WRITE_TIMEOUT_S, _positive_float),
+                   help="seconds a write to a client may take before it is disconnected "
+                   "[NIKI_WRITE_TIMEOUT] (default %(default)s)")
+    p.add_argument("--pool-size", type=_positive_int, default=env("NIKI_POOL_SIZE", 8, _positive_int),
+                   help="database connections this server may open [NIKI_POOL_SIZE] (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   default=str(env("NIKI_VERBOSE", "")).lower() in ("1", "true", "yes"),
+                   help="debug logging, including every SQL statement [NIKI_VERBOSE]")
+    return p
+
+
+def server_settings(argv: Optional[List[str]] = None,
+                    environ: Optional[Mapping[str, str]] = None) -> ServerSettings:
+    """Parse options (exits with a usage message on bad ones, like any CLI)."""
+    try:
+        parser = server_parser(environ)
+    except argparse.ArgumentTypeError as exc:  # a bad environment variable
+        raise ConfigurationError(f"bad NIKI_* environment variable: {exc}") from None
+    args = parser.parse_args(argv)
+    if not args.db.strip():
+        raise ConfigurationError("--db must not be empty")
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        event_port=args.event_port,
+        db=args.db,
+        verbose=args.verbose,
+        handshake_timeout=args.handshake_timeout,
+        write_timeout=args.write_timeout,
+        pool_size=args.pool_size,
+    )

@@ -1,0 +1,95 @@
+"""MySQL / MariaDB backend: what several servers on several boxes share.
+
+Connections come from one DBUtils ``PooledDB`` per process, of bounded size:
+the number of database connections never grows with the number of clients.
+Facts this relies on (see docs/STORAGE.md):
+
+* PyMySQL connections are not thread-safe, so the pool hands each borrower a
+  dedicated connection; ``blocking=True`` makes a burst wait for one.
+* Every transaction starts with ``begin()``: DBUtils then never silently
+  re-runs a failed write on a fresh connection (which could store it twice).
+* ``reset=True`` rolls back on return and the session runs at READ COMMITTED,
+  so no connection keeps an old snapshot and row locks take no gap locks.
+* ``ping=1`` checks a connection as it leaves the pool, replacing ones the
+  server closed (``wait_timeout``, a restart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import resources
+from typing import Any, Dict, Iterator
+
+import pymysql
+from dbutils.pooled_db import PooledDB
+
+from ..errors import StorageUnavailable
+from .base import SqlStorage, split_sql_script
+
+CONNECT_TIMEOUT_S = 5
+# Longer than innodb_lock_wait_timeout (50 s by default), so a lock wait ends
+# with the server's own error rather than a client-side timeout.
+READ_TIMEOUT_S = 60
+WRITE_TIMEOUT_S = 60
+
+
+class MysqlStorage(SqlStorage):
+    now_sql = "NOW(6)"
+    micros_ago_sql = "(NOW(6) - INTERVAL %s MICROSECOND)"
+    lock_rows_sql = "FOR UPDATE"
+    unavailable_errors = (pymysql.err.OperationalError, pymysql.err.InterfaceError,
+                          pymysql.err.InternalError, pymysql.err.ProgrammingError)
+
+    def __init__(self, host: str, port: int, user: str, password: str, database: str,
+                 pool_size: int = 8) -> None:
+        self.database = database
+        self._params: Dict[str, Any] = dict(
+            host=host, port=port, user=user, password=password, charset="utf8mb4",
+            autocommit=False, connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S, write_timeout=WRITE_TIMEOUT_S,
+        )
+        self._pool = PooledDB(
+            creator=pymysql,
+            mincached=0,
+            maxcached=pool_size,
+            maxconnections=pool_size,
+            blocking=True,
+            ping=1,
+            reset=True,
+            setsession=["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"],
+            database=database,
+            **self._params,
+        )
+
+    @contextlib.contextmanager
+    def _borrow(self) -> Iterator[Any]:
+        connection = self._pool.connection()
+        try:
+            yield connection
+        finally:
+            connection.close()  # back to the pool
+
+    def _begin(self, connection: Any) -> None:
+        connection.begin()
+
+    def create_schema(self) -> None:
+        try:
+            server = pymysql.connect(**self._params)
+        except pymysql.err.MySQLError as exc:
+            raise StorageUnavailable(str(exc)) from exc
+        try:
+            with server.cursor() as cursor:
+                quoted = self.database.replace("`", "``")
+                cursor.execute(
+                    f"CREATE DATABASE IF NOT EXISTS `{quoted}` "
+                    "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                )
+        finally:
+            server.close()
+        script = resources.files(__package__).joinpath("schema_mysql.sql").read_text("utf-8")
+        with self.transaction() as tx:
+            for statement in split_sql_script(script):
+                tx.execute(statement)
+
+    def close(self) -> None:
+        self._pool.close()

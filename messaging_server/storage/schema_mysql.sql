@@ -1,0 +1,35 @@
+-- Niki's MySQL / MariaDB schema (InnoDB, utf8mb4 so that 4-byte characters survive).
+-- The server applies it at start; every statement is idempotent.
+-- messaging_server/storage/schema_sqlite.sql is the SQLite equivalent.
+
+CREATE TABLE IF NOT EXISTS clients (
+    id            BIGINT      NOT NULL AUTO_INCREMENT,
+    session       BIGINT      NOT NULL DEFAULT 0,   -- bumped on each identification
+    created_at    DATETIME(6) NOT NULL,
+    last_seen_at  DATETIME(6) NULL,
+    PRIMARY KEY (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS messages (
+    id            BIGINT      NOT NULL AUTO_INCREMENT,
+    client_id     BIGINT      NOT NULL,
+    body          TEXT        NOT NULL,
+    body_hash     BINARY(32)  NOT NULL,             -- sha256 of the body, for the duplicate rule
+    status        ENUM('pending', 'delivered', 'ignored') NOT NULL DEFAULT 'pending',
+    created_at    DATETIME(6) NOT NULL,
+    delivered_at  DATETIME(6) NULL,
+    PRIMARY KEY (id),
+    KEY messages_pending_by_client (client_id, status, id),
+    KEY messages_recent_by_client (client_id, created_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS servers (
+    id            BIGINT       NOT NULL AUTO_INCREMENT,
+    host          VARCHAR(255) NOT NULL,
+    port          INT          NOT NULL,
+    event_port    INT          NOT NULL,
+    pid           INT          NOT NULL,
+    started_at    DATETIME(6)  NOT NULL,
+    heartbeat_at  DATETIME(6)  NOT NULL,
+    PRIMARY KEY (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

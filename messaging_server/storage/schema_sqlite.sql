@@ -1,0 +1,34 @@
+-- Niki's SQLite schema: the same tables as schema_mysql.sql (the top-level schema.sql).
+-- Applied by the server at start; every statement is idempotent.
+
+CREATE TABLE IF NOT EXISTS clients (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    session       INTEGER NOT NULL DEFAULT 0,   -- bumped on each identification
+    created_at    TEXT    NOT NULL,
+    last_seen_at  TEXT
+);
+
+CREATE TABLE IF NOT EXISTS messages (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_id     INTEGER NOT NULL,
+    body          TEXT    NOT NULL,
+    body_hash     BLOB    NOT NULL,             -- sha256 of the body, for the duplicate rule
+    status        TEXT    NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'delivered', 'ignored')),
+    created_at    TEXT    NOT NULL,
+    delivered_at  TEXT
+);
+
+CREATE INDEX IF NOT EXISTS messages_pending_by_client ON messages (client_id, status, id);
+
+CREATE INDEX IF NOT EXISTS messages_recent_by_client ON messages (client_id, created_at);
+
+CREATE TABLE IF NOT EXISTS servers (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    host          TEXT    NOT NULL,
+    port          INTEGER NOT NULL,
+    event_port    INTEGER NOT NULL,
+    pid           INTEGER NOT NULL,
+    started_at    TEXT    NOT NULL,
+    heartbeat_at  TEXT    NOT NULL
+);

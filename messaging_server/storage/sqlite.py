@@ -1,0 +1,91 @@
+"""SQLite backend: the embedded default, zero set-up.
+
+WAL mode lets readers run beside the one writer and lets several server
+processes on one box share a database file; ``busy_timeout`` makes a writer
+wait for the lock instead of failing.  SQLite has no row locks, so every
+transaction here is ``BEGIN IMMEDIATE``: it takes the database's write lock at
+once, which serialises enqueues and deliveries exactly as the row locks do on
+MySQL.  Transactions are short (a handful of statements and, for delivery, one
+batch written to a socket that has a write timeout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+from importlib import resources
+from typing import Iterator
+from urllib.request import pathname2url
+
+from .base import SqlStorage, split_sql_script
+
+# How long a writer waits for another process's write lock before giving up.
+# Longer than the server's socket write timeout, which bounds how long a
+# delivery can hold the lock.
+BUSY_TIMEOUT_S = 30.0
+
+
+class SqliteStorage(SqlStorage):
+    now_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    micros_ago_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || (%s / 1000000.0) || ' seconds')"
+    lock_rows_sql = ""  # BEGIN IMMEDIATE already holds the write lock
+    unavailable_errors = (sqlite3.OperationalError, sqlite3.DatabaseError)
+
+    def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
+        self.path = path
+        # Only the server creates the file; a typo in an enqueuer's URL must
+        # not leave an empty database behind.
+        self._uri = f"file:{pathname2url(os.path.abspath(path))}?mode={'rwc' if create else 'rw'}"
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(pool_size)
+        self._all: list = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self._uri,
+            uri=True,
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,  # we issue BEGIN ourselves
+            check_same_thread=False,  # pooled: used by one thread at a time
+        )
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")  # "queued" means on disk
+        with self._lock:
+            self._all.append(connection)
+        return connection
+
+    @contextlib.contextmanager
+    def _borrow(self) -> Iterator[sqlite3.Connection]:
+        with self._slots:
+            try:
+                connection = self._idle.get_nowait()
+            except queue.Empty:
+                connection = self._connect()
+            try:
+                yield connection
+            finally:
+                self._idle.put(connection)
+
+    def _begin(self, connection: sqlite3.Connection) -> None:
+        connection.execute("BEGIN IMMEDIATE")
+
+    @staticmethod
+    def _convert(sql: str) -> str:
+        return sql.replace("%s", "?")
+
+    def create_schema(self) -> None:
+        script = resources.files(__package__).joinpath("schema_sqlite.sql").read_text("utf-8")
+        with self.transaction() as tx:
+            for statement in split_sql_script(script):
+                tx.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._all = self._all, []
+        for connection in connections:
+            with contextlib.suppress(sqlite3.Error):
+                connection.close()

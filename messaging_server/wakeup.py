@@ -1,0 +1,149 @@
+"""Wake-up datagrams: how ``enqueue`` tells servers that a client has new messages.
+
+A datagram carries no message data, only client ids, so a lost, forged or
+repeated one can cause nothing worse than a delivery check; the database stays
+the only source of truth.  Format (ASCII)::
+
+    NIKI1 <id>[,<id>…]
+
+The codec (:func:`encode`, :func:`decode`) is pure.  :class:`WakeupSender` is
+what ``enqueue`` uses; :class:`WakeupListener` is what a server's delivery
+thread reads, coalescing every datagram waiting in the socket into one set of
+ids so that a burst of wake-ups for one client costs one delivery pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Iterable, List, Optional, Sequence, Set, Tuple
+
+from .errors import ConfigurationError
+from .protocol import parse_client_id
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"NIKI1 "
+# Keep every datagram under the smallest common path MTU so it is never
+# fragmented (a lost fragment loses the whole datagram).
+MAX_DATAGRAM = 1200
+
+Address = Tuple[str, int]
+
+
+def encode(client_ids: Iterable[int]) -> List[bytes]:
+    """Datagrams naming ``client_ids``, each at most MAX_DATAGRAM bytes."""
+    datagrams: List[bytes] = []
+    current = bytearray(MAGIC)
+    for client_id in client_ids:
+        item = str(int(client_id)).encode("ascii")
+        extra = len(item) + (0 if len(current) == len(MAGIC) else 1)
+        if len(current) + extra > MAX_DATAGRAM:
+            datagrams.append(bytes(current))
+            current = bytearray(MAGIC)
+            extra = len(item)
+        if len(current) > len(MAGIC):
+            current += b","
+        current += item
+    if len(current) > len(MAGIC):
+        datagrams.append(bytes(current))
+    return datagrams
+
+
+def decode(datagram: bytes) -> List[int]:
+    """The client ids in ``datagram``; ValueError when it is not a wake-up."""
+    if not datagram.startswith(MAGIC) or len(datagram) > MAX_DATAGRAM:
+        raise ValueError("not a wake-up datagram")
+    ids: List[int] = []
+    for item in datagram[len(MAGIC):].split(b","):
+        client_id = parse_client_id(item.decode("ascii", errors="replace"))
+        if client_id is None or not item.isdigit():
+            raise ValueError(f"bad client id {item!r} in wake-up datagram")
+        ids.append(client_id)
+    return ids
+
+
+def parse_peers(text: str) -> List[Address]:
+    """``host:port,host:port`` -> addresses; ConfigurationError when malformed."""
+    peers: List[Address] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(f"peer {item!r} is not host:port")
+        peers.append((host.strip("[]"), int(port)))
+    return peers
+
+
+class WakeupSender:
+    """Sends wake-ups to a fixed list of peers, best effort (UDP)."""
+
+    def __init__(self, peers: Sequence[Address]) -> None:
+        self.peers = list(peers)
+        self._sockets: dict = {}
+
+    def wake(self, client_ids: Iterable[int]) -> None:
+        datagrams = encode(client_ids)
+        for host, port in self.peers:
+            for datagram in datagrams:
+                self._send(datagram, host, port)
+
+    def _send(self, datagram: bytes, host: str, port: int) -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            family, _, _, _, address = infos[0]
+            sock = self._sockets.get(family)
+            if sock is None:
+                sock = self._sockets[family] = socket.socket(family, socket.SOCK_DGRAM)
+            sock.sendto(datagram, address)
+        except OSError as exc:  # the message is stored; a lost wake-up is survivable
+            log.warning("wake-up to %s:%s failed: %s", host, port, exc)
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
+    def __enter__(self) -> WakeupSender:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class WakeupListener:
+    """A bound UDP socket that yields the client ids of waiting wake-ups."""
+
+    def __init__(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock.bind((host, port))
+
+    @property
+    def port(self) -> int:
+        return self._sock.getsockname()[1]
+
+    def receive(self, timeout: Optional[float]) -> Set[int]:
+        """Wait up to ``timeout`` for a datagram, then drain all that are waiting."""
+        ids: Set[int] = set()
+        self._sock.settimeout(timeout)
+        try:
+            data = self._sock.recv(MAX_DATAGRAM + 1)
+        except (socket.timeout, OSError):
+            return ids
+        self._sock.setblocking(False)
+        while True:
+            self._add(ids, data)
+            try:
+                data = self._sock.recv(MAX_DATAGRAM + 1)
+            except OSError:  # BlockingIOError: nothing more waiting
+                return ids
+
+    @staticmethod
+    def _add(ids: Set[int], data: bytes) -> None:
+        try:
+            ids.update(decode(data))
+        except ValueError as exc:
+            log.debug("ignored datagram: %s", exc)
+
+    def close(self) -> None:
+        self._sock.close()

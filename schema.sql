@@ -1,0 +1,1 @@
+messaging_server/storage/schema_mysql.sql
