@@ -292,6 +292,8 @@ def describe_driver_error(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if "no such table" in text or "doesn't exist" in text:
         text += " (the database has no Niki schema yet: start the server once to create it)"
+    elif "unable to open database file" in text:
+        text += " (check --db / NIKI_DB: the server creates the database on its first start)"
     return text
 
 

@@ -1,0 +1,82 @@
+"""Fixtures: a fresh database on SQLite and on MariaDB, and a running server.
+
+MariaDB/MySQL is found at NIKI_TEST_MYSQL_URL (default
+mysql://root@127.0.0.1:3306/niki_test); each test gets its own database named
+after that one, dropped afterwards.  When the server cannot be reached the
+MySQL tests are skipped, except with CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import pymysql
+import pytest
+
+from messaging_server.storage import Storage, open_storage
+from tests.helpers import ServerProcess
+
+MYSQL_URL = os.environ.get("NIKI_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/niki_test")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+DATABASES = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
+
+
+def _mysql_connect(database: str = ""):
+    parts = urlsplit(MYSQL_URL)
+    return pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
+                           password=parts.password or "", database=database or None,
+                           connect_timeout=3, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def mysql_available() -> None:
+    try:
+        _mysql_connect().close()
+    except pymysql.err.MySQLError as exc:
+        reason = (f"MariaDB/MySQL not reachable at {MYSQL_URL} ({exc}); start it, or point "
+                  "NIKI_TEST_MYSQL_URL at one, to run the MySQL tests")
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def mysql_url(mysql_available: None) -> Iterator[str]:
+    """A URL to a database that does not exist yet (the code under test creates it)."""
+    base = urlsplit(MYSQL_URL)
+    name = f"{base.path.lstrip('/') or 'niki_test'}_{uuid.uuid4().hex[:10]}"
+    yield base._replace(path=f"/{name}").geturl()
+    con = _mysql_connect()
+    try:
+        con.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'niki.sqlite3'}"
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request) -> str:
+    """A fresh, empty database on each backend in turn."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def storage(db_url: str) -> Iterator[Storage]:
+    store = open_storage(db_url, create=True)
+    store.create_schema()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def server(db_url: str) -> Iterator[ServerProcess]:
+    """A running server on a fresh database, on free ports."""
+    with ServerProcess(db_url) as proc:
+        yield proc

@@ -1,0 +1,195 @@
+"""Test helpers: a real server process, a raw line client, and waiting with a deadline."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+LISTENING_RE = re.compile(r"port (\d+) \(clients, TCP\) and port (\d+) \(wake-ups, UDP\)")
+DEFAULT_TIMEOUT = 10.0
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = DEFAULT_TIMEOUT,
+               message: str = "condition") -> object:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(0.01)
+
+
+class ServerProcess:
+    """``python -m messaging_server`` on free ports, its log collected in the background."""
+
+    def __init__(self, db_url: str, *args: str, env: Optional[Dict[str, str]] = None,
+                 port: int = 0, event_port: Optional[int] = None) -> None:
+        self.db_url = db_url
+        self.args = list(args)
+        self.extra_env = env or {}
+        self.requested_port = port
+        self.requested_event_port = event_port
+        self.proc: Optional[subprocess.Popen] = None
+        self.port = 0
+        self.event_port = 0
+        self.lines: List[str] = []
+        self._lock = threading.Lock()
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        cmd = [sys.executable, "-m", "messaging_server", "-p", str(self.requested_port)]
+        if self.requested_event_port is not None:
+            cmd += ["--event-port", str(self.requested_event_port)]
+        cmd += self.args
+        env = dict(os.environ, NIKI_DB=self.db_url, PYTHONUNBUFFERED="1", **self.extra_env)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=env, text=True, encoding="utf-8", errors="replace")
+        threading.Thread(target=self._collect, daemon=True).start()
+        match = wait_until(lambda: self._listening() or self.proc.poll() is not None, timeout,
+                           "the server to listen")
+        if not isinstance(match, re.Match):
+            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
+        self.port, self.event_port = int(match.group(1)), int(match.group(2))
+        return self
+
+    def _collect(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def _listening(self) -> Optional[re.Match]:
+        with self._lock:
+            for line in self.lines:
+                m = LISTENING_RE.search(line)
+                if m:
+                    return m
+        return None
+
+    @property
+    def log(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def log_contains(self, text: str) -> bool:
+        return text in self.log
+
+    @property
+    def peers(self) -> str:
+        return f"127.0.0.1:{self.event_port}"
+
+    def connect(self, timeout: float = DEFAULT_TIMEOUT) -> RawClient:
+        return RawClient.connect("127.0.0.1", self.port, timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send ``sig`` and wait for the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"server did not exit within {timeout} s of {sig!r}\n{self.log}") from None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+
+
+class RawClient:
+    """A byte-exact client for transcript tests: every line the server sends is seen."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self.buf = b""
+
+    @classmethod
+    def connect(cls, host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> RawClient:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        return cls(sock, timeout)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_line(self, text: str, crlf: bool = False) -> None:
+        self.send(text.encode("utf-8") + (b"\r\n" if crlf else b"\n"))
+
+    def read_line(self, timeout: Optional[float] = None) -> Optional[str]:
+        """The next line without its newline; None when the server closed."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while b"\n" not in self.buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line within the timeout (buffer {self.buf!r})")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                if self.buf:
+                    line, self.buf = self.buf, b""
+                    return line.decode("utf-8")
+                return None
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode("utf-8")
+
+    def read_lines(self, count: int, timeout: Optional[float] = None) -> List[str]:
+        lines = []
+        for _ in range(count):
+            line = self.read_line(timeout)
+            assert line is not None, f"server closed after {lines!r}"
+            lines.append(line)
+        return lines
+
+    def handshake(self, client_id: Optional[str] = None) -> str:
+        assert self.read_line() == "GET_CLIENT_ID"
+        self.send_line(client_id or "NONE")
+        line = self.read_line()
+        assert line is not None and line.startswith("SET_CLIENT_ID: "), line
+        return line[len("SET_CLIENT_ID: "):]
+
+    def assert_silent(self, seconds: float) -> None:
+        """Nothing arrives for ``seconds`` (used after a positive marker, never alone)."""
+        self.sock.settimeout(seconds)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            data = None
+        assert not self.buf and data is None, f"unexpected data: {self.buf!r} {data!r}"
+
+    def wait_closed(self, timeout: Optional[float] = None) -> List[str]:
+        """Read until the server closes; return the lines read on the way."""
+        lines = []
+        while True:
+            line = self.read_line(timeout)
+            if line is None:
+                return lines
+            lines.append(line)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
