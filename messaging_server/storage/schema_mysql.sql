@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS messages (
     delivered_at  DATETIME(6) NULL,
     PRIMARY KEY (id),
     KEY messages_pending_by_client (client_id, status, id),
-    KEY messages_recent_by_client (client_id, created_at)
+    KEY messages_duplicate_check (client_id, body_hash, created_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS servers (

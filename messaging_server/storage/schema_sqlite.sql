@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS messages (
 
 CREATE INDEX IF NOT EXISTS messages_pending_by_client ON messages (client_id, status, id);
 
-CREATE INDEX IF NOT EXISTS messages_recent_by_client ON messages (client_id, created_at);
+CREATE INDEX IF NOT EXISTS messages_duplicate_check ON messages (client_id, body_hash, created_at);
 
 CREATE TABLE IF NOT EXISTS servers (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
