@@ -36,6 +36,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # the port is taken, or not ours to bind
         print(f"messaging_server: cannot listen: {exc}", file=sys.stderr)
         return 1
+    except NikiError as exc:  # the database went away while starting
+        print(f"messaging_server: {exc}", file=sys.stderr)
+        return 1
     finally:
         storage.close()
     return 0

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from typing import Optional, Sequence
 
 from .protocol import ServerConnection
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class ClientConnection:
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    def __init__(self, sock: socket.socket, peer: str, write_timeout: float = 10.0) -> None:
         self.sock = sock
+        self.write_timeout = write_timeout
         self.peer = peer
         self.protocol = ServerConnection()
         self.client_id: Optional[int] = None
@@ -68,8 +70,15 @@ class ClientConnection:
         with self.write_lock:
             if self.closed:
                 return 0
+            # One deadline for the whole write, however many send() calls it
+            # takes: a client that reads slowly cannot stretch it.
+            deadline = time.monotonic() + self.write_timeout
             try:
                 while sent < len(data):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise socket.timeout("write timed out")
+                    self.sock.settimeout(remaining)
                     sent += self.sock.send(view[sent:])
             except OSError as exc:  # includes the write timeout
                 why = "write timed out" if isinstance(exc, socket.timeout) else f"write failed: {exc}"

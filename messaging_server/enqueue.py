@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 from . import settings
 from .errors import BodyRejected, UnknownClient
-from .protocol import parse_client_id
+from .protocol import MAX_CLIENT_ID, parse_client_id
 from .storage import Storage, open_storage
 from .wakeup import Address, WakeupSender, parse_peers
 
@@ -28,7 +28,7 @@ def client_id_of(client_id: ClientId) -> int:
     if isinstance(client_id, bool):
         raise UnknownClient(f"{client_id!r} is not a client id")
     if isinstance(client_id, int):
-        value: Optional[int] = client_id if client_id > 0 else None
+        value: Optional[int] = client_id if 0 < client_id <= MAX_CLIENT_ID else None
     elif isinstance(client_id, str):
         value = parse_client_id(client_id.strip())
     else:
@@ -134,7 +134,8 @@ def enqueue(client_id: ClientId, body: Union[str, bytes], *, db: Optional[str] =
     ``db`` and ``peers`` default to NIKI_DB and NIKI_PEERS, as the server reads them.
     Returns True when queued, False when the same body was queued for the same
     client in the last 5 seconds (it is then recorded as ignored).
-    Raises UnknownClient, BodyRejected or StorageUnavailable (all NikiError).
+    Raises UnknownClient, BodyRejected or StorageUnavailable, and ConfigurationError
+    for a malformed ``db`` or ``peers`` (all NikiError).
     """
     return _shared_enqueuer(db, peers).enqueue(client_id, body)
 

@@ -22,7 +22,7 @@ class BodyRejected(NikiError, ValueError):
 
 
 class StorageUnavailable(NikiError):
-    """The database could not be reached or did not answer; nothing was changed."""
+    """The database could not be reached, or failed the operation; nothing was changed."""
 
 
 class ConfigurationError(NikiError, ValueError):

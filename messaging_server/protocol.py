@@ -163,11 +163,10 @@ class LineBuffer:
 
 
 def parse_client_id(text: str) -> Optional[int]:
-    """The id in ``text`` (digits, optionally the ``<id>.<suffix>`` form), or None."""
-    head = text.split(".", 1)[0]
-    if not head.isascii() or not head.isdigit():
+    """The id in ``text`` (ASCII digits, 1 to MAX_CLIENT_ID), or None."""
+    if not text.isascii() or not text.isdigit():
         return None
-    value = int(head)
+    value = int(text)
     return value if 0 < value <= MAX_CLIENT_ID else None
 
 

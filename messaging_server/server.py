@@ -13,7 +13,9 @@ Threads and who owns what:
 
 The server owns the storage, the registry of connected clients and both
 helper threads; :meth:`NikiServer.stop` shuts them down in order.  No thread
-holds a database connection while it waits for a client.
+holds a database connection while it waits for a client to speak; a delivery
+holds one (and its row locks) only while it writes a batch to the socket,
+which the write timeout bounds.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         peer = _format_peer(self.client_address)
-        conn = ClientConnection(self.request, peer)
+        conn = ClientConnection(self.request, peer, self.server.settings.write_timeout)
         self.server.track(conn)
         try:
             self._serve(conn)
@@ -196,7 +198,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         elif ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, settings.port), ClientHandler)
-        self.wakeups = WakeupListener(settings.host or "0.0.0.0", settings.resolved_event_port)
+        self.wakeups = WakeupListener(settings.host, settings.resolved_event_port)
         self.commands = CommandListener()
         self.delivery = DeliveryThread(self.wakeups, self._lookup_ready, storage,
                                        settings.delivery_batch)

@@ -38,8 +38,11 @@ def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = 
 
 
 def default_peers(environ: Optional[Mapping[str, str]] = None) -> List[Address]:
-    """NIKI_PEERS, or this host's default event port."""
-    text = env_default("NIKI_PEERS", f"127.0.0.1:{DEFAULT_PORT + 1}", environ)
+    """NIKI_PEERS, or this host's event port (NIKI_EVENT_PORT, else NIKI_PORT + 1, else 8001)."""
+    port = env_default("NIKI_EVENT_PORT", "", environ)
+    if not port:
+        port = str(int(env_default("NIKI_PORT", str(DEFAULT_PORT), environ)) + 1)
+    text = env_default("NIKI_PEERS", f"127.0.0.1:{port}", environ)
     return parse_peers(text)
 
 

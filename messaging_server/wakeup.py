@@ -68,7 +68,7 @@ def parse_peers(text: str) -> List[Address]:
     peers: List[Address] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigurationError(f"peer {item!r} is not host:port")
         peers.append((host.strip("[]"), int(port)))
     return peers
@@ -114,8 +114,14 @@ class WakeupListener:
     """A bound UDP socket that yields the client ids of waiting wake-ups."""
 
     def __init__(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        """Bind ``host`` ("" = every interface, IPv4 and IPv6 where possible)."""
+        if not host and socket.has_dualstack_ipv6():
+            self._sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            host = "::"
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._sock = socket.socket(family, socket.SOCK_DGRAM)
         self._sock.bind((host, port))
 
     @property

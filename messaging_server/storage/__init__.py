@@ -6,13 +6,12 @@ in Niki knows which database it has.
 URLs::
 
     sqlite:///relative/path.sqlite3      sqlite:////absolute/path.sqlite3
-    mysql://user:password@host:3306/dbname?pool_size=8
+    mysql://user:password@host:3306/dbname
 """
 
 from __future__ import annotations
 
-from typing import Optional
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError
 from .base import Delivery, Storage, StoredMessage
@@ -22,16 +21,13 @@ __all__ = ["Delivery", "Storage", "StoredMessage", "describe_url", "open_storage
 DEFAULT_POOL_SIZE = 8
 
 
-def open_storage(url: str, pool_size: Optional[int] = None, create: bool = False) -> Storage:
+def open_storage(url: str, pool_size: int = DEFAULT_POOL_SIZE, create: bool = False) -> Storage:
     """A storage object for ``url``; ConfigurationError when the URL is malformed.
 
     ``create``: a SQLite file may be created (the server); otherwise it must exist.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    options = parse_qs(parts.query)
-    if pool_size is None:
-        pool_size = _int_option(options, "pool_size", DEFAULT_POOL_SIZE)
     if scheme == "sqlite":
         path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
         if not path:
@@ -63,16 +59,3 @@ def describe_url(url: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return parts._replace(netloc=netloc).geturl()
     return url
-
-
-def _int_option(options: dict, name: str, default: int) -> int:
-    values = options.get(name)
-    if not values:
-        return default
-    try:
-        value = int(values[0])
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a whole number, not {values[0]!r}") from None
-    if value < 1:
-        raise ConfigurationError(f"{name} must be at least 1")
-    return value

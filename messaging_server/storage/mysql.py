@@ -37,8 +37,7 @@ class MysqlStorage(SqlStorage):
     now_sql = "NOW(6)"
     micros_ago_sql = "(NOW(6) - INTERVAL %s MICROSECOND)"
     lock_rows_sql = "FOR UPDATE"
-    unavailable_errors = (pymysql.err.OperationalError, pymysql.err.InterfaceError,
-                          pymysql.err.InternalError, pymysql.err.ProgrammingError)
+    unavailable_errors = (pymysql.err.MySQLError,)
 
     def __init__(self, host: str, port: int, user: str, password: str, database: str,
                  pool_size: int = 8) -> None:

@@ -32,7 +32,7 @@ class SqliteStorage(SqlStorage):
     now_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
     micros_ago_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || (%s / 1000000.0) || ' seconds')"
     lock_rows_sql = ""  # BEGIN IMMEDIATE already holds the write lock
-    unavailable_errors = (sqlite3.OperationalError, sqlite3.DatabaseError)
+    unavailable_errors = (sqlite3.Error,)
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
         self.path = path
