@@ -105,13 +105,20 @@ class Client:
         assert self._sock is not None, "connect() first"
         self._sock.sendall(self._protocol.command(command))
 
-    def disconnect(self) -> None:
-        """Send DISCONNECT (best effort) and close."""
+    def disconnect(self, timeout: float = 5.0) -> None:
+        """Send DISCONNECT and read until the server closes, then close.
+
+        Messages the server wrote before it saw DISCONNECT were marked delivered:
+        they are kept, and ``receive()`` still returns them after this.
+        """
         if self._sock is None:
             return
-        if not self.closed:
-            with contextlib.suppress(OSError):
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(OSError, TimeoutError):  # closing anyway
+            if not self.closed:
                 self._sock.sendall(self._protocol.command("DISCONNECT"))
+            while not self.closed and time.monotonic() < deadline:
+                self._pump(deadline)
         self.close()
 
     def close(self) -> None:

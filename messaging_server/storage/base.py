@@ -160,7 +160,14 @@ class SqlStorage(Storage):
                     with contextlib.suppress(Exception):
                         cursor.close()
         except self.unavailable_errors as exc:
-            raise StorageUnavailable(describe_driver_error(exc)) from exc
+            raise self.unavailable(exc) from exc
+
+    # Where the data lives, for error messages (no password).
+    location = ""
+
+    def unavailable(self, exc: BaseException) -> StorageUnavailable:
+        """The StorageUnavailable for a driver error, naming the database."""
+        return StorageUnavailable(f"{self.location}: {describe_driver_error(exc)}")
 
     # --- clients ---
 

@@ -23,7 +23,6 @@ from typing import Any, Dict, Iterator
 import pymysql
 from dbutils.pooled_db import PooledDB
 
-from ..errors import StorageUnavailable
 from .base import SqlStorage, split_sql_script
 
 CONNECT_TIMEOUT_S = 5
@@ -42,6 +41,7 @@ class MysqlStorage(SqlStorage):
     def __init__(self, host: str, port: int, user: str, password: str, database: str,
                  pool_size: int = 8) -> None:
         self.database = database
+        self.location = f"MySQL database {database!r} at {host}:{port}"
         self._params: Dict[str, Any] = dict(
             host=host, port=port, user=user, password=password, charset="utf8mb4",
             autocommit=False, connect_timeout=CONNECT_TIMEOUT_S,
@@ -75,7 +75,7 @@ class MysqlStorage(SqlStorage):
         try:
             server = pymysql.connect(**self._params)
         except pymysql.err.MySQLError as exc:
-            raise StorageUnavailable(str(exc)) from exc
+            raise self.unavailable(exc) from exc
         try:
             with server.cursor() as cursor:
                 quoted = self.database.replace("`", "``")

@@ -36,6 +36,7 @@ class SqliteStorage(SqlStorage):
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
         self.path = path
+        self.location = f"SQLite database {path}"
         # Only the server creates the file; a typo in an enqueuer's URL must
         # not leave an empty database behind.
         self._uri = f"file:{pathname2url(os.path.abspath(path))}?mode={'rwc' if create else 'rw'}"
