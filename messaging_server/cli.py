@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, Iterable, List, Optional, TextIO
+from typing import Dict, Iterable, List, Optional, TextIO, Union
 
 from . import settings
 from .enqueue import Enqueuer
@@ -58,7 +58,10 @@ def enqueue_main(argv: Optional[List[str]] = None, stdin: Optional[TextIO] = Non
         return _fail(EXIT_BAD_INPUT, str(exc))
     with enqueuer:
         if args.message == "-":
-            return _enqueue_lines(enqueuer, args.client_id, stdin or sys.stdin, args.quiet)
+            # Read bytes: a line that is not UTF-8 is rejected alone, whatever the locale.
+            source = stdin or sys.stdin
+            lines = getattr(source, "buffer", source)
+            return _enqueue_lines(enqueuer, args.client_id, lines, args.quiet)
         return _enqueue_one(enqueuer, args.client_id, args.message, args.quiet)
 
 
@@ -77,11 +80,13 @@ def _enqueue_one(enqueuer: Enqueuer, client_id: str, body: str, quiet: bool) -> 
     return EXIT_QUEUED
 
 
-def _enqueue_lines(enqueuer: Enqueuer, client_id: str, lines: Iterable[str], quiet: bool) -> int:
+def _enqueue_lines(enqueuer: Enqueuer, client_id: str, lines: Iterable[Union[str, bytes]],
+                   quiet: bool) -> int:
     counts: Dict[str, int] = {"queued": 0, "duplicate": 0, "rejected": 0}
     status = EXIT_QUEUED
     for number, line in enumerate(lines, 1):
-        body = line.rstrip("\n").rstrip("\r")
+        body = line.rstrip(b"\n" if isinstance(line, bytes) else "\n")
+        body = body[:-1] if body[-1:] in ("\r", b"\r") else body
         try:
             if enqueuer.enqueue(client_id, body):
                 counts["queued"] += 1

@@ -39,11 +39,16 @@ def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = 
 
 def default_peers(environ: Optional[Mapping[str, str]] = None) -> List[Address]:
     """NIKI_PEERS, or this host's event port (NIKI_EVENT_PORT, else NIKI_PORT + 1, else 8001)."""
-    port = env_default("NIKI_EVENT_PORT", "", environ)
-    if not port:
-        port = str(int(env_default("NIKI_PORT", str(DEFAULT_PORT), environ)) + 1)
-    text = env_default("NIKI_PEERS", f"127.0.0.1:{port}", environ)
-    return parse_peers(text)
+    peers = env_default("NIKI_PEERS", "", environ)
+    if peers:
+        return parse_peers(peers)
+    event_port = env_default("NIKI_EVENT_PORT", "", environ)
+    if event_port:
+        return parse_peers(f"127.0.0.1:{event_port}")
+    port = env_default("NIKI_PORT", str(DEFAULT_PORT), environ)
+    if not (port.isascii() and port.isdigit()):
+        raise ConfigurationError(f"NIKI_PORT={port!r} is not a port number")
+    return parse_peers(f"127.0.0.1:{int(port) + 1}")
 
 
 def default_db(environ: Optional[Mapping[str, str]] = None) -> str:

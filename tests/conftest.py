@@ -17,6 +17,7 @@ import pymysql
 import pytest
 
 from messaging_server.storage import Storage, open_storage
+from messaging_server.wakeup import WakeupListener
 from tests.helpers import ServerProcess
 
 MYSQL_URL = os.environ.get("NIKI_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/niki_test")
@@ -80,3 +81,11 @@ def server(db_url: str) -> Iterator[ServerProcess]:
     """A running server on a fresh database, on free ports."""
     with ServerProcess(db_url) as proc:
         yield proc
+
+
+@pytest.fixture
+def listener() -> Iterator[WakeupListener]:
+    """A wake-up listener on a free UDP port of 127.0.0.1."""
+    lst = WakeupListener("127.0.0.1", 0)
+    yield lst
+    lst.close()

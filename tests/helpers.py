@@ -1,4 +1,4 @@
-"""Test helpers: a real server process, a raw line client, and waiting with a deadline."""
+"""Test helpers: a real server process, a raw line client, direct SQL, and waiting with a deadline."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+import pymysql
 
 LISTENING_RE = re.compile(r"port (\d+) \(clients, TCP\) and port (\d+) \(wake-ups, UDP\)")
 DEFAULT_TIMEOUT = 10.0
@@ -193,3 +197,23 @@ class RawClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def query(db_url: str, sql: str, params: Sequence[object] = ()) -> List[Tuple[object, ...]]:
+    """Run one statement directly on the database behind ``db_url`` (``%s`` placeholders)."""
+    if db_url.startswith("sqlite:"):
+        con = sqlite3.connect(db_url.split(":///", 1)[1], isolation_level=None)
+        try:
+            return [tuple(row) for row in con.execute(sql.replace("%s", "?"), tuple(params))]
+        finally:
+            con.close()
+    parts = urlsplit(db_url)
+    con = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
+                          password=parts.password or "", database=parts.path.lstrip("/"),
+                          charset="utf8mb4", autocommit=True)
+    try:
+        with con.cursor() as cur:
+            cur.execute(sql, tuple(params))
+            return [tuple(row) for row in cur.fetchall()]
+    finally:
+        con.close()

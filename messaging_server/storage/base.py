@@ -10,13 +10,17 @@ Concurrency rules, in one place:
 
 * Every operation borrows a connection for one transaction and returns it; no
   thread holds a connection while it waits for a client.
-* Enqueues for one client are serialised (MySQL: row lock on the client;
-  SQLite: the database write lock), so message ids follow commit order per
-  client and the duplicate check cannot race itself.
-* Delivery locks the client's pending rows (MySQL ``FOR UPDATE``; SQLite the
-  write lock), writes them to the socket, marks the ones written as delivered
-  and commits: two deliveries of one client never overlap, so a message is
-  never delivered twice, and a failed write leaves it pending.
+* Every transaction that must be serialised per client takes the client
+  row's lock first (MySQL ``SELECT … FOR UPDATE``; SQLite has one write lock,
+  taken by ``BEGIN IMMEDIATE``), and takes no other row lock before it, so
+  lock order is the same everywhere and they cannot deadlock.
+* Enqueues for one client are thus serialised, so message ids follow commit
+  order per client and the duplicate check cannot race itself.
+* Delivery, under the same lock, reads a batch of pending rows, writes them
+  to the socket, marks the ones written as delivered and commits: two
+  deliveries of one client never overlap, so a message is never delivered
+  twice, and a failed write leaves it pending.  An enqueue for that client
+  waits for the batch (at most the write timeout).
 * Each identification bumps the client's ``session``; a delivery whose session
   is no longer current belongs to a connection that was taken over, possibly
   by another server, and is refused.
@@ -119,7 +123,7 @@ class SqlStorage(Storage):
     now_sql = ""
     # SQL for "the time `%s` microseconds ago", taking one parameter.
     micros_ago_sql = ""
-    # Appended to the pending-messages SELECT to lock the rows it returns.
+    # Appended to a SELECT of a client row to lock it until commit.
     lock_rows_sql = ""
 
     # Driver exceptions that mean "the database is not usable now".
@@ -199,7 +203,7 @@ class SqlStorage(Storage):
                 raise UnknownClient(f"no client with id {client_id}")
             recent = tx.scalar(
                 "SELECT id FROM messages WHERE client_id = %s AND body_hash = %s "
-                f"AND status <> '{IGNORED}' AND created_at >= {self.micros_ago_sql} LIMIT 1",
+                f"AND status <> '{IGNORED}' AND created_at > {self.micros_ago_sql} LIMIT 1",
                 (client_id, digest, int(duplicate_window * 1_000_000)),
             )
             status = IGNORED if recent is not None else PENDING
@@ -215,16 +219,18 @@ class SqlStorage(Storage):
 
     def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int) -> Delivery:
         with self.transaction() as tx:
-            rows = tx.fetchall(
-                f"SELECT id, body FROM messages WHERE client_id = %s AND status = '{PENDING}' "
-                f"ORDER BY id LIMIT %s {self.lock_rows_sql}",
-                (client_id, batch),
-            )
-            # Read after taking the row locks: a takeover that committed while we
-            # waited for them is seen here.
-            current = tx.scalar("SELECT session FROM clients WHERE id = %s", (client_id,))
+            # The client row's lock serialises every delivery of this client, on
+            # any server; reading the session under it sees any takeover that
+            # committed while we waited.
+            current = tx.scalar(
+                f"SELECT session FROM clients WHERE id = %s {self.lock_rows_sql}", (client_id,))
             if current != session:
                 return Delivery(0, taken_over=True)
+            rows = tx.fetchall(
+                f"SELECT id, body FROM messages WHERE client_id = %s AND status = '{PENDING}' "
+                "ORDER BY id LIMIT %s",
+                (client_id, batch),
+            )
             if not rows:
                 return Delivery(0)
             messages = [StoredMessage(int(mid), body) for mid, body in rows]

@@ -16,6 +16,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from importlib import resources
 from typing import Iterator
 from urllib.request import pathname2url
@@ -53,7 +54,7 @@ class SqliteStorage(SqlStorage):
             isolation_level=None,  # we issue BEGIN ourselves
             check_same_thread=False,  # pooled: used by one thread at a time
         )
-        connection.execute("PRAGMA journal_mode=WAL")
+        _set_wal(connection)
         connection.execute("PRAGMA synchronous=FULL")  # "queued" means on disk
         with self._lock:
             self._all.append(connection)
@@ -90,3 +91,26 @@ class SqliteStorage(SqlStorage):
         for connection in connections:
             with contextlib.suppress(sqlite3.Error):
                 connection.close()
+
+
+def _set_wal(connection: sqlite3.Connection, timeout: float = BUSY_TIMEOUT_S) -> None:
+    """Switch the file to WAL (persistent; a no-op once done).
+
+    Changing the journal mode needs an exclusive lock and does not wait on the
+    busy timeout, so two servers starting on a new file at once could fail:
+    retry with a short back-off until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)  # back-off while another connection holds the lock
+            delay = min(delay * 2, 0.25)
+            continue
+        if str(mode).lower() == "wal":
+            return
+        raise sqlite3.OperationalError(f"cannot switch {connection} to WAL mode (got {mode})")

@@ -1,0 +1,342 @@
+"""``niki-enqueue`` as a real subprocess, against both databases."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import pytest
+
+from messaging_server.settings import MAX_BODY_BYTES
+from messaging_server.storage import Storage, open_storage
+from messaging_server.wakeup import decode
+from tests.helpers import query
+
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "niki-enqueue")
+UNREACHABLE_MYSQL = "mysql://root@127.0.0.1:1/niki_nowhere"
+
+
+@dataclass
+class Result:
+    status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def stderr_lines(self) -> List[str]:
+        return self.stderr.splitlines()
+
+    def one_error_line(self) -> str:
+        """The single line on stderr (asserting there is exactly one)."""
+        lines = self.stderr_lines
+        assert len(lines) == 1, f"expected one line on stderr, got {self.stderr!r}"
+        assert lines[0].startswith("niki-enqueue: "), lines[0]
+        assert "Traceback" not in self.stderr
+        return lines[0]
+
+
+def run_cli(*args: str, db: Optional[str] = None, peers: Optional[str] = None,
+            stdin: Optional[bytes] = None, cwd: Optional[str] = None,
+            command: Optional[Sequence[str]] = None, extra_env: Optional[Dict[str, str]] = None) -> Result:
+    """Run niki-enqueue; ``db``/``peers`` go in NIKI_DB/NIKI_PEERS (use --db/--peers in args otherwise)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIKI_")}
+    env.update(extra_env or {})
+    if db is not None:
+        env["NIKI_DB"] = db
+    if peers is not None:
+        env["NIKI_PEERS"] = peers
+    cmd = list(command or [sys.executable, "-m", "messaging_server.cli"]) + list(args)
+    proc = subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True, env=env,
+                          cwd=cwd, timeout=60)
+    return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"),
+                  proc.stderr.decode("utf-8", "replace"))
+
+
+
+
+def bodies(db_url: str, client_id: int, status: str = "pending") -> List[str]:
+    rows = query(db_url, "SELECT body FROM messages WHERE client_id = %s AND status = %s ORDER BY id",
+                 (client_id, status))
+    return [str(row[0]) for row in rows]
+
+
+class Wakeups:
+    """A UDP socket standing in for a server's event port; counts datagrams exactly."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.peers = f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def drain(self) -> List[List[int]]:
+        """The ids of every datagram waiting (the CLI has exited, so all were sent)."""
+        got = []
+        while True:
+            try:
+                got.append(decode(self.sock.recv(65536)))
+            except BlockingIOError:
+                return got
+
+
+@pytest.fixture
+def wakeups() -> Iterator[Wakeups]:
+    w = Wakeups()
+    yield w
+    w.sock.close()
+
+
+@pytest.fixture
+def client(storage: Storage) -> int:
+    return storage.new_client()[0]
+
+
+# --- one message -----------------------------------------------------------------------------------
+
+
+def test_queued(db_url, client, wakeups):
+    result = run_cli(str(client), "hello world", "--db", db_url, "--peers", wakeups.peers)
+    assert result.status == 0, result.stderr
+    assert result.stdout == f"queued for client {client}\n"
+    assert result.stderr == ""
+    assert bodies(db_url, client) == ["hello world"]
+    assert wakeups.drain() == [[client]]
+
+
+def test_queued_from_environment(db_url, client, wakeups):
+    result = run_cli(str(client), "caf\u00e9 \U0001f600", db=db_url, peers=wakeups.peers)
+    assert result.status == 0, result.stderr
+    assert bodies(db_url, client) == ["caf\u00e9 \U0001f600"]
+    assert wakeups.drain() == [[client]]
+
+
+def test_options_win_over_environment(db_url, client, wakeups, tmp_path):
+    wrong_db = f"sqlite:///{tmp_path / 'missing.sqlite3'}"
+    result = run_cli(str(client), "hi", "--db", db_url, "--peers", wakeups.peers, db=wrong_db,
+                     peers="127.0.0.1:9")
+    assert result.status == 0, result.stderr
+    assert wakeups.drain() == [[client]]
+
+
+def test_quiet(db_url, client, wakeups):
+    result = run_cli("-q", str(client), "shh", db=db_url, peers=wakeups.peers)
+    assert (result.status, result.stdout, result.stderr) == (0, "", "")
+    assert bodies(db_url, client) == ["shh"]
+
+
+def test_duplicate(db_url, client, wakeups):
+    assert run_cli(str(client), "twice", db=db_url, peers=wakeups.peers).status == 0
+    assert wakeups.drain() == [[client]]
+    result = run_cli(str(client), "twice", db=db_url, peers=wakeups.peers)
+    assert result.status == 3
+    assert result.stdout == ""
+    assert "duplicate" in result.one_error_line()
+    assert wakeups.drain() == []
+    assert bodies(db_url, client) == ["twice"]
+    assert bodies(db_url, client, "ignored") == ["twice"]
+
+
+@pytest.mark.parametrize("which", ["unknown", "abc", "-1"])
+def test_unknown_client(db_url, client, wakeups, which):
+    target = str(client + 100) if which == "unknown" else which
+    result = run_cli("--", target, "hello", db=db_url, peers=wakeups.peers)
+    assert result.status == 2
+    assert result.stdout == ""
+    result.one_error_line()
+    assert wakeups.drain() == []
+    assert query(db_url, "SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+@pytest.mark.parametrize("body", ["", "\U0001f600" * 1024 + "x", "two\nlines"],
+                         ids=["empty", "too-long", "newline"])
+def test_bad_body(db_url, client, wakeups, body):
+    result = run_cli(str(client), body, db=db_url, peers=wakeups.peers)
+    assert result.status == 2
+    assert result.stdout == ""
+    result.one_error_line()
+    assert wakeups.drain() == []
+    assert query(db_url, "SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+def test_longest_body(db_url, client, wakeups):
+    body = "\U0001f600" * (MAX_BODY_BYTES // 4)
+    result = run_cli("-q", str(client), body, db=db_url, peers=wakeups.peers)
+    assert result.status == 0, result.stderr
+    assert bodies(db_url, client) == [body]
+
+
+# --- bad arguments and unreachable databases (no database needed) --------------------------------------
+
+
+@pytest.mark.parametrize("args", [(), ("5",), ("5", "a", "b"), ("--bogus", "5", "a")],
+                         ids=["none", "one", "three", "unknown-option"])
+def test_bad_arguments(args, tmp_path):
+    result = run_cli(*args, db=UNREACHABLE_MYSQL, cwd=str(tmp_path))
+    assert result.status == 2
+    assert result.stdout == ""
+    assert result.stderr_lines[-1].startswith("niki-enqueue: error: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_help(tmp_path):
+    result = run_cli("--help", cwd=str(tmp_path))
+    assert result.status == 0
+    assert "CLIENT_ID" in result.stdout and "Exit status" in result.stdout
+
+
+@pytest.mark.parametrize("db", [UNREACHABLE_MYSQL, "sqlite:///{tmp}/no/such/dir/niki.sqlite3",
+                                "sqlite:///{tmp}/missing.sqlite3"],
+                         ids=["mysql-closed-port", "sqlite-missing-dir", "sqlite-missing-file"])
+def test_unreachable_database(db, tmp_path, wakeups):
+    url = db.format(tmp=tmp_path)
+    result = run_cli("5", "hello", "--db", url, "--peers", wakeups.peers, cwd=str(tmp_path))
+    assert result.status == 1
+    assert result.stdout == ""
+    result.one_error_line()
+    assert wakeups.drain() == []
+    assert not (tmp_path / "no").exists()
+    assert not (tmp_path / "missing.sqlite3").exists()
+
+
+def test_default_database_is_not_created(tmp_path, wakeups):
+    # No --db and no NIKI_DB: the default sqlite:///niki.sqlite3 is relative to the working
+    # directory and must exist (only the server creates it).
+    result = run_cli("5", "hello", peers=wakeups.peers, cwd=str(tmp_path))
+    assert result.status == 1
+    result.one_error_line()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("opts", [("--db", "postgres://localhost/niki"), ("--db", "sqlite://"),
+                                  ("--peers", "no-port-here"), ("--peers", "host:99999")],
+                         ids=["db-scheme", "db-no-path", "peers-no-port", "peers-bad-port"])
+def test_bad_configuration(opts, tmp_path):
+    args = list(opts)
+    if args[0] == "--peers":
+        args += ["--db", f"sqlite:///{tmp_path / 'x.sqlite3'}"]
+    result = run_cli(*args, "5", "hello", cwd=str(tmp_path))
+    assert result.status == 2
+    result.one_error_line()
+
+
+def test_console_script(db_url, client, wakeups):
+    if not os.path.exists(CONSOLE_SCRIPT):
+        pytest.skip("niki-enqueue console script not installed beside this Python")
+    result = run_cli(str(client), "via script", db=db_url, peers=wakeups.peers, command=[CONSOLE_SCRIPT])
+    assert result.status == 0, result.stderr
+    assert bodies(db_url, client) == ["via script"]
+
+
+# --- bulk mode ---------------------------------------------------------------------------------------
+
+
+def summary(result: Result, stream: str) -> Dict[str, int]:
+    """The counts of the ``N queued, N duplicate, N rejected`` line on ``stream``."""
+    text = result.stdout if stream == "stdout" else result.stderr
+    line = text.strip().splitlines()[-1]
+    counts = {}
+    for part in line.split(", "):
+        n, what = part.split(" ", 1)
+        counts[what] = int(n)
+    return counts
+
+
+def test_bulk_all_good(db_url, client, wakeups):
+    lines = [f"message {i}" for i in range(20)]
+    result = run_cli(str(client), "-", db=db_url, peers=wakeups.peers,
+                     stdin=("\n".join(lines) + "\n").encode())
+    assert result.status == 0, result.stderr
+    assert result.stderr == ""
+    assert summary(result, "stdout") == {"queued": 20, "duplicate": 0, "rejected": 0}
+    assert bodies(db_url, client) == lines
+    assert wakeups.drain() == [[client]] * 20
+
+
+def test_bulk_mixture_reports_worst_status(db_url, client, wakeups):
+    stdin = "one\ntwo\none\n\nthree\r\n" + "x" * (MAX_BODY_BYTES + 1) + "\nfour"
+    result = run_cli(str(client), "-", db=db_url, peers=wakeups.peers, stdin=stdin.encode())
+    assert result.status == 2  # bad input beats duplicate beats queued
+    assert result.stdout == ""
+    assert summary(result, "stderr") == {"queued": 4, "duplicate": 1, "rejected": 2}
+    errors = [line for line in result.stderr_lines if line.startswith("niki-enqueue: line ")]
+    assert [line.split(":")[1].strip() for line in errors] == ["line 4", "line 6"]
+    assert bodies(db_url, client) == ["one", "two", "three", "four"]
+    assert bodies(db_url, client, "ignored") == ["one"]
+    assert wakeups.drain() == [[client]] * 4
+
+
+def test_bulk_duplicates_only(db_url, client, wakeups):
+    result = run_cli(str(client), "-", db=db_url, peers=wakeups.peers, stdin=b"a\nb\na\nb\n")
+    assert result.status == 3
+    assert summary(result, "stderr") == {"queued": 2, "duplicate": 2, "rejected": 0}
+    assert bodies(db_url, client) == ["a", "b"]
+
+
+def test_bulk_invalid_utf8_line_is_rejected(db_url, client, wakeups):
+    result = run_cli(str(client), "-", db=db_url, peers=wakeups.peers,
+                     stdin=b"good\nbad \xff\xfe\n\xf0\x9f\x98\x80 fine\n")
+    assert result.status == 2
+    assert summary(result, "stderr") == {"queued": 2, "duplicate": 0, "rejected": 1}
+    assert bodies(db_url, client) == ["good", "\U0001f600 fine"]
+
+
+def test_bulk_invalid_utf8_line_under_strict_utf8_locale(sqlite_url, wakeups):
+    # How Python decodes stdin depends on the locale: surrogateescape under C / C.UTF-8 (this
+    # machine), errors="strict" under e.g. en_US.UTF-8, which PYTHONIOENCODING=utf-8:strict
+    # reproduces.  A bad line must still be one rejected line, not a crash of the whole run.
+    with open_storage(sqlite_url, create=True) as store:
+        store.create_schema()
+        client = store.new_client()[0]
+    result = run_cli(str(client), "-", db=sqlite_url, peers=wakeups.peers,
+                     extra_env={"PYTHONIOENCODING": "utf-8:strict"},
+                     stdin=b"good\nbad \xff\xfe\n\xf0\x9f\x98\x80 fine\n")
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.status == 2
+    assert summary(result, "stderr") == {"queued": 2, "duplicate": 0, "rejected": 1}
+    assert bodies(sqlite_url, client) == ["good", "\U0001f600 fine"]
+
+
+def test_bulk_unknown_client(db_url, client, wakeups):
+    result = run_cli(str(client + 50), "-", db=db_url, peers=wakeups.peers, stdin=b"a\nb\n")
+    assert result.status == 2
+    assert summary(result, "stderr") == {"queued": 0, "duplicate": 0, "rejected": 2}
+    assert query(db_url, "SELECT COUNT(*) FROM messages") == [(0,)]
+    assert wakeups.drain() == []
+
+
+def test_bulk_empty_input(db_url, client, wakeups):
+    result = run_cli(str(client), "-", db=db_url, peers=wakeups.peers, stdin=b"")
+    assert result.status == 0
+    assert summary(result, "stdout") == {"queued": 0, "duplicate": 0, "rejected": 0}
+
+
+def test_bulk_quiet(db_url, client, wakeups):
+    result = run_cli("-q", str(client), "-", db=db_url, peers=wakeups.peers, stdin=b"a\nb\n")
+    assert (result.status, result.stdout, result.stderr) == (0, "", "")
+    assert bodies(db_url, client) == ["a", "b"]
+
+
+def test_bulk_unreachable_database(tmp_path, wakeups):
+    result = run_cli("5", "-", "--db", UNREACHABLE_MYSQL, peers=wakeups.peers, stdin=b"a\nb\nc\n",
+                     cwd=str(tmp_path))
+    assert result.status == 1
+    assert result.stdout == ""
+    lines = result.stderr_lines
+    assert lines[0].startswith("niki-enqueue: line 1: ") and "stopping" in lines[0]
+    assert summary(result, "stderr") == {"queued": 0, "duplicate": 0, "rejected": 0}
+    assert len(lines) == 2
+    assert wakeups.drain() == []
+
+
+def test_malformed_niki_port_is_bad_configuration(tmp_path, wakeups):
+    # Without --peers/NIKI_PEERS the peer defaults to NIKI_PORT + 1; a NIKI_PORT that is not a
+    # number is a configuration error (status 2, one line), as the server reports it.
+    result = run_cli("5", "hello", "--db", f"sqlite:///{tmp_path / 'x.sqlite3'}", cwd=str(tmp_path),
+                     extra_env={"NIKI_PORT": "abc"})
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.status == 2
+    result.one_error_line()

@@ -1,0 +1,383 @@
+"""The application-side API: client_id_of, check_body, enqueue() and Enqueuer, on both databases."""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import sqlite3
+import threading
+from typing import Iterator, List, Tuple
+
+import pytest
+
+from messaging_server import Enqueuer, enqueue
+from messaging_server.enqueue import check_body, client_id_of
+from messaging_server.errors import BodyRejected, NikiError, StorageUnavailable, UnknownClient
+from messaging_server.protocol import MAX_CLIENT_ID
+from messaging_server.settings import MAX_BODY_BYTES
+from messaging_server.storage import Storage
+from messaging_server.wakeup import WakeupListener, decode
+from tests.helpers import query
+
+# `messaging_server.enqueue` the attribute is the function; this is the module.
+enqueue_module = importlib.import_module("messaging_server.enqueue")
+
+
+
+
+def short(value: object) -> str:
+    """A readable test id for a long parameter."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}...{len(text)}chars"
+
+
+def rows_of(db_url: str, client_id: int) -> List[Tuple[object, ...]]:
+    return query(db_url, "SELECT body, status FROM messages WHERE client_id = %s ORDER BY id", (client_id,))
+
+
+@pytest.fixture(autouse=True)
+def close_shared_enqueuers() -> Iterator[None]:
+    """enqueue() keeps one Enqueuer per (db, peers); close them so no pool outlives its test."""
+    yield
+    enqueue_module._close_shared()
+
+
+@pytest.fixture
+def peers(listener: WakeupListener) -> List[Tuple[str, int]]:
+    return [("127.0.0.1", listener.port)]
+
+
+class DatagramCounter:
+    """A plain UDP socket: counts datagrams exactly (WakeupListener coalesces them)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+
+    @property
+    def peers(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def drain(self) -> List[bytes]:
+        """Everything waiting.  Loopback UDP is queued before sendto() returns, and
+        enqueue() sends before it returns, so nothing can still be on its way."""
+        datagrams = []
+        while True:
+            try:
+                datagrams.append(self.sock.recv(65536))
+            except BlockingIOError:
+                return datagrams
+
+
+@pytest.fixture
+def counter() -> Iterator[DatagramCounter]:
+    c = DatagramCounter()
+    yield c
+    c.sock.close()
+
+
+# --- client_id_of ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(5, 5), ("5", 5), (" 5 ", 5), ("5\n", 5), ("0005", 5), (3000, 3000),
+     (MAX_CLIENT_ID, MAX_CLIENT_ID), (str(MAX_CLIENT_ID), MAX_CLIENT_ID)],
+)
+def test_client_id_of(given, expected):
+    assert client_id_of(given) == expected
+
+
+@pytest.mark.parametrize(
+    "given",
+    [0, -1, True, False, None, 5.0, b"5", [5], "", " ", "abc", "0", "-5", "+5", "5 6", "5x", ".5", "5.phone",
+     "\u0665", pytest.param(str(MAX_CLIENT_ID + 1), id="str-2**63"),
+     pytest.param(MAX_CLIENT_ID + 1, id="int-2**63")],
+)
+def test_client_id_of_rejects(given):
+    with pytest.raises(UnknownClient):
+        client_id_of(given)
+
+
+# --- check_body ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["x", "hello world", " padded ", "tab\there", "a" * MAX_BODY_BYTES, "\u00e9" * (MAX_BODY_BYTES // 2),
+     "\U0001f600" * (MAX_BODY_BYTES // 4), "\u20ac" * 1365 + "a", "nul\x00inside", "\u2028"],
+    ids=short,
+)
+def test_check_body_accepts(body):
+    assert check_body(body) == body
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["", "\n", "\r", "a\nb", "a\rb", "line\r\n", "a" * (MAX_BODY_BYTES + 1),
+     "\u00e9" * (MAX_BODY_BYTES // 2) + "a",  # 4097 bytes in 2049 characters
+     "\U0001f600" * (MAX_BODY_BYTES // 4) + "a",  # 4097 bytes in 1025 characters
+     "\u20ac" * 1366,  # 4098 bytes
+     "lone \ud800 surrogate", "\udfff"],
+    ids=short,
+)
+def test_check_body_rejects(body):
+    with pytest.raises(BodyRejected):
+        check_body(body)
+
+
+def test_check_body_counts_bytes_not_characters():
+    assert len("\u00e9" * 2049) < MAX_BODY_BYTES
+    with pytest.raises(BodyRejected, match="4098 bytes"):
+        check_body("\u00e9" * 2049)
+
+
+def test_check_body_bytes():
+    assert check_body(b"hello") == "hello"
+    assert check_body("h\u00e9 \U0001f600".encode()) == "h\u00e9 \U0001f600"
+    with pytest.raises(BodyRejected):
+        check_body(b"\xff\xfe")
+    with pytest.raises(BodyRejected):
+        check_body(b"\xed\xa0\x80")  # an encoded surrogate is not valid UTF-8
+    with pytest.raises(BodyRejected):
+        check_body(b"")
+    with pytest.raises(BodyRejected):
+        check_body(b"a\nb")
+    with pytest.raises(BodyRejected):
+        check_body(b"a" * (MAX_BODY_BYTES + 1))
+
+
+@pytest.mark.parametrize("body", [None, 5, 5.5, ["x"], bytearray(b"x"), memoryview(b"x")])
+def test_check_body_non_text(body):
+    with pytest.raises(BodyRejected):
+        check_body(body)
+
+
+def test_check_body_custom_limit():
+    assert check_body("abcd", max_bytes=4) == "abcd"
+    with pytest.raises(BodyRejected):
+        check_body("abcde", max_bytes=4)
+
+
+def test_body_rejected_is_a_value_error_and_niki_error():
+    with pytest.raises(ValueError):
+        check_body("")
+    with pytest.raises(NikiError):
+        check_body("")
+
+
+# --- enqueue() against both databases ---------------------------------------------------------------
+
+
+def test_queued_then_duplicate(storage: Storage, db_url, listener, peers):
+    cid, _ = storage.new_client()
+    assert enqueue(cid, "hello", db=db_url, peers=peers) is True
+    assert listener.receive(5.0) == {cid}
+    assert enqueue(cid, "hello", db=db_url, peers=peers) is False
+    assert listener.receive(0.05) == set()
+    assert rows_of(db_url, cid) == [("hello", "pending"), ("hello", "ignored")]
+    assert storage.pending_count(cid) == 1
+
+
+def test_exactly_one_datagram_per_queued_message(storage: Storage, db_url, counter):
+    cid, _ = storage.new_client()
+    assert enqueue(cid, "one", db=db_url, peers=counter.peers) is True
+    datagrams = counter.drain()
+    assert len(datagrams) == 1
+    assert decode(datagrams[0]) == [cid]
+    assert enqueue(cid, "one", db=db_url, peers=counter.peers) is False
+    assert counter.drain() == []
+    assert enqueue(cid, "two", db=db_url, peers=counter.peers) is True
+    assert [decode(d) for d in counter.drain()] == [[cid]]
+
+
+def test_different_bodies_and_clients_are_not_duplicates(storage: Storage, db_url, listener, peers):
+    a, _ = storage.new_client()
+    b, _ = storage.new_client()
+    assert enqueue(a, "x", db=db_url, peers=peers)
+    assert enqueue(a, "y", db=db_url, peers=peers)
+    assert enqueue(b, "x", db=db_url, peers=peers)
+    assert enqueue(b, "y", db=db_url, peers=peers)
+    assert enqueue(a, "x", db=db_url, peers=peers) is False
+    assert enqueue(b, "y", db=db_url, peers=peers) is False
+    assert listener.receive(5.0) == {a, b}
+    assert rows_of(db_url, a) == [("x", "pending"), ("y", "pending"), ("x", "ignored")]
+    assert rows_of(db_url, b) == [("x", "pending"), ("y", "pending"), ("y", "ignored")]
+
+
+def test_near_identical_bodies_are_not_duplicates(storage: Storage, db_url, peers):
+    cid, _ = storage.new_client()
+    bodies = ["hello", "Hello", "HELLO", "hello ", " hello", "hello\t", "hello\x00",
+              "h\u00e9llo", "he\u0301llo", "\U0001f600", "\U0001f601"]
+    for body in bodies:
+        assert enqueue(cid, body, db=db_url, peers=peers) is True, body
+    assert rows_of(db_url, cid) == [(body, "pending") for body in bodies]
+
+
+def test_string_ids_as_handed_out(storage: Storage, db_url, listener, peers):
+    cid, _ = storage.new_client()
+    assert enqueue(str(cid), "via string", db=db_url, peers=peers) is True
+    assert listener.receive(5.0) == {cid}
+    # The same client, however its id is spelt, shares one duplicate window.
+    assert enqueue(cid, "via string", db=db_url, peers=peers) is False
+    assert enqueue(f" {cid}\n", "via string", db=db_url, peers=peers) is False
+    assert rows_of(db_url, cid) == [("via string", "pending"), ("via string", "ignored"),
+                                    ("via string", "ignored")]
+
+
+def test_bytes_body(storage: Storage, db_url, peers):
+    cid, _ = storage.new_client()
+    assert enqueue(cid, "caf\u00e9 \U0001f600".encode(), db=db_url, peers=peers) is True
+    assert rows_of(db_url, cid) == [("caf\u00e9 \U0001f600", "pending")]
+
+
+@pytest.mark.parametrize("bad_id", ["unknown", "abc", 0, -3, "", "5x", None])
+def test_unknown_or_malformed_client(storage: Storage, db_url, listener, peers, bad_id):
+    cid, _ = storage.new_client()
+    target = cid + 1000 if bad_id == "unknown" else bad_id
+    with pytest.raises(UnknownClient):
+        enqueue(target, "hello", db=db_url, peers=peers)
+    assert listener.receive(0.05) == set()
+    assert query(db_url, "SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+def test_id_beyond_64_bits_is_unknown_client(storage: Storage, db_url, peers):
+    storage.new_client()
+    with pytest.raises(UnknownClient):
+        enqueue(MAX_CLIENT_ID + 1, "hello", db=db_url, peers=peers)
+
+
+@pytest.mark.parametrize("body", ["", "a\nb", "x" * (MAX_BODY_BYTES + 1), b"\xff"], ids=short)
+def test_rejected_body_stores_nothing(storage: Storage, db_url, listener, peers, body):
+    cid, _ = storage.new_client()
+    with pytest.raises(BodyRejected):
+        enqueue(cid, body, db=db_url, peers=peers)
+    assert listener.receive(0.05) == set()
+    assert rows_of(db_url, cid) == []
+
+
+def test_env_defaults(storage: Storage, db_url, listener, monkeypatch):
+    cid, _ = storage.new_client()
+    monkeypatch.setenv("NIKI_DB", db_url)
+    monkeypatch.setenv("NIKI_PEERS", f"127.0.0.1:{listener.port}")
+    assert enqueue(cid, "from env") is True
+    assert listener.receive(5.0) == {cid}
+    assert rows_of(db_url, cid) == [("from env", "pending")]
+
+
+def test_enqueuer_class(storage: Storage, db_url, listener):
+    cid, _ = storage.new_client()
+    with Enqueuer(db_url, f"127.0.0.1:{listener.port}", max_body_bytes=10) as enqueuer:
+        assert enqueuer.enqueue(cid, "0123456789") is True
+        with pytest.raises(BodyRejected):
+            enqueuer.enqueue(cid, "0123456789a")
+        assert enqueuer.enqueue(str(cid), "0123456789") is False
+    assert listener.receive(5.0) == {cid}
+    assert rows_of(db_url, cid) == [("0123456789", "pending"), ("0123456789", "ignored")]
+
+
+def test_enqueuer_is_thread_safe(storage: Storage, db_url, listener):
+    clients = [storage.new_client()[0] for _ in range(3)]
+    errors: List[BaseException] = []
+    results: List[bool] = []
+    lock = threading.Lock()
+    with Enqueuer(db_url, [("127.0.0.1", listener.port)]) as enqueuer:
+        def work(n: int) -> None:
+            try:
+                for i in range(15):
+                    ok = enqueuer.enqueue(clients[i % 3], f"t{n}-{i}")
+                    with lock:
+                        results.append(ok)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert not errors
+    assert results == [True] * 90
+    got: set = set()
+    while len(got) < 3:
+        more = listener.receive(5.0)
+        assert more, "wake-ups missing"
+        got |= more
+    assert got == set(clients)
+    assert query(db_url, "SELECT COUNT(*) FROM messages WHERE status = 'pending'") == [(90,)]
+
+
+# --- unreachable databases ------------------------------------------------------------------------
+
+
+def assert_one_clear_line(exc: BaseException) -> None:
+    text = str(exc)
+    assert text.strip(), "empty message"
+    assert "\n" not in text and "\r" not in text, repr(text)
+    assert "Traceback" not in text
+
+
+def test_unavailable_mysql(counter):
+    with pytest.raises(StorageUnavailable) as info:
+        enqueue(5, "hello", db="mysql://root@127.0.0.1:1/niki_nowhere", peers=counter.peers)
+    assert isinstance(info.value, NikiError)
+    assert_one_clear_line(info.value)
+    assert counter.drain() == []
+
+
+def test_unavailable_mysql_database_missing(mysql_url, counter):
+    # The server is there but the database was never created.
+    with pytest.raises(StorageUnavailable) as info:
+        enqueue(5, "hello", db=mysql_url, peers=counter.peers)
+    assert_one_clear_line(info.value)
+    assert counter.drain() == []
+
+
+def test_unavailable_sqlite_missing_directory(tmp_path, counter):
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'niki.sqlite3'}"
+    with pytest.raises(StorageUnavailable) as info:
+        enqueue(5, "hello", db=url, peers=counter.peers)
+    assert isinstance(info.value, NikiError)
+    assert_one_clear_line(info.value)
+    assert counter.drain() == []
+    assert not (tmp_path / "no").exists()
+
+
+def test_unavailable_sqlite_missing_file_is_not_created(tmp_path, counter):
+    path = tmp_path / "typo.sqlite3"
+    with pytest.raises(StorageUnavailable) as info:
+        enqueue(5, "hello", db=f"sqlite:///{path}", peers=counter.peers)
+    assert_one_clear_line(info.value)
+    assert not path.exists()
+
+
+def test_unavailable_sqlite_without_schema(tmp_path, counter):
+    path = tmp_path / "empty.sqlite3"
+    sqlite3.connect(str(path)).close()
+    with pytest.raises(StorageUnavailable) as info:
+        enqueue(5, "hello", db=f"sqlite:///{path}", peers=counter.peers)
+    assert_one_clear_line(info.value)
+    assert "schema" in str(info.value)
+
+
+def test_unavailable_message_names_database_but_not_password(counter):
+    with pytest.raises(StorageUnavailable) as info:
+        enqueue(5, "hello", db="mysql://root:s3cretpw@127.0.0.1:1/niki_nowhere", peers=counter.peers)
+    text = str(info.value)
+    assert_one_clear_line(info.value)
+    assert "niki_nowhere" in text and "127.0.0.1:1" in text
+    assert "s3cretpw" not in text
+
+
+@pytest.mark.parametrize("variable", ["NIKI_EVENT_PORT", "NIKI_PORT"])
+def test_default_peers_follow_server_port_variables(storage: Storage, db_url, listener, monkeypatch,
+                                                    variable):
+    cid, _ = storage.new_client()
+    monkeypatch.delenv("NIKI_PEERS", raising=False)
+    monkeypatch.delenv("NIKI_EVENT_PORT", raising=False)
+    # The server's event port defaults to its client port + 1.
+    port = listener.port if variable == "NIKI_EVENT_PORT" else listener.port - 1
+    monkeypatch.setenv(variable, str(port))
+    assert enqueue(cid, "default peers", db=db_url) is True
+    assert listener.receive(5.0) == {cid}

@@ -1,0 +1,586 @@
+"""The storage layer on SQLite and MariaDB: schema, clients, queueing, delivery, concurrency."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import pytest
+
+from messaging_server.errors import ConfigurationError, StorageUnavailable, UnknownClient
+from messaging_server.storage import Delivery, Storage, StoredMessage, describe_url, open_storage
+from tests.helpers import query, wait_until
+
+WINDOW = 5.0
+
+
+
+
+def seconds_ago_sql(db_url: str, seconds: float) -> str:
+    """A SQL expression for a timestamp ``seconds`` ago, in the format the backend stores."""
+    if db_url.startswith("sqlite:"):
+        return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"
+    return f"(NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND)"
+
+
+def insert_message(db_url: str, client_id: int, body: str, status: str, seconds_ago: float) -> None:
+    """Insert a message row as if it had been stored ``seconds_ago``."""
+    from messaging_server.storage.base import body_hash
+
+    query(db_url, "INSERT INTO messages (client_id, body, body_hash, status, created_at) "
+          f"VALUES (%s, %s, %s, %s, {seconds_ago_sql(db_url, seconds_ago)})",
+          (client_id, body, body_hash(body), status))
+
+
+class Collector:
+    """A delivery writer: records what it was given and reports ``accept`` of them written."""
+
+    def __init__(self, accept: Optional[Callable[[int], int]] = None) -> None:
+        self.calls: List[List[StoredMessage]] = []
+        self.accept = accept or (lambda n: n)
+
+    def __call__(self, messages: Sequence[StoredMessage]) -> int:
+        self.calls.append(list(messages))
+        return self.accept(len(messages))
+
+    @property
+    def bodies(self) -> List[str]:
+        return [m.body for call in self.calls for m in call]
+
+
+def deliver_all(storage: Storage, client_id: int, session: int, batch: int = 1000) -> List[StoredMessage]:
+    out: List[StoredMessage] = []
+    while True:
+        collector = Collector()
+        result = storage.deliver_pending(client_id, session, collector, batch)
+        out.extend(m for call in collector.calls for m in call)
+        if not result.more:
+            return out
+
+
+def run_threads(targets: List[Callable[[], None]], timeout: float = 30.0) -> None:
+    """Run ``targets`` in threads; re-raise the first exception any of them raised."""
+    errors: List[BaseException] = []
+
+    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # reported in the test thread
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "threads still running after the timeout"
+    if errors:
+        raise errors[0]
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+def test_create_schema_twice_keeps_data(storage: Storage):
+    cid, _ = storage.new_client()
+    storage.enqueue(cid, "kept", WINDOW)
+    storage.create_schema()
+    storage.create_schema()
+    assert storage.pending_count(cid) == 1
+    assert storage.new_client()[0] > cid
+
+
+def create_schema_race(url: str) -> None:
+    """Two storage objects create the schema of ``url`` at the same moment; both must succeed."""
+    stores = [open_storage(url, create=True) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    try:
+        def create(store: Storage) -> Callable[[], None]:
+            def run() -> None:
+                barrier.wait(10)
+                store.create_schema()
+            return run
+
+        run_threads([create(s) for s in stores])
+        a, _ = stores[0].new_client()
+        b, _ = stores[1].new_client()
+        assert a != b
+        assert stores[1].enqueue(a, "x", WINDOW) is not None
+        assert stores[0].pending_count(a) == 1
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_create_schema_from_two_objects_at_once(db_url, tmp_path):
+    if db_url.startswith("sqlite:"):
+        # A race is won or lost in microseconds: run it on several fresh files.
+        for n in range(40):
+            create_schema_race(f"sqlite:///{tmp_path / f'race{n}.sqlite3'}")
+    else:
+        create_schema_race(db_url)
+
+
+def test_create_schema_from_two_processes_at_once(db_url):
+    code = ("import sys\nfrom messaging_server.storage import open_storage\n"
+            "s = open_storage(sys.argv[1], create=True)\ns.create_schema()\ns.close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, db_url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+    with open_storage(db_url) as store:
+        cid, session = store.new_client()
+        assert (cid, session) == (1, 1)
+
+
+# --- URLs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["postgres://h/db", "sqlite://", "sqlite:///", "mysql://root@h/",
+                                 "mysql:///db", "niki.sqlite3"])
+def test_bad_urls(url):
+    with pytest.raises(ConfigurationError):
+        open_storage(url)
+
+
+def test_describe_url_masks_password():
+    assert describe_url("mysql://u:s3cret@h:3306/db") == "mysql://u:***@h:3306/db"
+    assert describe_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+# --- clients ---------------------------------------------------------------------------------------
+
+
+def test_new_client_ids_unique_and_increasing(storage: Storage):
+    made = [storage.new_client() for _ in range(20)]
+    ids = [cid for cid, _ in made]
+    assert all(session == 1 for _, session in made)
+    assert all(isinstance(cid, int) and cid > 0 for cid in ids)
+    assert ids == sorted(set(ids))
+
+
+def test_new_client_concurrently_unique(storage: Storage):
+    ids: List[int] = []
+    lock = threading.Lock()
+
+    def make() -> None:
+        for _ in range(10):
+            cid, _ = storage.new_client()
+            with lock:
+                ids.append(cid)
+
+    run_threads([make] * 4)
+    assert len(ids) == len(set(ids)) == 40
+
+
+def test_claim_client(storage: Storage, db_url):
+    cid, session = storage.new_client()
+    other, _ = storage.new_client()
+    assert session == 1
+    assert storage.claim_client(cid) == 2
+    assert storage.claim_client(cid) == 3
+    assert storage.claim_client(other) == 2
+    assert storage.claim_client(other + 1000) is None
+    assert storage.claim_client(0) is None
+    assert storage.claim_client(-1) is None
+    assert query(db_url, "SELECT session FROM clients WHERE id = %s", (cid,)) == [(3,)]
+
+
+# --- enqueue ---------------------------------------------------------------------------------------
+
+
+def test_enqueue_ids_increase_and_rows_are_pending(storage: Storage, db_url):
+    cid, _ = storage.new_client()
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW) for i in range(5)]
+    assert all(isinstance(i, int) for i in ids)
+    assert ids == sorted(set(ids))
+    rows = query(db_url, "SELECT id, body, status FROM messages ORDER BY id")
+    assert rows == [(i, f"m{n}", "pending") for n, i in enumerate(ids)]
+    assert storage.pending_count(cid) == 5
+
+
+def test_enqueue_unknown_client(storage: Storage, db_url):
+    cid, _ = storage.new_client()
+    with pytest.raises(UnknownClient):
+        storage.enqueue(cid + 1, "x", WINDOW)
+    assert query(db_url, "SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+# --- delivery ----------------------------------------------------------------------------------------
+
+
+def test_deliver_oldest_first(storage: Storage, db_url):
+    cid, session = storage.new_client()
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW) for i in range(5)]
+    collector = Collector()
+    assert storage.deliver_pending(cid, session, collector, 100) == Delivery(5)
+    assert collector.calls == [[StoredMessage(i, f"m{n}") for n, i in enumerate(ids)]]
+    assert storage.pending_count(cid) == 0
+    assert storage.deliver_pending(cid, session, Collector(), 100) == Delivery(0)
+    statuses = query(db_url, "SELECT status, delivered_at IS NOT NULL FROM messages")
+    assert statuses == [("delivered", 1)] * 5
+
+
+def test_deliver_only_own_messages(storage: Storage):
+    a, sa = storage.new_client()
+    b, _ = storage.new_client()
+    storage.enqueue(a, "for a", WINDOW)
+    storage.enqueue(b, "for b", WINDOW)
+    collector = Collector()
+    storage.deliver_pending(a, sa, collector, 100)
+    assert collector.bodies == ["for a"]
+    assert storage.pending_count(b) == 1
+
+
+def test_deliver_in_batches(storage: Storage):
+    cid, session = storage.new_client()
+    for i in range(7):
+        storage.enqueue(cid, f"m{i}", WINDOW)
+    seen: List[str] = []
+    results = []
+    for _ in range(4):
+        collector = Collector()
+        results.append(storage.deliver_pending(cid, session, collector, 3))
+        assert all(len(call) <= 3 for call in collector.calls)
+        seen += collector.bodies
+    assert results == [Delivery(3, more=True), Delivery(3, more=True), Delivery(1), Delivery(0)]
+    assert seen == [f"m{i}" for i in range(7)]
+
+
+def test_deliver_batch_exact_multiple(storage: Storage):
+    cid, session = storage.new_client()
+    for i in range(4):
+        storage.enqueue(cid, f"m{i}", WINDOW)
+    assert storage.deliver_pending(cid, session, Collector(), 2) == Delivery(2, more=True)
+    assert storage.deliver_pending(cid, session, Collector(), 2) == Delivery(2, more=True)
+    assert storage.deliver_pending(cid, session, Collector(), 2) == Delivery(0)
+
+
+def test_partial_write_marks_only_written(storage: Storage, db_url):
+    cid, session = storage.new_client()
+    for i in range(5):
+        storage.enqueue(cid, f"m{i}", WINDOW)
+    first = Collector(accept=lambda n: 2)
+    assert storage.deliver_pending(cid, session, first, 100) == Delivery(2, write_failed=True)
+    assert first.bodies == [f"m{i}" for i in range(5)]
+    assert storage.pending_count(cid) == 3
+    rows = query(db_url, "SELECT body, status FROM messages ORDER BY id")
+    assert rows == [("m0", "delivered"), ("m1", "delivered"), ("m2", "pending"), ("m3", "pending"),
+                    ("m4", "pending")]
+    # What was not written comes first next time.
+    storage.enqueue(cid, "m5", WINDOW)
+    second = Collector()
+    assert storage.deliver_pending(cid, session, second, 100) == Delivery(4)
+    assert second.bodies == ["m2", "m3", "m4", "m5"]
+
+
+def test_write_of_nothing_marks_nothing(storage: Storage):
+    cid, session = storage.new_client()
+    storage.enqueue(cid, "a", WINDOW)
+    assert storage.deliver_pending(cid, session, Collector(accept=lambda n: 0), 10) == Delivery(
+        0, write_failed=True)
+    assert storage.pending_count(cid) == 1
+
+
+def test_writer_exception_marks_nothing(storage: Storage):
+    cid, session = storage.new_client()
+    storage.enqueue(cid, "a", WINDOW)
+    storage.enqueue(cid, "b", WINDOW)
+
+    def explode(messages: Sequence[StoredMessage]) -> int:
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        storage.deliver_pending(cid, session, explode, 10)
+    assert storage.pending_count(cid) == 2
+    assert [m.body for m in deliver_all(storage, cid, session)] == ["a", "b"]
+
+
+def test_stale_session_is_taken_over(storage: Storage):
+    cid, old = storage.new_client()
+    storage.enqueue(cid, "a", WINDOW)
+    new = storage.claim_client(cid)
+    assert new == old + 1
+    collector = Collector()
+    assert storage.deliver_pending(cid, old, collector, 10) == Delivery(0, taken_over=True)
+    assert collector.calls == []
+    assert storage.pending_count(cid) == 1
+    assert storage.deliver_pending(cid, new, collector, 10) == Delivery(1)
+    # Taken over even with nothing pending; unknown clients too.
+    assert storage.deliver_pending(cid, old, Collector(), 10) == Delivery(0, taken_over=True)
+    assert storage.deliver_pending(cid + 99, 1, Collector(), 10) == Delivery(0, taken_over=True)
+
+
+FOUR_BYTE_BODIES = [
+    "\U0001f600",
+    "emoji \U0001f389\U0001f44d\U0001f3fd and music \U0001d11e",
+    "mixed \u00e9\u20ac\U0001f600 \u4e2d\u6587",
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467",  # a ZWJ family
+    "\U0001f600" * 1024,  # 4096 bytes: the largest body
+]
+
+
+def test_four_byte_utf8_round_trip(storage: Storage, db_url):
+    cid, session = storage.new_client()
+    for body in FOUR_BYTE_BODIES:
+        assert storage.enqueue(cid, body, WINDOW) is not None
+    delivered = [m.body for m in deliver_all(storage, cid, session)]
+    assert delivered == FOUR_BYTE_BODIES
+    stored = [row[0] for row in query(db_url, "SELECT body FROM messages ORDER BY id")]
+    assert stored == FOUR_BYTE_BODIES
+
+
+def test_four_byte_bodies_differing_only_in_emoji_are_distinct(storage: Storage):
+    # A utf8mb3 column or a collation folding emoji would make these equal.
+    cid, _ = storage.new_client()
+    assert storage.enqueue(cid, "x \U0001f600", WINDOW) is not None
+    assert storage.enqueue(cid, "x \U0001f601", WINDOW) is not None
+    assert storage.enqueue(cid, "x \U0001f600", WINDOW) is None
+
+
+# --- duplicate window ---------------------------------------------------------------------------
+
+
+def test_duplicate_within_window_is_ignored(storage: Storage, db_url):
+    cid, _ = storage.new_client()
+    first = storage.enqueue(cid, "same", WINDOW)
+    assert first is not None
+    assert storage.enqueue(cid, "same", WINDOW) is None
+    assert storage.enqueue(cid, "Same", WINDOW) is not None
+    rows = query(db_url, "SELECT body, status FROM messages ORDER BY id")
+    assert rows == [("same", "pending"), ("same", "ignored"), ("Same", "pending")]
+    assert storage.pending_count(cid) == 2
+
+
+def test_window_zero_is_never_a_duplicate(storage: Storage):
+    cid, _ = storage.new_client()
+    results = [storage.enqueue(cid, "same", 0) for _ in range(10)]
+    assert None not in results, results
+
+
+def test_delivered_message_still_counts_for_the_window(storage: Storage):
+    cid, session = storage.new_client()
+    storage.enqueue(cid, "once", WINDOW)
+    assert len(deliver_all(storage, cid, session)) == 1
+    assert storage.enqueue(cid, "once", WINDOW) is None
+
+
+def test_window_measured_from_stored_time(storage: Storage, db_url):
+    url = db_url
+    cid, _ = storage.new_client()
+    insert_message(url, cid, "old", "pending", 10)
+    insert_message(url, cid, "recent", "pending", 3)
+    insert_message(url, cid, "recent-delivered", "delivered", 3)
+    assert storage.enqueue(cid, "old", WINDOW) is not None
+    assert storage.enqueue(cid, "recent", WINDOW) is None
+    assert storage.enqueue(cid, "recent-delivered", WINDOW) is None
+    assert storage.enqueue(cid, "recent", 2.5) is not None  # a shorter window no longer covers it
+
+
+def test_ignored_rows_do_not_extend_the_window(storage: Storage, db_url):
+    url = db_url
+    cid, _ = storage.new_client()
+    # Queued 10 s ago, then repeated (and ignored) 1 s ago: the window started 10 s ago.
+    insert_message(url, cid, "A", "pending", 10)
+    insert_message(url, cid, "A", "ignored", 1)
+    assert storage.enqueue(cid, "A", WINDOW) is not None
+    # Only ignored rows, all recent: not a duplicate either.
+    insert_message(url, cid, "B", "ignored", 0.5)
+    assert storage.enqueue(cid, "B", WINDOW) is not None
+
+
+def test_window_expires_in_real_time(storage: Storage):
+    cid, _ = storage.new_client()
+    window = 0.4
+    start = time.monotonic()
+    assert storage.enqueue(cid, "tick", window) is not None
+    second = storage.enqueue(cid, "tick", window)
+    if time.monotonic() - start < window / 2:  # only meaningful if the machine kept up
+        assert second is None
+    time.sleep(window + 0.15)  # waiting out the window is the point of this test
+    assert storage.enqueue(cid, "tick", window) is not None
+
+
+def test_duplicates_are_per_client(storage: Storage):
+    a, _ = storage.new_client()
+    b, _ = storage.new_client()
+    assert storage.enqueue(a, "hi", WINDOW) is not None
+    assert storage.enqueue(b, "hi", WINDOW) is not None
+
+
+# --- pending_count and servers -------------------------------------------------------------------
+
+
+def test_pending_count(storage: Storage):
+    a, sa = storage.new_client()
+    b, _ = storage.new_client()
+    assert storage.pending_count(a) == 0
+    assert storage.pending_count(a + 1000) == 0
+    for i in range(3):
+        storage.enqueue(a, f"a{i}", WINDOW)
+    storage.enqueue(a, "a0", WINDOW)  # ignored: not pending
+    storage.enqueue(b, "b0", WINDOW)
+    assert storage.pending_count(a) == 3
+    assert storage.pending_count(b) == 1
+    storage.deliver_pending(a, sa, Collector(accept=lambda n: 1), 10)
+    assert storage.pending_count(a) == 2
+
+
+def test_register_and_unregister_server(storage: Storage, db_url):
+    url = db_url
+    s1 = storage.register_server("host-a", 8000, 8001, 1234)
+    s2 = storage.register_server("host-b", 9000, 9001, 5678)
+    assert isinstance(s1, int) and isinstance(s2, int) and s1 != s2
+    rows = query(url, "SELECT id, host, port, event_port, pid FROM servers ORDER BY id")
+    assert rows == [(s1, "host-a", 8000, 8001, 1234), (s2, "host-b", 9000, 9001, 5678)]
+    storage.unregister_server(s1)
+    assert query(url, "SELECT id FROM servers") == [(s2,)]
+    storage.unregister_server(s1)  # already gone: no error
+    storage.unregister_server(s2)
+    assert query(url, "SELECT COUNT(*) FROM servers") == [(0,)]
+
+
+# --- concurrency -------------------------------------------------------------------------------------
+
+
+def test_concurrent_enqueues_for_one_client(storage: Storage):
+    threads, per_thread = 8, 50
+    cid, session = storage.new_client()
+    barrier = threading.Barrier(threads)
+    returned: Dict[str, int] = {}
+    lock = threading.Lock()
+
+    def producer(n: int) -> Callable[[], None]:
+        def run() -> None:
+            barrier.wait(10)
+            for i in range(per_thread):
+                body = f"t{n}-{i}"
+                message_id = storage.enqueue(cid, body, WINDOW)
+                assert message_id is not None, body
+                with lock:
+                    returned[body] = message_id
+        return run
+
+    run_threads([producer(n) for n in range(threads)])
+    delivered = deliver_all(storage, cid, session, batch=1000)
+    bodies = [m.body for m in delivered]
+    ids = [m.id for m in delivered]
+    # Every message exactly once.
+    assert len(bodies) == threads * per_thread
+    assert set(bodies) == {f"t{n}-{i}" for n in range(threads) for i in range(per_thread)}
+    # Delivered in id order, and the ids are the ones enqueue returned.
+    assert all(a < b for a, b in zip(ids, ids[1:]))
+    assert {m.body: m.id for m in delivered} == returned
+    # Each producer's messages in the order it queued them.
+    for n in range(threads):
+        mine = [b for b in bodies if b.startswith(f"t{n}-")]
+        assert mine == [f"t{n}-{i}" for i in range(per_thread)]
+    assert storage.pending_count(cid) == 0
+
+
+def test_concurrent_deliveries_never_duplicate_or_reorder(storage: Storage):
+    total, deliverers = 300, 4
+    cid, session = storage.new_client()
+    written: List[str] = []
+    lock = threading.Lock()
+    active = [0]
+    overlaps = [0]
+    done_enqueueing = threading.Event()
+    stop = threading.Event()
+
+    def write(messages: Sequence[StoredMessage]) -> int:
+        with lock:
+            active[0] += 1
+            if active[0] > 1:
+                overlaps[0] += 1
+        try:
+            with lock:
+                written.extend(m.body for m in messages)
+            return len(messages)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    def enqueuer() -> None:
+        try:
+            for i in range(total):
+                assert storage.enqueue(cid, f"m{i:03d}", WINDOW) is not None
+        finally:
+            done_enqueueing.set()
+
+    storage_errors: List[str] = []
+
+    def deliverer() -> None:
+        while not stop.is_set():
+            try:
+                result = storage.deliver_pending(cid, session, write, 7)
+            except StorageUnavailable as exc:
+                # What the server does (delivery._drain): log, leave the rest for the next pass.
+                with lock:
+                    storage_errors.append(str(exc))
+                continue
+            assert not result.taken_over
+            if not result.delivered and done_enqueueing.is_set():
+                time.sleep(0.001)  # back off while the main thread checks for completion
+
+    errors: List[BaseException] = []
+
+    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+                done_enqueueing.set()
+        return run
+
+    threads = [threading.Thread(target=guarded(fn), daemon=True)
+               for fn in [enqueuer] + [deliverer] * deliverers]
+    for t in threads:
+        t.start()
+    try:
+        assert done_enqueueing.wait(30)
+        wait_until(lambda: errors or len(set(written)) >= total, 15, "all messages to be written")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[0]
+    assert overlaps[0] == 0, "two writes for one client ran at the same time"
+    twice = sorted({body for body in written if written.count(body) > 1})
+    assert not twice, (f"written more than once: {twice}; deliveries that failed after writing "
+                       f"(and were rolled back): {storage_errors}")
+    assert not storage_errors, f"deliveries failed with the database up: {storage_errors}"
+    assert written == [f"m{i:03d}" for i in range(total)]
+    assert storage.pending_count(cid) == 0
+
+
+def test_concurrent_duplicates_store_exactly_one(storage: Storage, db_url):
+    threads, rounds = 6, 8
+    cid, _ = storage.new_client()
+    barrier = threading.Barrier(threads)
+    results: Dict[int, List[Optional[int]]] = {r: [] for r in range(rounds)}
+    lock = threading.Lock()
+
+    def racer() -> None:
+        for r in range(rounds):
+            barrier.wait(10)
+            message_id = storage.enqueue(cid, f"race {r}", WINDOW)
+            with lock:
+                results[r].append(message_id)
+
+    run_threads([racer] * threads)
+    for r in range(rounds):
+        queued = [i for i in results[r] if i is not None]
+        assert len(queued) == 1, f"round {r}: {results[r]}"
+    assert storage.pending_count(cid) == rounds
+    ignored = query(db_url, "SELECT COUNT(*) FROM messages WHERE status = 'ignored'")
+    assert ignored == [(rounds * (threads - 1),)]

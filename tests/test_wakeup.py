@@ -1,0 +1,297 @@
+"""Wake-up datagrams: the pure codec, peer parsing, and sender/listener over real UDP."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Iterator, Set
+
+import pytest
+
+from messaging_server.errors import ConfigurationError
+from messaging_server.protocol import MAX_CLIENT_ID
+from messaging_server.wakeup import (
+    MAGIC,
+    MAX_DATAGRAM,
+    WakeupListener,
+    WakeupSender,
+    decode,
+    encode,
+    parse_peers,
+)
+
+# --- codec -------------------------------------------------------------------------------------
+
+
+def test_encode_format():
+    assert encode([5]) == [b"NIKI1 5"]
+    assert encode([1, 22, 333]) == [b"NIKI1 1,22,333"]
+    assert encode(["7"]) == [b"NIKI1 7"]
+    assert encode([]) == []
+
+
+@pytest.mark.parametrize("ids", [[1], [1, 2, 3], [MAX_CLIENT_ID], [3000, 3000, 12], list(range(1, 200))])
+def test_round_trip(ids):
+    [datagram] = encode(ids)
+    assert decode(datagram) == ids
+
+
+@pytest.mark.parametrize("count", [5000, 20000])
+def test_split_into_datagrams(count):
+    ids = [10**12 + i for i in range(count)]
+    datagrams = encode(ids)
+    assert len(datagrams) > 1
+    assert all(d.startswith(MAGIC) and len(d) <= MAX_DATAGRAM for d in datagrams)
+    # Reasonably full: at most one datagram is not near the limit.
+    assert sum(len(d) < MAX_DATAGRAM - 20 for d in datagrams) <= 1
+    decoded = [i for d in datagrams for i in decode(d)]
+    assert decoded == ids
+
+
+def test_split_with_maximal_ids():
+    ids = [MAX_CLIENT_ID - i for i in range(3000)]
+    datagrams = encode(ids)
+    assert all(len(d) <= MAX_DATAGRAM for d in datagrams)
+    assert [i for d in datagrams for i in decode(d)] == ids
+
+
+def test_split_exactly_at_limit():
+    # 118 nine-digit ids and one 14-digit id: 6 + 118 * 10 + 14 = 1200 bytes exactly.
+    ids = [100000000 + i for i in range(118)] + [10**13]
+    [datagram] = encode(ids)
+    assert len(datagram) == MAX_DATAGRAM
+    assert decode(datagram) == ids
+    datagrams = encode([*ids, 7])
+    assert datagrams == [datagram, b"NIKI1 7"]
+
+
+@pytest.mark.parametrize(
+    "datagram",
+    [
+        b"",
+        b"hello",
+        b"NIKI1",
+        b"NIKI1 ",
+        b"NIKI2 5",
+        b"niki1 5",
+        b"NIKI1  5",
+        b" NIKI1 5",
+        b"NIKI15",
+        b"NIKI1 5,",
+        b"NIKI1 ,5",
+        b"NIKI1 5,,6",
+        b"NIKI1 5 ,6",
+        b"NIKI1 5, 6",
+        b"NIKI1 abc",
+        b"NIKI1 5,x",
+        b"NIKI1 -5",
+        b"NIKI1 +5",
+        b"NIKI1 0",
+        b"NIKI1 5.1",
+        b"NIKI1 5\n",
+        b"NIKI1 \xff\xfe",
+        "NIKI1 \u0663".encode(),
+        b"NIKI1 " + str(MAX_CLIENT_ID + 1).encode(),
+        b"\x00" * 64,
+    ],
+)
+def test_decode_rejects_garbage(datagram):
+    with pytest.raises(ValueError):
+        decode(datagram)
+
+
+def test_decode_rejects_oversize():
+    ids = ",".join(str(100000 + i) for i in range(400)).encode()
+    datagram = MAGIC + ids
+    assert len(datagram) > MAX_DATAGRAM
+    with pytest.raises(ValueError):
+        decode(datagram)
+    # Trimmed to exactly the limit (at an id boundary) it is accepted.
+    cut = datagram[:MAX_DATAGRAM]
+    cut = cut[: cut.rfind(b",")]
+    assert len(decode(cut)) > 100
+
+
+# --- peers ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "peers"),
+    [
+        ("127.0.0.1:8001", [("127.0.0.1", 8001)]),
+        ("a.example:1,b.example:65535", [("a.example", 1), ("b.example", 65535)]),
+        (" host:9 , other:10 ", [("host", 9), ("other", 10)]),
+        ("host:9,,", [("host", 9)]),
+        ("[::1]:8001", [("::1", 8001)]),
+        ("::1:8001", [("::1", 8001)]),
+        ("", []),
+        (" , ", []),
+    ],
+)
+def test_parse_peers(text, peers):
+    assert parse_peers(text) == peers
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "host",
+        "8001",
+        ":8001",
+        "host:",
+        "host:abc",
+        "host:0",
+        "host:65536",
+        "host:-1",
+        "host:+80",
+        "host: 80",
+        "host:80x",
+        "good:1,bad",
+        "host:\u00b2",  # SUPERSCRIPT TWO: str.isdigit() is True, int() refuses it
+    ],
+)
+def test_parse_peers_rejects(text):
+    with pytest.raises(ConfigurationError):
+        parse_peers(text)
+
+
+# --- over real UDP -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def raw_sender() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    yield sock
+    sock.close()
+
+
+def receive_until(listener: WakeupListener, expected: Set[int], timeout: float = 5.0) -> Set[int]:
+    """Union of receive() results until ``expected`` is covered or the deadline passes."""
+    got: Set[int] = set()
+    deadline = time.monotonic() + timeout
+    while not expected <= got:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        got |= listener.receive(remaining)
+    return got
+
+
+def test_listener_port_is_bound(listener):
+    assert listener.port > 0
+
+
+def test_ids_arrive(listener):
+    with WakeupSender([("127.0.0.1", listener.port)]) as sender:
+        sender.wake([5, 3000])
+        assert listener.receive(5.0) == {5, 3000}
+
+
+def test_thousands_of_ids_arrive(listener):
+    ids = list(range(1, 3001))
+    assert len(encode(ids)) > 1
+    with WakeupSender([("127.0.0.1", listener.port)]) as sender:
+        sender.wake(ids)
+    assert receive_until(listener, set(ids)) == set(ids)
+
+
+def test_datagrams_are_coalesced_by_one_receive(listener, raw_sender):
+    address = ("127.0.0.1", listener.port)
+    for client_id in (1, 2, 3, 2, 1):
+        raw_sender.sendto(encode([client_id])[0], address)
+    raw_sender.sendto(b"NIKI1 40,50", address)
+    # Loopback UDP is queued at the receiver by the time sendto() returns, so a
+    # single receive() must drain every waiting datagram.
+    assert listener.receive(5.0) == {1, 2, 3, 40, 50}
+    assert listener.receive(0.05) == set()
+
+
+def test_garbage_ignored_valid_in_same_burst_counts(listener, raw_sender):
+    address = ("127.0.0.1", listener.port)
+    raw_sender.sendto(b"garbage", address)
+    raw_sender.sendto(b"NIKI1 7", address)
+    raw_sender.sendto(b"NIKI1 8,oops", address)  # one bad id spoils the whole datagram
+    raw_sender.sendto(b"X" * 2000, address)
+    raw_sender.sendto(b"NIKI1 9", address)
+    raw_sender.sendto(MAGIC + b"1," * 700 + b"1", address)  # oversize
+    assert listener.receive(5.0) == {7, 9}
+
+
+def test_garbage_only_gives_nothing(listener, raw_sender):
+    raw_sender.sendto(b"NIKI2 5", ("127.0.0.1", listener.port))
+    assert listener.receive(5.0) == set()
+    # The listener keeps working afterwards.
+    raw_sender.sendto(b"NIKI1 5", ("127.0.0.1", listener.port))
+    assert listener.receive(5.0) == {5}
+
+
+def test_receive_times_out_empty(listener):
+    start = time.monotonic()
+    assert listener.receive(0.2) == set()
+    elapsed = time.monotonic() - start
+    assert 0.15 <= elapsed < 2.0
+
+
+def test_receive_after_drain_waits_again(listener, raw_sender):
+    raw_sender.sendto(b"NIKI1 1", ("127.0.0.1", listener.port))
+    assert listener.receive(5.0) == {1}
+    # After a drain (which made the socket non-blocking) a timeout is honoured again.
+    start = time.monotonic()
+    assert listener.receive(0.2) == set()
+    assert time.monotonic() - start >= 0.15
+
+
+def test_sender_reaches_every_peer():
+    listeners = [WakeupListener("127.0.0.1", 0) for _ in range(3)]
+    try:
+        with WakeupSender([("127.0.0.1", lst.port) for lst in listeners]) as sender:
+            sender.wake([11])
+        for lst in listeners:
+            assert lst.receive(5.0) == {11}
+    finally:
+        for lst in listeners:
+            lst.close()
+
+
+def test_sender_survives_unreachable_peer(listener):
+    # Nothing listens on the first peer; the send is best effort and the second peer still gets it.
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    with WakeupSender([("127.0.0.1", dead_port), ("127.0.0.1", listener.port)]) as sender:
+        sender.wake([1])
+        sender.wake([2])  # a previous ICMP "port unreachable" must not break later sends
+    assert receive_until(listener, {1, 2}) == {1, 2}
+
+
+def test_sender_with_no_peers_is_a_no_op():
+    with WakeupSender([]) as sender:
+        sender.wake([1, 2, 3])
+
+
+def test_ipv6_listener():
+    try:
+        lst = WakeupListener("::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    try:
+        with WakeupSender(parse_peers(f"[::1]:{lst.port}")) as sender:
+            sender.wake([6])
+        assert lst.receive(5.0) == {6}
+    finally:
+        lst.close()
+
+
+def test_listener_on_all_interfaces_takes_ipv4_and_ipv6():
+    lst = WakeupListener("", 0)
+    try:
+        with WakeupSender([("127.0.0.1", lst.port)]) as sender:
+            sender.wake([4])
+        assert lst.receive(5.0) == {4}
+        if socket.has_dualstack_ipv6():
+            with WakeupSender([("::1", lst.port)]) as sender:
+                sender.wake([6])
+            assert lst.receive(5.0) == {6}
+    finally:
+        lst.close()
