@@ -81,6 +81,7 @@ class DeliveryThread(threading.Thread):
         self._storage = storage
         self._batch = batch
         self._stopping = threading.Event()
+        self.wakeups = 0  # coalesced wake-up batches handled
 
     def stop(self) -> None:
         self._stopping.set()
@@ -88,7 +89,11 @@ class DeliveryThread(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.is_set():
-            for client_id in self._listener.receive(timeout=0.5):
+            client_ids = self._listener.receive(timeout=0.5)
+            if client_ids:
+                self.wakeups += 1
+                log.debug("wake-up for client(s) %s", ",".join(map(str, sorted(client_ids))))
+            for client_id in client_ids:
                 conn = self._lookup(client_id)
                 if conn is not None:
                     try:

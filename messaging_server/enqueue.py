@@ -1,8 +1,8 @@
 """Queueing messages from the application side: ``enqueue()`` and :class:`Enqueuer`.
 
-A message is committed to the database first and only then are servers woken
-with a UDP datagram, so a wake-up never arrives before its message is
-visible.  Either the message is committed or the caller gets an exception:
+A message is committed to the database first and only then is its client's
+server woken with a UDP datagram, so a wake-up never arrives before its
+message is visible.  Either the message is committed or the caller gets an exception:
 nothing is half-queued.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from . import settings
 from .errors import BodyRejected, UnknownClient
@@ -60,8 +60,23 @@ def check_body(body: Union[str, bytes], max_bytes: int = settings.MAX_BODY_BYTES
     return body
 
 
+def _peer_list(peers: Optional[Union[str, Sequence[Address]]]) -> Optional[List[Address]]:
+    """The broadcast peers: as given, else NIKI_PEERS; None means routed mode."""
+    if peers is None:
+        return settings.configured_peers()
+    if isinstance(peers, str):
+        return parse_peers(peers) or None
+    return list(peers) or None
+
+
 class Enqueuer:
-    """Queues messages into one database and wakes one list of peers.
+    """Queues messages into one database and wakes the servers that must know.
+
+    Routed mode (the default, no peers configured): the one datagram for a
+    message goes to the server that owns the client, if it is connected to a
+    live server; an offline client costs no datagram.  Broadcast mode (peers
+    given, or NIKI_PEERS set): every peer is woken for every message, as the
+    original did.  Either way the servers' sweeps catch a lost datagram.
 
     Thread-safe; keep one per process and ``close()`` it when done.
     """
@@ -70,16 +85,15 @@ class Enqueuer:
                  *, max_body_bytes: int = settings.MAX_BODY_BYTES,
                  storage: Optional[Storage] = None) -> None:
         self.db = db or settings.default_db()
-        if peers is None:
-            self.peers = settings.default_peers()
-        elif isinstance(peers, str):
-            self.peers = parse_peers(peers)
-        else:
-            self.peers = list(peers)
+        self.peers = _peer_list(peers)
         self.max_body_bytes = max_body_bytes
         self._storage = storage or open_storage(self.db, pool_size=ENQUEUE_POOL_SIZE)
-        self._sender = WakeupSender(self.peers)
-        self._send_lock = threading.Lock()
+        self._sender = WakeupSender(self.peers or ())
+        self.datagrams_sent = 0  # for operators and tests: the cost of wake-ups
+
+    @property
+    def mode(self) -> str:
+        return "routed" if self.peers is None else "broadcast"
 
     def enqueue(self, client_id: ClientId, body: Union[str, bytes]) -> bool:
         """Queue ``body`` for ``client_id``; False when it duplicates one from the last 5 s.
@@ -88,11 +102,13 @@ class Enqueuer:
         """
         numeric_id = client_id_of(client_id)
         text = check_body(body, self.max_body_bytes)
-        message_id = self._storage.enqueue(numeric_id, text, settings.DUPLICATE_WINDOW_S)
-        if message_id is None:
+        queued = self._storage.enqueue(numeric_id, text, settings.DUPLICATE_WINDOW_S)
+        if queued.message_id is None:
             return False
-        with self._send_lock:
-            self._sender.wake([numeric_id])
+        if self.peers is not None:
+            self.datagrams_sent += self._sender.broadcast([numeric_id])
+        elif queued.owner is not None:
+            self.datagrams_sent += self._sender.send((queued.owner.host, queued.owner.port), [numeric_id])
         return True
 
     def close(self) -> None:
@@ -106,32 +122,28 @@ class Enqueuer:
         self.close()
 
 
-_shared: Dict[Tuple[str, Tuple[Address, ...]], Enqueuer] = {}
+_shared: Dict[Tuple[str, Optional[Tuple[Address, ...]]], Enqueuer] = {}
 _shared_lock = threading.Lock()
 
 
 def _shared_enqueuer(db: Optional[str], peers: Optional[Union[str, Sequence[Address]]]) -> Enqueuer:
     db = db or settings.default_db()
-    if peers is None:
-        peer_list = settings.default_peers()
-    elif isinstance(peers, str):
-        peer_list = parse_peers(peers)
-    else:
-        peer_list = list(peers)
-    key = (db, tuple(peer_list))
+    peer_list = _peer_list(peers)
+    key = (db, None if peer_list is None else tuple(peer_list))
     with _shared_lock:
         enqueuer = _shared.get(key)
         if enqueuer is None:
-            enqueuer = _shared[key] = Enqueuer(db, peer_list)
+            enqueuer = _shared[key] = Enqueuer(db, peer_list or None)
         return enqueuer
 
 
 def enqueue(client_id: ClientId, body: Union[str, bytes], *, db: Optional[str] = None,
             peers: Optional[Union[str, Sequence[Address]]] = None) -> bool:
-    """Queue one message for a client and wake the servers.
+    """Queue one message for a client and wake the server that holds it.
 
     ``client_id``: an int, or the string the server sent after ``SET_CLIENT_ID: ``.
-    ``db`` and ``peers`` default to NIKI_DB and NIKI_PEERS, as the server reads them.
+    ``db`` defaults to NIKI_DB, as the server reads it.  ``peers`` (default
+    NIKI_PEERS) switches to broadcast mode: every listed server is woken.
     Returns True when queued, False when the same body was queued for the same
     client in the last 5 seconds (it is then recorded as ignored).
     Raises UnknownClient, BodyRejected or StorageUnavailable, and ConfigurationError

@@ -10,6 +10,9 @@ Threads and who owns what:
   reads the commands of every identified client.
 * One delivery thread (:class:`~messaging_server.delivery.DeliveryThread`)
   listens for UDP wake-ups and delivers to the clients they name.
+* One sweeper thread (:class:`~messaging_server.sweeper.Sweeper`) beats the
+  server's heartbeat and, every sweep interval, delivers what no wake-up
+  announced and closes connections taken over by another server.
 
 The server owns the storage, the registry of connected clients and both
 helper threads; :meth:`NikiServer.stop` shuts them down in order.  No thread
@@ -36,7 +39,8 @@ from .errors import StorageUnavailable
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerEvent
 from .settings import ServerSettings
 from .storage import Storage
-from .wakeup import WakeupListener
+from .sweeper import Sweeper
+from .wakeup import WakeupListener, WakeupSender
 
 log = logging.getLogger("messaging_server")
 
@@ -94,6 +98,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
             conn.close("connection ended")
             self.server.registry.unregister(conn)
             self.server.untrack(conn)
+            self.server.release(conn)
             who = f"client {conn.client_id}" if conn.client_id is not None else "unidentified client"
             log.info("%s disconnected from %s (%s)", who, peer, conn.close_reason)
 
@@ -162,21 +167,28 @@ class ClientHandler(socketserver.BaseRequestHandler):
             return []
 
     def _identify(self, conn: ClientConnection, identify: Identify) -> None:
-        storage = self.server.storage
-        session = None
+        storage, server_id = self.server.storage, self.server.server_id
         if identify.client_id is not None:
-            session = storage.claim_client(identify.client_id)
-            if session is None:
+            claim = storage.claim_client(identify.client_id, server_id)
+            if claim is None:
                 log.warning("%s presented unknown client id %s: issuing a new id",
                             conn.peer, identify.client_id)
             else:
-                conn.client_id, conn.session = identify.client_id, session
+                conn.client_id, conn.session = claim.client_id, claim.session
                 log.info("client %s identified from %s", conn.client_id, conn.peer)
+                if claim.previous_owner is not None:
+                    # Tell the server holding the older connection to close it
+                    # now; its sweep would notice within one interval anyway.
+                    owner = claim.previous_owner
+                    log.info("client %s taken over from server %s (%s:%s)", conn.client_id,
+                             owner.server_id, owner.host, owner.port)
+                    self.server.wakeup_sender.send((owner.host, owner.port), [conn.client_id])
                 return
         elif identify.malformed:
             log.warning("%s presented malformed client id %r: issuing a new id",
                         conn.peer, identify.raw[:80])
-        conn.client_id, conn.session = storage.new_client()
+        claim = storage.new_client(server_id)
+        conn.client_id, conn.session = claim.client_id, claim.session
         log.info("new client %s from %s", conn.client_id, conn.peer)
 
 
@@ -199,10 +211,13 @@ class NikiServer(socketserver.ThreadingTCPServer):
             self.address_family = socket.AF_INET6
         super().__init__((host, settings.port), ClientHandler)
         self.wakeups = WakeupListener(settings.host, settings.resolved_event_port)
+        self.wakeup_sender = WakeupSender()
         self.commands = CommandListener()
-        self.delivery = DeliveryThread(self.wakeups, self._lookup_ready, storage,
+        self.delivery = DeliveryThread(self.wakeups, self.registry.get, storage,
                                        settings.delivery_batch)
-        self.server_id: Optional[int] = None
+        self.sweeper = Sweeper(storage, lambda: self.server_id, self.registry.all,
+                               self._reregister, settings.sweep_interval, settings.delivery_batch)
+        self.server_id = 0
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -213,9 +228,6 @@ class NikiServer(socketserver.ThreadingTCPServer):
     def port(self) -> int:
         return self.server_address[1]
 
-    def _lookup_ready(self, client_id: int) -> Optional[ClientConnection]:
-        return self.registry.get(client_id)
-
     def track(self, conn: ClientConnection) -> None:
         with self._connections_lock:
             self._connections.add(conn)
@@ -225,11 +237,38 @@ class NikiServer(socketserver.ThreadingTCPServer):
             self._connections.discard(conn)
 
     def start(self) -> None:
-        """Start the helper threads and record this server in the database."""
+        """Record this server in the database and start the helper threads."""
+        self._register()
         self.commands.start()
         self.delivery.start()
+        self.sweeper.start()
+
+    def _register(self) -> None:
         self.server_id = self.storage.register_server(
-            socket.gethostname(), self.port, self.wakeups.port, os.getpid())
+            socket.gethostname(), self.port, self.settings.wakeup_host, self.wakeups.port,
+            os.getpid())
+
+    def _reregister(self) -> None:
+        """Our servers row is gone (a long outage made us look dead): start afresh.
+
+        The clients we held were released with the row; their connections are
+        closed so that they reconnect and are claimed again.
+        """
+        log.warning("this server's registration (id %s) disappeared: registering again "
+                    "and closing its connections", self.server_id)
+        self._register()
+        for conn in self.registry.all():
+            conn.close("server re-registered")
+
+    def release(self, conn: ClientConnection) -> None:
+        """The connection ended: its client is offline unless it reconnected meanwhile."""
+        if conn.client_id is None or not self.server_id:
+            return
+        try:
+            self.storage.release_client(conn.client_id, conn.session, self.server_id)
+        except StorageUnavailable as exc:
+            # The owner stays recorded; the client's next connection claims it anyway.
+            log.warning("client %s: could not record the disconnect: %s", conn.client_id, exc)
 
     def stop(self) -> None:
         """Close every connection, stop the threads, forget this server."""
@@ -237,12 +276,15 @@ class NikiServer(socketserver.ThreadingTCPServer):
             connections = list(self._connections)
         for conn in connections:
             conn.close("server shutting down")
+        self.sweeper.stop()
         self.commands.stop()
         self.delivery.stop()
         self.wakeups.close()
-        if self.server_id is not None:
+        self.wakeup_sender.close()
+        if self.server_id:
+            server_id, self.server_id = self.server_id, 0  # handlers ending now skip release()
             try:
-                self.storage.unregister_server(self.server_id)
+                self.storage.unregister_server(server_id)
             except StorageUnavailable as exc:
                 log.warning("could not unregister this server: %s", exc)
         self.server_close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable, List, Mapping, Optional
 
@@ -29,6 +30,9 @@ HANDSHAKE_TIMEOUT_S = 30.0
 WRITE_TIMEOUT_S = 10.0
 # Messages read, written and marked per database transaction when delivering.
 DELIVERY_BATCH = 500
+# How often a server looks for pending messages of its clients on its own, so
+# that a lost wake-up datagram delays a message by at most this long.
+SWEEP_INTERVAL_S = 2.0
 
 
 def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = None) -> str:
@@ -37,18 +41,10 @@ def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = 
     return value if value.strip() else default
 
 
-def default_peers(environ: Optional[Mapping[str, str]] = None) -> List[Address]:
-    """NIKI_PEERS, or this host's event port (NIKI_EVENT_PORT, else NIKI_PORT + 1, else 8001)."""
+def configured_peers(environ: Optional[Mapping[str, str]] = None) -> Optional[List[Address]]:
+    """NIKI_PEERS (broadcast mode), or None: wake only each client's owner (routed mode)."""
     peers = env_default("NIKI_PEERS", "", environ)
-    if peers:
-        return parse_peers(peers)
-    event_port = env_default("NIKI_EVENT_PORT", "", environ)
-    if event_port:
-        return parse_peers(f"127.0.0.1:{event_port}")
-    port = env_default("NIKI_PORT", str(DEFAULT_PORT), environ)
-    if not (port.isascii() and port.isdigit()):
-        raise ConfigurationError(f"NIKI_PORT={port!r} is not a port number")
-    return parse_peers(f"127.0.0.1:{int(port) + 1}")
+    return parse_peers(peers) if peers else None
 
 
 def default_db(environ: Optional[Mapping[str, str]] = None) -> str:
@@ -66,6 +62,17 @@ class ServerSettings:
     write_timeout: float = WRITE_TIMEOUT_S
     delivery_batch: int = DELIVERY_BATCH
     pool_size: int = 8
+    sweep_interval: float = SWEEP_INTERVAL_S
+    advertise_host: str = ""
+
+    @property
+    def wakeup_host(self) -> str:
+        """The address enqueuers and other servers send this server's wake-ups to."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host and self.host not in ("0.0.0.0", "::"):
+            return self.host
+        return socket.gethostname()
 
     @property
     def resolved_event_port(self) -> int:
@@ -137,6 +144,14 @@ def server_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argum
                    "[NIKI_WRITE_TIMEOUT] (default %(default)s)")
     p.add_argument("--pool-size", type=_positive_int, default=env("NIKI_POOL_SIZE", 8, _positive_int),
                    help="database connections this server may open [NIKI_POOL_SIZE] (default %(default)s)")
+    p.add_argument("--advertise-host", default=env("NIKI_ADVERTISE_HOST", ""),
+                   help="address other boxes reach this server's event port at, recorded in the "
+                   "database for routed wake-ups [NIKI_ADVERTISE_HOST] (default: --host if set, "
+                   "else this machine's host name)")
+    p.add_argument("--sweep-interval", type=_positive_float,
+                   default=env("NIKI_SWEEP_INTERVAL", SWEEP_INTERVAL_S, _positive_float),
+                   help="seconds between this server's own checks for pending messages of its "
+                   "clients [NIKI_SWEEP_INTERVAL] (default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true",
                    default=str(env("NIKI_VERBOSE", "")).lower() in ("1", "true", "yes"),
                    help="debug logging, including every SQL statement [NIKI_VERBOSE]")
@@ -162,4 +177,6 @@ def server_settings(argv: Optional[List[str]] = None,
         handshake_timeout=args.handshake_timeout,
         write_timeout=args.write_timeout,
         pool_size=args.pool_size,
+        sweep_interval=args.sweep_interval,
+        advertise_host=args.advertise_host,
     )

@@ -7,7 +7,8 @@ the only source of truth.  Format (ASCII)::
     NIKI1 <id>[,<id>…]
 
 The codec (:func:`encode`, :func:`decode`) is pure.  :class:`WakeupSender` is
-what ``enqueue`` uses; :class:`WakeupListener` is what a server's delivery
+what ``enqueue`` (and a server taking a client over) uses; :class:`WakeupListener`
+is what a server's delivery
 thread reads, coalescing every datagram waiting in the socket into one set of
 ids so that a burst of wake-ups for one client costs one delivery pass.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Iterable, List, Optional, Sequence, Set, Tuple
+import threading
+import time
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .errors import ConfigurationError
 from .protocol import parse_client_id
@@ -27,6 +30,9 @@ MAGIC = b"NIKI1 "
 # Keep every datagram under the smallest common path MTU so it is never
 # fragmented (a lost fragment loses the whole datagram).
 MAX_DATAGRAM = 1200
+
+# How long a resolved peer address is reused before it is looked up again.
+RESOLVE_TTL_S = 60.0
 
 Address = Tuple[str, int]
 
@@ -75,28 +81,52 @@ def parse_peers(text: str) -> List[Address]:
 
 
 class WakeupSender:
-    """Sends wake-ups to a fixed list of peers, best effort (UDP)."""
+    """Sends wake-ups over UDP, best effort: a lost one is caught by the servers' sweeps.
 
-    def __init__(self, peers: Sequence[Address]) -> None:
+    ``broadcast()`` wakes a fixed list of peers (the broadcast mode);
+    ``send()`` wakes one server (the routed mode: the client's owner).
+    Thread-safe.
+    """
+
+    def __init__(self, peers: Sequence[Address] = ()) -> None:
         self.peers = list(peers)
-        self._sockets: dict = {}
+        self._sockets: Dict[int, socket.socket] = {}
+        self._resolved: Dict[Address, Tuple[float, int, tuple]] = {}
+        self._lock = threading.Lock()
 
-    def wake(self, client_ids: Iterable[int]) -> None:
+    def broadcast(self, client_ids: Iterable[int]) -> int:
+        """Wake every peer; return the number of datagrams sent."""
         datagrams = encode(client_ids)
-        for host, port in self.peers:
-            for datagram in datagrams:
-                self._send(datagram, host, port)
+        return sum(self._send(d, host, port) for host, port in self.peers for d in datagrams)
 
-    def _send(self, datagram: bytes, host: str, port: int) -> None:
+    def send(self, address: Address, client_ids: Iterable[int]) -> int:
+        """Wake one server; return the number of datagrams sent."""
+        return sum(self._send(d, address[0], address[1]) for d in encode(client_ids))
+
+    def _send(self, datagram: bytes, host: str, port: int) -> int:
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-            family, _, _, _, address = infos[0]
-            sock = self._sockets.get(family)
-            if sock is None:
-                sock = self._sockets[family] = socket.socket(family, socket.SOCK_DGRAM)
-            sock.sendto(datagram, address)
+            family, address = self._resolve(host, port)
+            with self._lock:
+                sock = self._sockets.get(family)
+                if sock is None:
+                    sock = self._sockets[family] = socket.socket(family, socket.SOCK_DGRAM)
+                sock.sendto(datagram, address)
+            return 1
         except OSError as exc:  # the message is stored; a lost wake-up is survivable
             log.warning("wake-up to %s:%s failed: %s", host, port, exc)
+            return 0
+
+    def _resolve(self, host: str, port: int) -> Tuple[int, tuple]:
+        """getaddrinfo, remembered for RESOLVE_TTL_S: routed wake-ups name hosts per message."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._resolved.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with self._lock:
+            self._resolved[(host, port)] = (now + RESOLVE_TTL_S, family, address)
+        return family, address
 
     def close(self) -> None:
         for sock in self._sockets.values():

@@ -21,9 +21,13 @@ Concurrency rules, in one place:
   deliveries of one client never overlap, so a message is never delivered
   twice, and a failed write leaves it pending.  An enqueue for that client
   waits for the batch (at most the write timeout).
-* Each identification bumps the client's ``session``; a delivery whose session
-  is no longer current belongs to a connection that was taken over, possibly
-  by another server, and is refused.
+* Each identification bumps the client's ``session`` and makes the server
+  its ``owner_server_id``; a delivery whose session is no longer current
+  belongs to a connection that was taken over, possibly by another server,
+  and is refused.  A connection that ends clears the owner (if its session is
+  still current), so an offline client has none and is not woken.
+* Servers beat a heartbeat in ``servers``; an owner whose heartbeat is older
+  than HEARTBEAT_STALE_S is treated as dead (its clients as offline).
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import abc
 import contextlib
 import hashlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import StorageUnavailable, UnknownClient
 
@@ -58,8 +62,50 @@ class Delivery:
     more: bool = False
 
 
+@dataclass(frozen=True)
+class ServerAddress:
+    """Where a server listens for wake-ups."""
+
+    server_id: int
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A client identified on a server: its new session, and who held it before."""
+
+    client_id: int
+    session: int
+    # The live server that owned the client until now, if another one: it must
+    # be told to close its connection.
+    previous_owner: Optional[ServerAddress] = None
+
+
+@dataclass(frozen=True)
+class Queued:
+    """What ``enqueue`` stored: the message id (None for a duplicate) and the live owner."""
+
+    message_id: Optional[int]
+    owner: Optional[ServerAddress] = None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """This server's clients as the database sees them: id -> (session, has pending)."""
+
+    registered: bool
+    owned: Dict[int, Tuple[int, bool]] = field(default_factory=dict)
+
+
 # write(messages) -> how many of them, from the first, reached the socket.
 Writer = Callable[[Sequence[StoredMessage]], int]
+
+# A server whose heartbeat is older than this is taken for dead: its clients
+# count as offline.  Servers beat every HEARTBEAT_INTERVAL_S, so this allows
+# several missed beats (a long delivery, a database hiccup) before that.
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_STALE_S = 15.0
 
 
 class Storage(abc.ABC):
@@ -70,16 +116,20 @@ class Storage(abc.ABC):
         """Create the database objects if they do not exist (idempotent)."""
 
     @abc.abstractmethod
-    def new_client(self) -> Tuple[int, int]:
-        """Create a client; return ``(client_id, session)``."""
+    def new_client(self, server_id: Optional[int] = None) -> Claim:
+        """Create a client, owned by ``server_id``; its first session."""
 
     @abc.abstractmethod
-    def claim_client(self, client_id: int) -> Optional[int]:
-        """Start a new session of an existing client; None when the id is unknown."""
+    def claim_client(self, client_id: int, server_id: Optional[int] = None) -> Optional[Claim]:
+        """Start a new session of an existing client on ``server_id``; None when unknown."""
 
     @abc.abstractmethod
-    def enqueue(self, client_id: int, body: str, duplicate_window: float) -> Optional[int]:
-        """Store a pending message; return its id, or None for a duplicate (stored as ignored).
+    def release_client(self, client_id: int, session: int, server_id: int) -> None:
+        """The client's connection ended: it has no owner, unless a newer session took it."""
+
+    @abc.abstractmethod
+    def enqueue(self, client_id: int, body: str, duplicate_window: float) -> Queued:
+        """Store a pending message (or, for a duplicate, an ignored one).
 
         Raises UnknownClient when no such client exists.
         """
@@ -93,12 +143,25 @@ class Storage(abc.ABC):
         """Messages of ``client_id`` still waiting for delivery."""
 
     @abc.abstractmethod
-    def register_server(self, host: str, port: int, event_port: int, pid: int) -> int:
-        """Record a running server; return its id."""
+    def register_server(self, host: str, port: int, event_host: str, event_port: int,
+                        pid: int) -> int:
+        """Record a running server; return its id.
+
+        A server that ran before on the same host and port (and crashed, or it
+        would have unregistered) is forgotten, and so is its clients' ownership.
+        """
 
     @abc.abstractmethod
     def unregister_server(self, server_id: int) -> None:
-        """Forget a server that is shutting down."""
+        """Forget a server that is shutting down, and its clients' ownership."""
+
+    @abc.abstractmethod
+    def sweep(self, server_id: int) -> SweepResult:
+        """Beat this server's heartbeat and list the clients it owns, in one transaction."""
+
+    @abc.abstractmethod
+    def heartbeat(self, server_id: int) -> bool:
+        """Beat this server's heartbeat; False when its row is gone."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -173,33 +236,65 @@ class SqlStorage(Storage):
         """The StorageUnavailable for a driver error, naming the database."""
         return StorageUnavailable(f"{self.location}: {describe_driver_error(exc)}")
 
+    def _ago(self, seconds: float) -> str:
+        """SQL for the database time ``seconds`` ago (a literal: no parameter)."""
+        return self.micros_ago_sql.replace("%s", str(int(seconds * 1_000_000)))
+
+    def _live_server(self, tx: Tx, server_id: Optional[int]) -> Optional[ServerAddress]:
+        """The wake-up address of ``server_id`` if its heartbeat is fresh."""
+        if server_id is None:
+            return None
+        rows = tx.fetchall(
+            "SELECT event_host, event_port FROM servers "
+            f"WHERE id = %s AND heartbeat_at > {self._ago(HEARTBEAT_STALE_S)}",
+            (server_id,),
+        )
+        return ServerAddress(int(server_id), rows[0][0], int(rows[0][1])) if rows else None
+
     # --- clients ---
 
-    def new_client(self) -> Tuple[int, int]:
+    def new_client(self, server_id: Optional[int] = None) -> Claim:
         with self.transaction() as tx:
             tx.execute(
-                f"INSERT INTO clients (session, created_at, last_seen_at) "
-                f"VALUES (1, {self.now_sql}, {self.now_sql})"
+                "INSERT INTO clients (session, owner_server_id, created_at, last_seen_at) "
+                f"VALUES (1, %s, {self.now_sql}, {self.now_sql})",
+                (server_id,),
             )
-            return tx.lastrowid, 1
+            return Claim(tx.lastrowid, 1)
 
-    def claim_client(self, client_id: int) -> Optional[int]:
+    def claim_client(self, client_id: int, server_id: Optional[int] = None) -> Optional[Claim]:
         with self.transaction() as tx:
-            changed = tx.execute(
-                f"UPDATE clients SET session = session + 1, last_seen_at = {self.now_sql} "
-                "WHERE id = %s",
+            rows = tx.fetchall(
+                f"SELECT session, owner_server_id FROM clients WHERE id = %s {self.lock_rows_sql}",
                 (client_id,),
             )
-            if not changed:
+            if not rows:
                 return None
-            return tx.scalar("SELECT session FROM clients WHERE id = %s", (client_id,))
+            session, previous = int(rows[0][0]) + 1, rows[0][1]
+            tx.execute(
+                f"UPDATE clients SET session = %s, owner_server_id = %s, last_seen_at = {self.now_sql} "
+                "WHERE id = %s",
+                (session, server_id, client_id),
+            )
+            owner = None if previous == server_id else self._live_server(tx, previous)
+            return Claim(client_id, session, owner)
+
+    def release_client(self, client_id: int, session: int, server_id: int) -> None:
+        with self.transaction() as tx:
+            tx.execute(
+                f"UPDATE clients SET owner_server_id = NULL, last_seen_at = {self.now_sql} "
+                "WHERE id = %s AND session = %s AND owner_server_id = %s",
+                (client_id, session, server_id),
+            )
 
     # --- messages ---
 
-    def enqueue(self, client_id: int, body: str, duplicate_window: float) -> Optional[int]:
+    def enqueue(self, client_id: int, body: str, duplicate_window: float) -> Queued:
         digest = body_hash(body)
         with self.transaction() as tx:
-            if tx.scalar(self._lock_client_sql(), (client_id,)) is None:
+            rows = tx.fetchall(
+                f"SELECT owner_server_id FROM clients WHERE id = %s {self.lock_rows_sql}", (client_id,))
+            if not rows:
                 raise UnknownClient(f"no client with id {client_id}")
             recent = tx.scalar(
                 "SELECT id FROM messages WHERE client_id = %s AND body_hash = %s "
@@ -212,10 +307,9 @@ class SqlStorage(Storage):
                 f"VALUES (%s, %s, %s, %s, {self.now_sql})",
                 (client_id, body, digest, status),
             )
-            return None if recent is not None else tx.lastrowid
-
-    def _lock_client_sql(self) -> str:
-        return f"SELECT id FROM clients WHERE id = %s {self.lock_rows_sql}"
+            if recent is not None:
+                return Queued(None)
+            return Queued(tx.lastrowid, self._live_server(tx, rows[0][0]))
 
     def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int) -> Delivery:
         with self.transaction() as tx:
@@ -260,18 +354,47 @@ class SqlStorage(Storage):
 
     # --- servers ---
 
-    def register_server(self, host: str, port: int, event_port: int, pid: int) -> int:
+    def register_server(self, host: str, port: int, event_host: str, event_port: int,
+                        pid: int) -> int:
         with self.transaction() as tx:
+            for (old_id,) in tx.fetchall(
+                    "SELECT id FROM servers WHERE host = %s AND port = %s", (host, port)):
+                self._forget_server(tx, old_id)
             tx.execute(
-                "INSERT INTO servers (host, port, event_port, pid, started_at, heartbeat_at) "
-                f"VALUES (%s, %s, %s, %s, {self.now_sql}, {self.now_sql})",
-                (host, port, event_port, pid),
+                "INSERT INTO servers (host, port, event_host, event_port, pid, started_at, heartbeat_at) "
+                f"VALUES (%s, %s, %s, %s, %s, {self.now_sql}, {self.now_sql})",
+                (host, port, event_host, event_port, pid),
             )
             return tx.lastrowid
 
     def unregister_server(self, server_id: int) -> None:
         with self.transaction() as tx:
-            tx.execute("DELETE FROM servers WHERE id = %s", (server_id,))
+            self._forget_server(tx, server_id)
+
+    @staticmethod
+    def _forget_server(tx: Tx, server_id: int) -> None:
+        tx.execute("UPDATE clients SET owner_server_id = NULL WHERE owner_server_id = %s", (server_id,))
+        tx.execute("DELETE FROM servers WHERE id = %s", (server_id,))
+
+    def heartbeat(self, server_id: int) -> bool:
+        with self.transaction() as tx:
+            return self._beat(tx, server_id)
+
+    def _beat(self, tx: Tx, server_id: int) -> bool:
+        return tx.execute(f"UPDATE servers SET heartbeat_at = {self.now_sql} WHERE id = %s",
+                          (server_id,)) > 0
+
+    def sweep(self, server_id: int) -> SweepResult:
+        with self.transaction() as tx:
+            if not self._beat(tx, server_id):
+                return SweepResult(registered=False)
+            rows = tx.fetchall(
+                "SELECT c.id, c.session, EXISTS (SELECT 1 FROM messages m WHERE m.client_id = c.id "
+                f"AND m.status = '{PENDING}') FROM clients c WHERE c.owner_server_id = %s",
+                (server_id,),
+            )
+            return SweepResult(True, {int(cid): (int(session), bool(pending))
+                                      for cid, session, pending in rows})
 
 
 class Tx:

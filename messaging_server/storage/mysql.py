@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any, Dict, Iterator
 
 import pymysql
+import pymysql.constants
 from dbutils.pooled_db import PooledDB
 
 from .base import SqlStorage, split_sql_script
@@ -46,6 +47,8 @@ class MysqlStorage(SqlStorage):
             host=host, port=port, user=user, password=password, charset="utf8mb4",
             autocommit=False, connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=READ_TIMEOUT_S, write_timeout=WRITE_TIMEOUT_S,
+            # rowcount = rows matched, not rows changed, as SQLite counts them.
+            client_flag=pymysql.constants.CLIENT.FOUND_ROWS,
         )
         self._pool = PooledDB(
             creator=pymysql,

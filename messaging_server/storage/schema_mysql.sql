@@ -5,9 +5,11 @@
 CREATE TABLE IF NOT EXISTS clients (
     id            BIGINT      NOT NULL AUTO_INCREMENT,
     session       BIGINT      NOT NULL DEFAULT 0,   -- bumped on each identification
+    owner_server_id BIGINT    NULL,                 -- servers.id holding its connection; NULL: offline
     created_at    DATETIME(6) NOT NULL,
     last_seen_at  DATETIME(6) NULL,
-    PRIMARY KEY (id)
+    PRIMARY KEY (id),
+    KEY clients_by_owner (owner_server_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS messages (
@@ -25,11 +27,13 @@ CREATE TABLE IF NOT EXISTS messages (
 
 CREATE TABLE IF NOT EXISTS servers (
     id            BIGINT       NOT NULL AUTO_INCREMENT,
-    host          VARCHAR(255) NOT NULL,
+    host          VARCHAR(255) NOT NULL,             -- host name; (host, port) identifies a server across restarts
     port          INT          NOT NULL,
+    event_host    VARCHAR(255) NOT NULL,             -- where enqueuers send its wake-ups
     event_port    INT          NOT NULL,
     pid           INT          NOT NULL,
     started_at    DATETIME(6)  NOT NULL,
     heartbeat_at  DATETIME(6)  NOT NULL,
-    PRIMARY KEY (id)
+    PRIMARY KEY (id),
+    KEY servers_by_address (host, port)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

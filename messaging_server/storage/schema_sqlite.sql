@@ -4,9 +4,12 @@
 CREATE TABLE IF NOT EXISTS clients (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     session       INTEGER NOT NULL DEFAULT 0,   -- bumped on each identification
+    owner_server_id INTEGER,                    -- servers.id holding its connection; NULL: offline
     created_at    TEXT    NOT NULL,
     last_seen_at  TEXT
 );
+
+CREATE INDEX IF NOT EXISTS clients_by_owner ON clients (owner_server_id);
 
 CREATE TABLE IF NOT EXISTS messages (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -25,10 +28,13 @@ CREATE INDEX IF NOT EXISTS messages_duplicate_check ON messages (client_id, body
 
 CREATE TABLE IF NOT EXISTS servers (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    host          TEXT    NOT NULL,
+    host          TEXT    NOT NULL,             -- host name; (host, port) identifies a server across restarts
     port          INTEGER NOT NULL,
+    event_host    TEXT    NOT NULL,             -- where enqueuers send its wake-ups
     event_port    INTEGER NOT NULL,
     pid           INTEGER NOT NULL,
     started_at    TEXT    NOT NULL,
     heartbeat_at  TEXT    NOT NULL
 );
+
+CREATE INDEX IF NOT EXISTS servers_by_address ON servers (host, port);
