@@ -245,8 +245,20 @@ class NikiServer(socketserver.ThreadingTCPServer):
 
     def _register(self) -> None:
         self.server_id = self.storage.register_server(
-            socket.gethostname(), self.port, self.settings.wakeup_host, self.wakeups.port,
-            os.getpid())
+            socket.gethostname(), self.port, self._wakeup_host(), self.wakeups.port, os.getpid())
+
+    def _wakeup_host(self) -> str:
+        """The advertised wake-up address; the host name only if it resolves."""
+        host = self.settings.wakeup_host
+        if self.settings.advertise_host:
+            return host
+        try:
+            socket.getaddrinfo(host, self.wakeups.port, type=socket.SOCK_DGRAM)
+        except OSError:
+            log.warning("host name %r does not resolve: advertising 127.0.0.1 for wake-ups; "
+                        "set --advertise-host for servers on several machines", host)
+            return "127.0.0.1"
+        return host
 
     def _reregister(self) -> None:
         """Our servers row is gone (a long outage made us look dead): start afresh.
