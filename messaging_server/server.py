@@ -244,8 +244,11 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.sweeper.start()
 
     def _register(self) -> None:
+        host = self._wakeup_host()
         self.server_id = self.storage.register_server(
-            socket.gethostname(), self.port, self._wakeup_host(), self.wakeups.port, os.getpid())
+            socket.gethostname(), self.port, host, self.wakeups.port, os.getpid())
+        log.info("registered as server %s; wake-ups reach it at %s:%s",
+                 self.server_id, host, self.wakeups.port)
 
     def _wakeup_host(self) -> str:
         """The advertised wake-up address; the host name only if it resolves."""

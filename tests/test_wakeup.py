@@ -183,7 +183,7 @@ def test_listener_port_is_bound(listener):
 
 def test_ids_arrive(listener):
     with WakeupSender([("127.0.0.1", listener.port)]) as sender:
-        sender.wake([5, 3000])
+        sender.broadcast([5, 3000])
         assert listener.receive(5.0) == {5, 3000}
 
 
@@ -191,7 +191,7 @@ def test_thousands_of_ids_arrive(listener):
     ids = list(range(1, 3001))
     assert len(encode(ids)) > 1
     with WakeupSender([("127.0.0.1", listener.port)]) as sender:
-        sender.wake(ids)
+        sender.broadcast(ids)
     assert receive_until(listener, set(ids)) == set(ids)
 
 
@@ -245,7 +245,7 @@ def test_sender_reaches_every_peer():
     listeners = [WakeupListener("127.0.0.1", 0) for _ in range(3)]
     try:
         with WakeupSender([("127.0.0.1", lst.port) for lst in listeners]) as sender:
-            sender.wake([11])
+            sender.broadcast([11])
         for lst in listeners:
             assert lst.receive(5.0) == {11}
     finally:
@@ -260,14 +260,14 @@ def test_sender_survives_unreachable_peer(listener):
     dead_port = dead.getsockname()[1]
     dead.close()
     with WakeupSender([("127.0.0.1", dead_port), ("127.0.0.1", listener.port)]) as sender:
-        sender.wake([1])
-        sender.wake([2])  # a previous ICMP "port unreachable" must not break later sends
+        sender.broadcast([1])
+        sender.broadcast([2])  # a previous ICMP "port unreachable" must not break later sends
     assert receive_until(listener, {1, 2}) == {1, 2}
 
 
 def test_sender_with_no_peers_is_a_no_op():
     with WakeupSender([]) as sender:
-        sender.wake([1, 2, 3])
+        sender.broadcast([1, 2, 3])
 
 
 def test_ipv6_listener():
@@ -277,7 +277,7 @@ def test_ipv6_listener():
         pytest.skip("no IPv6 loopback")
     try:
         with WakeupSender(parse_peers(f"[::1]:{lst.port}")) as sender:
-            sender.wake([6])
+            sender.broadcast([6])
         assert lst.receive(5.0) == {6}
     finally:
         lst.close()
@@ -287,11 +287,11 @@ def test_listener_on_all_interfaces_takes_ipv4_and_ipv6():
     lst = WakeupListener("", 0)
     try:
         with WakeupSender([("127.0.0.1", lst.port)]) as sender:
-            sender.wake([4])
+            sender.broadcast([4])
         assert lst.receive(5.0) == {4}
         if socket.has_dualstack_ipv6():
             with WakeupSender([("::1", lst.port)]) as sender:
-                sender.wake([6])
+                sender.broadcast([6])
             assert lst.receive(5.0) == {6}
     finally:
         lst.close()
