@@ -44,8 +44,8 @@ def enqueue_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=None,
                    help=f"database URL [NIKI_DB] (default {settings.DEFAULT_DB})")
     p.add_argument("--peers", default=None,
-                   help="servers to wake, host:eventport,... [NIKI_PEERS] "
-                   f"(default 127.0.0.1:{settings.DEFAULT_PORT + 1})")
+                   help="broadcast mode: servers to wake for every message, host:eventport,... "
+                   "[NIKI_PEERS] (default: wake only the server the client is connected to)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return p
 

@@ -22,7 +22,11 @@ class BodyRejected(NikiError, ValueError):
 
 
 class StorageUnavailable(NikiError):
-    """The database could not be reached, or failed the operation; nothing was changed."""
+    """The database could not be reached, or failed the operation.
+
+    For ``enqueue`` this means the message was not queued, except in the one
+    case no client can tell apart: the reply to a COMMIT that succeeded was lost.
+    """
 
 
 class ConfigurationError(NikiError, ValueError):

@@ -10,9 +10,10 @@ Threads and who owns what:
   reads the commands of every identified client.
 * One delivery thread (:class:`~messaging_server.delivery.DeliveryThread`)
   listens for UDP wake-ups and delivers to the clients they name.
-* One sweeper thread (:class:`~messaging_server.sweeper.Sweeper`) beats the
-  server's heartbeat and, every sweep interval, delivers what no wake-up
-  announced and closes connections taken over by another server.
+* One sweeper thread (:class:`~messaging_server.sweeper.Sweeper`), every
+  sweep interval, delivers what no wake-up announced and closes connections
+  taken over by another server; one heartbeat thread keeps the server's
+  ``servers`` row fresh.
 
 The server owns the storage, the registry of connected clients and both
 helper threads; :meth:`NikiServer.stop` shuts them down in order.  No thread
@@ -39,7 +40,7 @@ from .errors import StorageUnavailable
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerEvent
 from .settings import ServerSettings
 from .storage import Storage
-from .sweeper import Sweeper
+from .sweeper import Heartbeat, Sweeper
 from .wakeup import WakeupListener, WakeupSender
 
 log = logging.getLogger("messaging_server")
@@ -216,7 +217,8 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.delivery = DeliveryThread(self.wakeups, self.registry.get, storage,
                                        settings.delivery_batch)
         self.sweeper = Sweeper(storage, lambda: self.server_id, self.registry.all,
-                               self._reregister, settings.sweep_interval, settings.delivery_batch)
+                               settings.sweep_interval, settings.delivery_batch)
+        self.heartbeat = Heartbeat(storage, lambda: self.server_id, self._reregister)
         self.server_id = 0
 
     def server_bind(self) -> None:
@@ -242,6 +244,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.commands.start()
         self.delivery.start()
         self.sweeper.start()
+        self.heartbeat.start()
 
     def _register(self) -> None:
         host = self._wakeup_host()
@@ -264,7 +267,8 @@ class NikiServer(socketserver.ThreadingTCPServer):
         return host
 
     def _reregister(self) -> None:
-        """Our servers row is gone (a long outage made us look dead): start afresh.
+        """Our servers row is gone (deleted by hand, or by a server that wrongly
+        advertises our wake-up address): start afresh.
 
         The clients we held were released with the row; their connections are
         closed so that they reconnect and are claimed again.
@@ -291,6 +295,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
             connections = list(self._connections)
         for conn in connections:
             conn.close("server shutting down")
+        self.heartbeat.stop()
         self.sweeper.stop()
         self.commands.stop()
         self.delivery.stop()

@@ -1,4 +1,4 @@
-"""The sweeper thread: heartbeat, lost wake-ups and missed takeovers.
+"""The sweeper and heartbeat threads: lost wake-ups, missed takeovers, liveness.
 
 Wake-up datagrams are an optimisation, never the only path: UDP may drop or
 reorder them, an enqueue may race a connect, and the datagram telling this
@@ -6,9 +6,9 @@ server that another one took a client over may never come.  So every
 ``sweep_interval`` the sweeper asks the database, in one query, which clients
 this server owns and which of them have pending messages.  A connection whose
 client is no longer ours (or has a newer session) is closed; a client with
-pending messages gets a delivery pass.  Every HEARTBEAT_INTERVAL_S it also
-beats this server's heartbeat, by which enqueuers and other servers tell a
-live owner from a dead one.
+pending messages gets a delivery pass.  The heartbeat thread beats this
+server's heartbeat every HEARTBEAT_INTERVAL_S, by which enqueuers and other
+servers tell a live owner from a dead one.
 """
 
 from __future__ import annotations
@@ -27,51 +27,70 @@ from .storage.base import HEARTBEAT_INTERVAL_S
 log = logging.getLogger(__name__)
 
 
-class Sweeper(threading.Thread):
-    def __init__(self, storage: Storage, server_id: Callable[[], int],
-                 connections: Callable[[], List[ClientConnection]],
-                 on_unregistered: Callable[[], None],
-                 interval: float, batch: int) -> None:
-        super().__init__(name="sweeper", daemon=True)
-        self._storage = storage
-        self._server_id = server_id
-        self._connections = connections
-        self._on_unregistered = on_unregistered
+class _Periodic(threading.Thread):
+    """Runs ``tick()`` every ``interval`` seconds (from the start of one to the next)."""
+
+    def __init__(self, name: str, interval: float) -> None:
+        super().__init__(name=name, daemon=True)
         self.interval = interval
-        self._batch = batch
         self._stopping = threading.Event()
-        self.sweeps = 0  # completed sweeps, for tests and metrics
 
     def stop(self) -> None:
         self._stopping.set()
         self.join(timeout=5)
 
     def run(self) -> None:
-        tick = min(self.interval, HEARTBEAT_INTERVAL_S)
-        next_sweep = time.monotonic() + self.interval
-        while not self._stopping.wait(tick):
+        next_run = time.monotonic() + self.interval
+        while not self._stopping.wait(max(0.0, next_run - time.monotonic())):
+            next_run += self.interval
             try:
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + self.interval
-                    self.sweep_once()
-                else:
-                    self._heartbeat()
+                self.tick()
             except StorageUnavailable as exc:
-                log.warning("sweep skipped: database unavailable: %s", exc)
-            except Exception:  # keep sweeping: this thread is the safety net
-                log.exception("sweep failed")
+                log.warning("%s skipped: database unavailable: %s", self.name, exc)
+            except Exception:  # keep going: these threads are the safety net
+                log.exception("%s failed", self.name)
+            next_run = max(next_run, time.monotonic())  # after a long tick, no catch-up burst
 
-    def _heartbeat(self) -> None:
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class Heartbeat(_Periodic):
+    """Beats this server's heartbeat every HEARTBEAT_INTERVAL_S, on its own thread
+    so that no slow delivery can make a live server look dead."""
+
+    def __init__(self, storage: Storage, server_id: Callable[[], int],
+                 on_unregistered: Callable[[], None]) -> None:
+        super().__init__("heartbeat", HEARTBEAT_INTERVAL_S)
+        self._storage = storage
+        self._server_id = server_id
+        self._on_unregistered = on_unregistered
+
+    def tick(self) -> None:
         if not self._storage.heartbeat(self._server_id()):
             self._on_unregistered()
+
+
+class Sweeper(_Periodic):
+    def __init__(self, storage: Storage, server_id: Callable[[], int],
+                 connections: Callable[[], List[ClientConnection]],
+                 interval: float, batch: int) -> None:
+        super().__init__("sweeper", interval)
+        self._storage = storage
+        self._server_id = server_id
+        self._connections = connections
+        self._batch = batch
+        self.sweeps = 0  # completed sweeps, for tests and metrics
+
+    def tick(self) -> None:
+        self.sweep_once()
 
     def sweep_once(self) -> int:
         """One sweep; return the number of messages it delivered."""
         local = self._connections()  # before the query: see storage.Storage.sweep
         result = self._storage.sweep(self._server_id())
         if not result.registered:
-            self._on_unregistered()
-            return 0
+            return 0  # the heartbeat thread re-registers
         delivered = 0
         for conn in local:
             if conn.closed or conn.client_id is None or not conn.ready.is_set():

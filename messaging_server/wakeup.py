@@ -91,7 +91,7 @@ class WakeupSender:
     def __init__(self, peers: Sequence[Address] = ()) -> None:
         self.peers = list(peers)
         self._sockets: Dict[int, socket.socket] = {}
-        self._resolved: Dict[Address, Tuple[float, int, tuple]] = {}
+        self._resolved: Dict[Address, Tuple[float, int, Optional[tuple]]] = {}
         self._lock = threading.Lock()
 
     def broadcast(self, client_ids: Iterable[int]) -> int:
@@ -122,8 +122,17 @@ class WakeupSender:
         with self._lock:
             cached = self._resolved.get((host, port))
         if cached is not None and cached[0] > now:
+            if cached[2] is None:
+                raise OSError(f"{host} did not resolve (cached)")
             return cached[1], cached[2]
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        try:
+            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        except OSError:
+            # Remembered too: a name that does not resolve must not cost a
+            # lookup after every commit.
+            with self._lock:
+                self._resolved[(host, port)] = (now + RESOLVE_TTL_S, 0, None)
+            raise
         with self._lock:
             self._resolved[(host, port)] = (now + RESOLVE_TTL_S, family, address)
         return family, address

@@ -147,7 +147,7 @@ class Storage(abc.ABC):
                         pid: int) -> int:
         """Record a running server; return its id.
 
-        A server that ran before on the same host and port (and crashed, or it
+        A server that ran before at the same wake-up address (and crashed, or it
         would have unregistered) is forgotten, and so is its clients' ownership.
         """
 
@@ -357,8 +357,11 @@ class SqlStorage(Storage):
     def register_server(self, host: str, port: int, event_host: str, event_port: int,
                         pid: int) -> int:
         with self.transaction() as tx:
+            # The wake-up address identifies a server across restarts: it must be
+            # unique anyway, or routed wake-ups would reach the wrong server.
             for (old_id,) in tx.fetchall(
-                    "SELECT id FROM servers WHERE host = %s AND port = %s", (host, port)):
+                    "SELECT id FROM servers WHERE event_host = %s AND event_port = %s",
+                    (event_host, event_port)):
                 self._forget_server(tx, old_id)
             tx.execute(
                 "INSERT INTO servers (host, port, event_host, event_port, pid, started_at, heartbeat_at) "
@@ -428,6 +431,8 @@ def describe_driver_error(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if "no such table" in text or "doesn't exist" in text:
         text += " (the database has no Niki schema yet: start the server once to create it)"
+    elif "no such column" in text or "Unknown column" in text:
+        text += " (the database's schema is older than this version: see docs/STORAGE.md)"
     elif "unable to open database file" in text:
         text += " (check --db / NIKI_DB: the server creates the database on its first start)"
     return text

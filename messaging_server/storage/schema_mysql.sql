@@ -27,13 +27,14 @@ CREATE TABLE IF NOT EXISTS messages (
 
 CREATE TABLE IF NOT EXISTS servers (
     id            BIGINT       NOT NULL AUTO_INCREMENT,
-    host          VARCHAR(255) NOT NULL,             -- host name; (host, port) identifies a server across restarts
+    host          VARCHAR(255) NOT NULL,             -- host name, for operators
     port          INT          NOT NULL,
-    event_host    VARCHAR(255) NOT NULL,             -- where enqueuers send its wake-ups
+    event_host    VARCHAR(255) NOT NULL,             -- where enqueuers send its wake-ups; with
+                                                     -- event_port, identifies a server across restarts
     event_port    INT          NOT NULL,
     pid           INT          NOT NULL,
     started_at    DATETIME(6)  NOT NULL,
     heartbeat_at  DATETIME(6)  NOT NULL,
     PRIMARY KEY (id),
-    KEY servers_by_address (host, port)
+    KEY servers_by_address (event_host, event_port)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

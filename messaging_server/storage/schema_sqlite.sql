@@ -28,13 +28,14 @@ CREATE INDEX IF NOT EXISTS messages_duplicate_check ON messages (client_id, body
 
 CREATE TABLE IF NOT EXISTS servers (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    host          TEXT    NOT NULL,             -- host name; (host, port) identifies a server across restarts
+    host          TEXT    NOT NULL,             -- host name, for operators
     port          INTEGER NOT NULL,
-    event_host    TEXT    NOT NULL,             -- where enqueuers send its wake-ups
+    event_host    TEXT    NOT NULL,             -- where enqueuers send its wake-ups; with
+                                                -- event_port, identifies a server across restarts
     event_port    INTEGER NOT NULL,
     pid           INTEGER NOT NULL,
     started_at    TEXT    NOT NULL,
     heartbeat_at  TEXT    NOT NULL
 );
 
-CREATE INDEX IF NOT EXISTS servers_by_address ON servers (host, port);
+CREATE INDEX IF NOT EXISTS servers_by_address ON servers (event_host, event_port);
