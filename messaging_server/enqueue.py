@@ -61,7 +61,10 @@ def check_body(body: Union[str, bytes], max_bytes: int = settings.MAX_BODY_BYTES
 
 
 def _peer_list(peers: Optional[Union[str, Sequence[Address]]]) -> Optional[List[Address]]:
-    """The broadcast peers: as given, else NIKI_PEERS; None means routed mode."""
+    """The broadcast peers: as given, else NIKI_PEERS; None means routed mode.
+
+    An empty list or string, given or in NIKI_PEERS, also means routed mode.
+    """
     if peers is None:
         return settings.configured_peers()
     if isinstance(peers, str):
@@ -89,6 +92,7 @@ class Enqueuer:
         self.max_body_bytes = max_body_bytes
         self._storage = storage or open_storage(self.db, pool_size=ENQUEUE_POOL_SIZE)
         self._sender = WakeupSender(self.peers or ())
+        self._count_lock = threading.Lock()
         self.datagrams_sent = 0  # for operators and tests: the cost of wake-ups
 
     @property
@@ -106,9 +110,13 @@ class Enqueuer:
         if queued.message_id is None:
             return False
         if self.peers is not None:
-            self.datagrams_sent += self._sender.broadcast([numeric_id])
+            sent = self._sender.broadcast([numeric_id])
         elif queued.owner is not None:
-            self.datagrams_sent += self._sender.send((queued.owner.host, queued.owner.port), [numeric_id])
+            sent = self._sender.send((queued.owner.host, queued.owner.port), [numeric_id])
+        else:
+            return True  # offline: its next connection delivers it
+        with self._count_lock:
+            self.datagrams_sent += sent
         return True
 
     def close(self) -> None:
@@ -133,7 +141,7 @@ def _shared_enqueuer(db: Optional[str], peers: Optional[Union[str, Sequence[Addr
     with _shared_lock:
         enqueuer = _shared.get(key)
         if enqueuer is None:
-            enqueuer = _shared[key] = Enqueuer(db, peer_list or None)
+            enqueuer = _shared[key] = Enqueuer(db, peer_list if peer_list is not None else "")
         return enqueuer
 
 

@@ -43,8 +43,8 @@ def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = 
 
 def configured_peers(environ: Optional[Mapping[str, str]] = None) -> Optional[List[Address]]:
     """NIKI_PEERS (broadcast mode), or None: wake only each client's owner (routed mode)."""
-    peers = env_default("NIKI_PEERS", "", environ)
-    return parse_peers(peers) if peers else None
+    peers = parse_peers(env_default("NIKI_PEERS", "", environ))
+    return peers or None
 
 
 def default_db(environ: Optional[Mapping[str, str]] = None) -> str:

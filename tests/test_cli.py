@@ -11,7 +11,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-from messaging_server.settings import MAX_BODY_BYTES
+from messaging_server.settings import DEFAULT_PORT, MAX_BODY_BYTES
 from messaging_server.storage import Storage, open_storage
 from messaging_server.wakeup import decode
 from tests.helpers import query
@@ -92,7 +92,7 @@ def wakeups() -> Iterator[Wakeups]:
 
 @pytest.fixture
 def client(storage: Storage) -> int:
-    return storage.new_client()[0]
+    return storage.new_client().client_id
 
 
 # --- one message -----------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_bulk_invalid_utf8_line_under_strict_utf8_locale(sqlite_url, wakeups):
     # reproduces.  A bad line must still be one rejected line, not a crash of the whole run.
     with open_storage(sqlite_url, create=True) as store:
         store.create_schema()
-        client = store.new_client()[0]
+        client = store.new_client().client_id
     result = run_cli(str(client), "-", db=sqlite_url, peers=wakeups.peers,
                      extra_env={"PYTHONIOENCODING": "utf-8:strict"},
                      stdin=b"good\nbad \xff\xfe\n\xf0\x9f\x98\x80 fine\n")
@@ -332,11 +332,67 @@ def test_bulk_unreachable_database(tmp_path, wakeups):
     assert wakeups.drain() == []
 
 
-def test_malformed_niki_port_is_bad_configuration(tmp_path, wakeups):
-    # Without --peers/NIKI_PEERS the peer defaults to NIKI_PORT + 1; a NIKI_PORT that is not a
-    # number is a configuration error (status 2, one line), as the server reports it.
-    result = run_cli("5", "hello", "--db", f"sqlite:///{tmp_path / 'x.sqlite3'}", cwd=str(tmp_path),
-                     extra_env={"NIKI_PORT": "abc"})
+def test_malformed_niki_peers_is_bad_configuration(tmp_path):
+    result = run_cli("5", "hello", db=f"sqlite:///{tmp_path / 'x.sqlite3'}", peers="127.0.0.1:8001,oops",
+                     cwd=str(tmp_path))
     assert "Traceback" not in result.stderr, result.stderr
     assert result.status == 2
-    result.one_error_line()
+    assert result.stdout == ""
+    assert "peer" in result.one_error_line()
+
+
+def test_server_port_variables_no_longer_matter(db_url, client, wakeups):
+    # They once chose the default peer (a malformed NIKI_PORT was an error); now they are not read.
+    result = run_cli(str(client), "hello", db=db_url, extra_env={"NIKI_PORT": "abc",
+                                                                 "NIKI_EVENT_PORT": "abc"})
+    assert (result.status, result.stderr) == (0, "")
+    assert bodies(db_url, client) == ["hello"]
+
+
+# --- routed mode: no --peers, no NIKI_PEERS ------------------------------------------------------------
+
+
+def owned_client(storage: Storage, wakeups: Wakeups) -> int:
+    """A client connected to a (pretend) live server whose event port is ``wakeups``."""
+    port = int(wakeups.peers.rsplit(":", 1)[1])
+    server = storage.register_server("box-a", 8000, "127.0.0.1", port, 1)
+    return storage.new_client(server).client_id
+
+
+def test_routed_wakes_only_the_owner(db_url, storage, client, wakeups):
+    owned = owned_client(storage, wakeups)
+    result = run_cli(str(owned), "to the owner", db=db_url)
+    assert result.status == 0, result.stderr
+    assert wakeups.drain() == [[owned]]
+    # ``client`` is connected nowhere: queued, and nobody is woken.
+    result = run_cli(str(client), "to nobody", db=db_url)
+    assert result.status == 0, result.stderr
+    assert bodies(db_url, client) == ["to nobody"]
+    assert wakeups.drain() == []
+
+
+def test_routed_bulk_one_datagram_per_queued_line(db_url, storage, wakeups):
+    owned = owned_client(storage, wakeups)
+    result = run_cli("-q", str(owned), "-", db=db_url, stdin=b"a\nb\na\nc\n")
+    assert result.status == 3  # one duplicate
+    assert bodies(db_url, owned) == ["a", "b", "c"]
+    assert wakeups.drain() == [[owned]] * 3
+
+
+def test_empty_peers_option_means_routed(db_url, storage, wakeups):
+    # --peers "" overrides NIKI_PEERS back to routed mode.
+    broadcast_target = Wakeups()
+    try:
+        owned = owned_client(storage, wakeups)
+        result = run_cli(str(owned), "hello", "--peers", "", db=db_url, peers=broadcast_target.peers)
+        assert result.status == 0, result.stderr
+        assert wakeups.drain() == [[owned]]
+        assert broadcast_target.drain() == []
+    finally:
+        broadcast_target.sock.close()
+
+
+def test_help_does_not_advertise_the_old_default_peer(tmp_path):
+    result = run_cli("--help", cwd=str(tmp_path))
+    assert result.status == 0
+    assert f"127.0.0.1:{DEFAULT_PORT + 1}" not in result.stdout

@@ -10,12 +10,19 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from messaging_server import Enqueuer, enqueue
+from messaging_server import Enqueuer, enqueue, settings
 from messaging_server.enqueue import check_body, client_id_of
-from messaging_server.errors import BodyRejected, NikiError, StorageUnavailable, UnknownClient
+from messaging_server.errors import (
+    BodyRejected,
+    ConfigurationError,
+    NikiError,
+    StorageUnavailable,
+    UnknownClient,
+)
 from messaging_server.protocol import MAX_CLIENT_ID
 from messaging_server.settings import MAX_BODY_BYTES
 from messaging_server.storage import Storage
+from messaging_server.storage.base import Queued, ServerAddress
 from messaging_server.wakeup import WakeupListener, decode
 from tests.helpers import query
 
@@ -171,7 +178,7 @@ def test_body_rejected_is_a_value_error_and_niki_error():
 
 
 def test_queued_then_duplicate(storage: Storage, db_url, listener, peers):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     assert enqueue(cid, "hello", db=db_url, peers=peers) is True
     assert listener.receive(5.0) == {cid}
     assert enqueue(cid, "hello", db=db_url, peers=peers) is False
@@ -181,7 +188,7 @@ def test_queued_then_duplicate(storage: Storage, db_url, listener, peers):
 
 
 def test_exactly_one_datagram_per_queued_message(storage: Storage, db_url, counter):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     assert enqueue(cid, "one", db=db_url, peers=counter.peers) is True
     datagrams = counter.drain()
     assert len(datagrams) == 1
@@ -193,8 +200,8 @@ def test_exactly_one_datagram_per_queued_message(storage: Storage, db_url, count
 
 
 def test_different_bodies_and_clients_are_not_duplicates(storage: Storage, db_url, listener, peers):
-    a, _ = storage.new_client()
-    b, _ = storage.new_client()
+    a = storage.new_client().client_id
+    b = storage.new_client().client_id
     assert enqueue(a, "x", db=db_url, peers=peers)
     assert enqueue(a, "y", db=db_url, peers=peers)
     assert enqueue(b, "x", db=db_url, peers=peers)
@@ -207,7 +214,7 @@ def test_different_bodies_and_clients_are_not_duplicates(storage: Storage, db_ur
 
 
 def test_near_identical_bodies_are_not_duplicates(storage: Storage, db_url, peers):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     bodies = ["hello", "Hello", "HELLO", "hello ", " hello", "hello\t", "hello\x00",
               "h\u00e9llo", "he\u0301llo", "\U0001f600", "\U0001f601"]
     for body in bodies:
@@ -216,7 +223,7 @@ def test_near_identical_bodies_are_not_duplicates(storage: Storage, db_url, peer
 
 
 def test_string_ids_as_handed_out(storage: Storage, db_url, listener, peers):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     assert enqueue(str(cid), "via string", db=db_url, peers=peers) is True
     assert listener.receive(5.0) == {cid}
     # The same client, however its id is spelt, shares one duplicate window.
@@ -227,14 +234,14 @@ def test_string_ids_as_handed_out(storage: Storage, db_url, listener, peers):
 
 
 def test_bytes_body(storage: Storage, db_url, peers):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     assert enqueue(cid, "caf\u00e9 \U0001f600".encode(), db=db_url, peers=peers) is True
     assert rows_of(db_url, cid) == [("caf\u00e9 \U0001f600", "pending")]
 
 
 @pytest.mark.parametrize("bad_id", ["unknown", "abc", 0, -3, "", "5x", None])
 def test_unknown_or_malformed_client(storage: Storage, db_url, listener, peers, bad_id):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     target = cid + 1000 if bad_id == "unknown" else bad_id
     with pytest.raises(UnknownClient):
         enqueue(target, "hello", db=db_url, peers=peers)
@@ -250,7 +257,7 @@ def test_id_beyond_64_bits_is_unknown_client(storage: Storage, db_url, peers):
 
 @pytest.mark.parametrize("body", ["", "a\nb", "x" * (MAX_BODY_BYTES + 1), b"\xff"], ids=short)
 def test_rejected_body_stores_nothing(storage: Storage, db_url, listener, peers, body):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     with pytest.raises(BodyRejected):
         enqueue(cid, body, db=db_url, peers=peers)
     assert listener.receive(0.05) == set()
@@ -258,7 +265,7 @@ def test_rejected_body_stores_nothing(storage: Storage, db_url, listener, peers,
 
 
 def test_env_defaults(storage: Storage, db_url, listener, monkeypatch):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     monkeypatch.setenv("NIKI_DB", db_url)
     monkeypatch.setenv("NIKI_PEERS", f"127.0.0.1:{listener.port}")
     assert enqueue(cid, "from env") is True
@@ -267,18 +274,21 @@ def test_env_defaults(storage: Storage, db_url, listener, monkeypatch):
 
 
 def test_enqueuer_class(storage: Storage, db_url, listener):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     with Enqueuer(db_url, f"127.0.0.1:{listener.port}", max_body_bytes=10) as enqueuer:
+        assert enqueuer.mode == "broadcast"
+        assert enqueuer.peers == [("127.0.0.1", listener.port)]
         assert enqueuer.enqueue(cid, "0123456789") is True
         with pytest.raises(BodyRejected):
             enqueuer.enqueue(cid, "0123456789a")
         assert enqueuer.enqueue(str(cid), "0123456789") is False
+        assert enqueuer.datagrams_sent == 1
     assert listener.receive(5.0) == {cid}
     assert rows_of(db_url, cid) == [("0123456789", "pending"), ("0123456789", "ignored")]
 
 
 def test_enqueuer_is_thread_safe(storage: Storage, db_url, listener):
-    clients = [storage.new_client()[0] for _ in range(3)]
+    clients = [storage.new_client().client_id for _ in range(3)]
     errors: List[BaseException] = []
     results: List[bool] = []
     lock = threading.Lock()
@@ -370,14 +380,162 @@ def test_unavailable_message_names_database_but_not_password(counter):
     assert "s3cretpw" not in text
 
 
-@pytest.mark.parametrize("variable", ["NIKI_EVENT_PORT", "NIKI_PORT"])
-def test_default_peers_follow_server_port_variables(storage: Storage, db_url, listener, monkeypatch,
-                                                    variable):
-    cid, _ = storage.new_client()
+# --- broadcast or routed: NIKI_PEERS ----------------------------------------------------------------
+
+
+class FakeStorage:
+    """Stands in for the database where only the Enqueuer's own bookkeeping is under test."""
+
+    def __init__(self, queued: Queued) -> None:
+        self.queued = queued
+
+    def enqueue(self, client_id: int, body: str, duplicate_window: float) -> Queued:
+        return self.queued
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", None), ("   ", None), ("h:1", [("h", 1)]),
+     ("a:1, b:2", [("a", 1), ("b", 2)]), ("[::1]:8001", [("::1", 8001)])],
+)
+def test_configured_peers(value, expected):
+    environ = {} if value is None else {"NIKI_PEERS": value}
+    assert settings.configured_peers(environ) == expected
+
+
+@pytest.mark.parametrize("value", ["no-port-here", "host:99999", "host:0", "host:abc", ":8001"])
+def test_configured_peers_malformed(value):
+    with pytest.raises(ConfigurationError):
+        settings.configured_peers({"NIKI_PEERS": value})
+
+
+def test_niki_peers_set_means_broadcast(storage: Storage, db_url, counter, monkeypatch):
+    other = DatagramCounter()
+    try:
+        cid = storage.new_client().client_id  # offline: broadcast wakes the peers all the same
+        monkeypatch.setenv("NIKI_PEERS", f"{counter.peers},{other.peers}")
+        with Enqueuer(db_url) as enqueuer:
+            assert enqueuer.mode == "broadcast"
+            assert enqueuer.peers == [("127.0.0.1", int(c.peers.rsplit(":", 1)[1])) for c in (counter, other)]
+            assert enqueuer.enqueue(cid, "first") is True
+            assert enqueuer.datagrams_sent == 2
+        assert enqueue(cid, "second", db=db_url) is True
+        for c in (counter, other):
+            assert [decode(d) for d in c.drain()] == [[cid], [cid]]
+    finally:
+        other.sock.close()
+
+
+@pytest.mark.parametrize("variable", ["NIKI_EVENT_PORT", "NIKI_PORT", None])
+def test_niki_peers_unset_means_routed(storage: Storage, db_url, counter, monkeypatch, variable):
+    # Before routing, a missing NIKI_PEERS meant 127.0.0.1:NIKI_EVENT_PORT (or NIKI_PORT + 1):
+    # ``counter`` sits where that default would have pointed, and must stay silent.
     monkeypatch.delenv("NIKI_PEERS", raising=False)
     monkeypatch.delenv("NIKI_EVENT_PORT", raising=False)
-    # The server's event port defaults to its client port + 1.
-    port = listener.port if variable == "NIKI_EVENT_PORT" else listener.port - 1
-    monkeypatch.setenv(variable, str(port))
-    assert enqueue(cid, "default peers", db=db_url) is True
-    assert listener.receive(5.0) == {cid}
+    monkeypatch.delenv("NIKI_PORT", raising=False)
+    port = int(counter.peers.rsplit(":", 1)[1])
+    if variable is not None:
+        monkeypatch.setenv(variable, str(port if variable == "NIKI_EVENT_PORT" else port - 1))
+    owner = DatagramCounter()
+    try:
+        server = storage.register_server("box", 8000, "127.0.0.1", owner.sock.getsockname()[1], 1)
+        online = storage.new_client(server).client_id
+        offline = storage.new_client().client_id
+        with Enqueuer(db_url) as enqueuer:
+            assert enqueuer.mode == "routed"
+            assert enqueuer.peers is None
+            assert enqueuer.enqueue(offline, "nobody to wake") is True
+            assert enqueuer.enqueue(online, "wake the owner") is True
+            assert enqueuer.datagrams_sent == 1
+        assert enqueue(offline, "via enqueue(), offline", db=db_url) is True
+        assert enqueue(online, "via enqueue()", db=db_url) is True
+        assert [decode(d) for d in owner.drain()] == [[online], [online]]
+        assert counter.drain() == []
+        assert storage.pending_count(offline) == 2
+    finally:
+        owner.sock.close()
+
+
+def test_blank_niki_peers_means_routed(storage: Storage, db_url, monkeypatch):
+    monkeypatch.setenv("NIKI_PEERS", "   ")
+    with Enqueuer(db_url) as enqueuer:
+        assert enqueuer.mode == "routed"
+
+
+@pytest.mark.parametrize("value", ["no-port-here", "host:99999", "127.0.0.1:8001,oops"])
+def test_malformed_niki_peers_is_configuration_error(tmp_path, counter, monkeypatch, value):
+    # Refused before the database is touched (this one does not even exist).
+    url = f"sqlite:///{tmp_path / 'niki.sqlite3'}"
+    monkeypatch.setenv("NIKI_PEERS", value)
+    with pytest.raises(ConfigurationError):
+        Enqueuer(url)
+    with pytest.raises(ConfigurationError):
+        enqueue(5, "hello", db=url)
+    assert list(tmp_path.iterdir()) == []
+    assert counter.drain() == []
+
+
+def test_explicit_peers_win_over_niki_peers(storage: Storage, db_url, counter, monkeypatch):
+    other = DatagramCounter()
+    try:
+        cid = storage.new_client().client_id
+        monkeypatch.setenv("NIKI_PEERS", other.peers)
+        assert enqueue(cid, "hello", db=db_url, peers=counter.peers) is True
+        assert [decode(d) for d in counter.drain()] == [[cid]]
+        assert other.drain() == []
+    finally:
+        other.sock.close()
+
+
+def test_empty_peers_given_to_enqueuer_means_routed(storage: Storage, db_url, counter, monkeypatch):
+    monkeypatch.setenv("NIKI_PEERS", counter.peers)
+    for empty in ("", []):
+        with Enqueuer(db_url, empty) as enqueuer:
+            assert enqueuer.mode == "routed"
+
+
+@pytest.mark.parametrize("empty", ["", []], ids=["str", "list"])
+def test_empty_peers_given_to_enqueue_means_routed(storage: Storage, db_url, counter, monkeypatch,
+                                                   empty):
+    cid = storage.new_client().client_id  # offline: routed mode sends nothing
+    monkeypatch.setenv("NIKI_PEERS", counter.peers)
+    assert enqueue(cid, "hello", db=db_url, peers=empty) is True
+    assert counter.drain() == []
+
+
+def test_niki_peers_of_separators_only_does_not_silence_wakeups(storage: Storage, db_url, counter,
+                                                                monkeypatch):
+    port = int(counter.peers.rsplit(":", 1)[1])
+    server = storage.register_server("box", 8000, "127.0.0.1", port, 1)
+    cid = storage.new_client(server).client_id
+    monkeypatch.setenv("NIKI_PEERS", " , ")
+    try:
+        enqueuer = Enqueuer(db_url)
+    except ConfigurationError:
+        return  # refusing it is as good as routing
+    with enqueuer:
+        assert enqueuer.enqueue(cid, "hello") is True
+    assert [decode(d) for d in counter.drain()] == [[cid]]
+
+
+def test_datagrams_sent_is_exact_under_concurrency(listener, monkeypatch):
+    monkeypatch.delenv("NIKI_PEERS", raising=False)
+    owner = ServerAddress(1, "127.0.0.1", listener.port)
+    threads, per_thread = 8, 1000
+    # No database: every enqueue is "queued, owner live", so each sends exactly one datagram.
+    with Enqueuer("sqlite:///unused.sqlite3", storage=FakeStorage(Queued(1, owner))) as enqueuer:
+        assert enqueuer.mode == "routed"
+
+        def work() -> None:
+            for _ in range(per_thread):
+                enqueuer.enqueue(1, "x")
+
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(60)
+        assert enqueuer.datagrams_sent == threads * per_thread

@@ -12,6 +12,7 @@ import pytest
 
 from messaging_server.errors import ConfigurationError, StorageUnavailable, UnknownClient
 from messaging_server.storage import Delivery, Storage, StoredMessage, describe_url, open_storage
+from messaging_server.storage.base import Claim
 from tests.helpers import query, wait_until
 
 WINDOW = 5.0
@@ -88,12 +89,12 @@ def run_threads(targets: List[Callable[[], None]], timeout: float = 30.0) -> Non
 
 
 def test_create_schema_twice_keeps_data(storage: Storage):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     storage.enqueue(cid, "kept", WINDOW)
     storage.create_schema()
     storage.create_schema()
     assert storage.pending_count(cid) == 1
-    assert storage.new_client()[0] > cid
+    assert storage.new_client().client_id > cid
 
 
 def create_schema_race(url: str) -> None:
@@ -108,10 +109,10 @@ def create_schema_race(url: str) -> None:
             return run
 
         run_threads([create(s) for s in stores])
-        a, _ = stores[0].new_client()
-        b, _ = stores[1].new_client()
+        a = stores[0].new_client().client_id
+        b = stores[1].new_client().client_id
         assert a != b
-        assert stores[1].enqueue(a, "x", WINDOW) is not None
+        assert stores[1].enqueue(a, "x", WINDOW).message_id is not None
         assert stores[0].pending_count(a) == 1
     finally:
         for s in stores:
@@ -136,8 +137,7 @@ def test_create_schema_from_two_processes_at_once(db_url):
         _, err = p.communicate(timeout=30)
         assert p.returncode == 0, err
     with open_storage(db_url) as store:
-        cid, session = store.new_client()
-        assert (cid, session) == (1, 1)
+        assert store.new_client() == Claim(1, 1)
 
 
 # --- URLs -----------------------------------------------------------------------------------------
@@ -160,8 +160,9 @@ def test_describe_url_masks_password():
 
 def test_new_client_ids_unique_and_increasing(storage: Storage):
     made = [storage.new_client() for _ in range(20)]
-    ids = [cid for cid, _ in made]
-    assert all(session == 1 for _, session in made)
+    ids = [claim.client_id for claim in made]
+    assert all(isinstance(claim, Claim) for claim in made)
+    assert all(claim.session == 1 and claim.previous_owner is None for claim in made)
     assert all(isinstance(cid, int) and cid > 0 for cid in ids)
     assert ids == sorted(set(ids))
 
@@ -172,7 +173,7 @@ def test_new_client_concurrently_unique(storage: Storage):
 
     def make() -> None:
         for _ in range(10):
-            cid, _ = storage.new_client()
+            cid = storage.new_client().client_id
             with lock:
                 ids.append(cid)
 
@@ -181,12 +182,13 @@ def test_new_client_concurrently_unique(storage: Storage):
 
 
 def test_claim_client(storage: Storage, db_url):
-    cid, session = storage.new_client()
-    other, _ = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    other = storage.new_client().client_id
     assert session == 1
-    assert storage.claim_client(cid) == 2
-    assert storage.claim_client(cid) == 3
-    assert storage.claim_client(other) == 2
+    assert storage.claim_client(cid) == Claim(cid, 2)
+    assert storage.claim_client(cid) == Claim(cid, 3)
+    assert storage.claim_client(other) == Claim(other, 2)
     assert storage.claim_client(other + 1000) is None
     assert storage.claim_client(0) is None
     assert storage.claim_client(-1) is None
@@ -197,8 +199,8 @@ def test_claim_client(storage: Storage, db_url):
 
 
 def test_enqueue_ids_increase_and_rows_are_pending(storage: Storage, db_url):
-    cid, _ = storage.new_client()
-    ids = [storage.enqueue(cid, f"m{i}", WINDOW) for i in range(5)]
+    cid = storage.new_client().client_id
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(5)]
     assert all(isinstance(i, int) for i in ids)
     assert ids == sorted(set(ids))
     rows = query(db_url, "SELECT id, body, status FROM messages ORDER BY id")
@@ -207,7 +209,7 @@ def test_enqueue_ids_increase_and_rows_are_pending(storage: Storage, db_url):
 
 
 def test_enqueue_unknown_client(storage: Storage, db_url):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     with pytest.raises(UnknownClient):
         storage.enqueue(cid + 1, "x", WINDOW)
     assert query(db_url, "SELECT COUNT(*) FROM messages") == [(0,)]
@@ -217,8 +219,9 @@ def test_enqueue_unknown_client(storage: Storage, db_url):
 
 
 def test_deliver_oldest_first(storage: Storage, db_url):
-    cid, session = storage.new_client()
-    ids = [storage.enqueue(cid, f"m{i}", WINDOW) for i in range(5)]
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(5)]
     collector = Collector()
     assert storage.deliver_pending(cid, session, collector, 100) == Delivery(5)
     assert collector.calls == [[StoredMessage(i, f"m{n}") for n, i in enumerate(ids)]]
@@ -229,8 +232,9 @@ def test_deliver_oldest_first(storage: Storage, db_url):
 
 
 def test_deliver_only_own_messages(storage: Storage):
-    a, sa = storage.new_client()
-    b, _ = storage.new_client()
+    claim = storage.new_client()
+    a, sa = claim.client_id, claim.session
+    b = storage.new_client().client_id
     storage.enqueue(a, "for a", WINDOW)
     storage.enqueue(b, "for b", WINDOW)
     collector = Collector()
@@ -240,7 +244,8 @@ def test_deliver_only_own_messages(storage: Storage):
 
 
 def test_deliver_in_batches(storage: Storage):
-    cid, session = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
     for i in range(7):
         storage.enqueue(cid, f"m{i}", WINDOW)
     seen: List[str] = []
@@ -255,7 +260,8 @@ def test_deliver_in_batches(storage: Storage):
 
 
 def test_deliver_batch_exact_multiple(storage: Storage):
-    cid, session = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
     for i in range(4):
         storage.enqueue(cid, f"m{i}", WINDOW)
     assert storage.deliver_pending(cid, session, Collector(), 2) == Delivery(2, more=True)
@@ -264,7 +270,8 @@ def test_deliver_batch_exact_multiple(storage: Storage):
 
 
 def test_partial_write_marks_only_written(storage: Storage, db_url):
-    cid, session = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
     for i in range(5):
         storage.enqueue(cid, f"m{i}", WINDOW)
     first = Collector(accept=lambda n: 2)
@@ -282,7 +289,8 @@ def test_partial_write_marks_only_written(storage: Storage, db_url):
 
 
 def test_write_of_nothing_marks_nothing(storage: Storage):
-    cid, session = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
     storage.enqueue(cid, "a", WINDOW)
     assert storage.deliver_pending(cid, session, Collector(accept=lambda n: 0), 10) == Delivery(
         0, write_failed=True)
@@ -290,7 +298,8 @@ def test_write_of_nothing_marks_nothing(storage: Storage):
 
 
 def test_writer_exception_marks_nothing(storage: Storage):
-    cid, session = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
     storage.enqueue(cid, "a", WINDOW)
     storage.enqueue(cid, "b", WINDOW)
 
@@ -304,9 +313,10 @@ def test_writer_exception_marks_nothing(storage: Storage):
 
 
 def test_stale_session_is_taken_over(storage: Storage):
-    cid, old = storage.new_client()
+    claim = storage.new_client()
+    cid, old = claim.client_id, claim.session
     storage.enqueue(cid, "a", WINDOW)
-    new = storage.claim_client(cid)
+    new = storage.claim_client(cid).session
     assert new == old + 1
     collector = Collector()
     assert storage.deliver_pending(cid, old, collector, 10) == Delivery(0, taken_over=True)
@@ -328,9 +338,10 @@ FOUR_BYTE_BODIES = [
 
 
 def test_four_byte_utf8_round_trip(storage: Storage, db_url):
-    cid, session = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
     for body in FOUR_BYTE_BODIES:
-        assert storage.enqueue(cid, body, WINDOW) is not None
+        assert storage.enqueue(cid, body, WINDOW).message_id is not None
     delivered = [m.body for m in deliver_all(storage, cid, session)]
     assert delivered == FOUR_BYTE_BODIES
     stored = [row[0] for row in query(db_url, "SELECT body FROM messages ORDER BY id")]
@@ -339,88 +350,90 @@ def test_four_byte_utf8_round_trip(storage: Storage, db_url):
 
 def test_four_byte_bodies_differing_only_in_emoji_are_distinct(storage: Storage):
     # A utf8mb3 column or a collation folding emoji would make these equal.
-    cid, _ = storage.new_client()
-    assert storage.enqueue(cid, "x \U0001f600", WINDOW) is not None
-    assert storage.enqueue(cid, "x \U0001f601", WINDOW) is not None
-    assert storage.enqueue(cid, "x \U0001f600", WINDOW) is None
+    cid = storage.new_client().client_id
+    assert storage.enqueue(cid, "x \U0001f600", WINDOW).message_id is not None
+    assert storage.enqueue(cid, "x \U0001f601", WINDOW).message_id is not None
+    assert storage.enqueue(cid, "x \U0001f600", WINDOW).message_id is None
 
 
 # --- duplicate window ---------------------------------------------------------------------------
 
 
 def test_duplicate_within_window_is_ignored(storage: Storage, db_url):
-    cid, _ = storage.new_client()
-    first = storage.enqueue(cid, "same", WINDOW)
+    cid = storage.new_client().client_id
+    first = storage.enqueue(cid, "same", WINDOW).message_id
     assert first is not None
-    assert storage.enqueue(cid, "same", WINDOW) is None
-    assert storage.enqueue(cid, "Same", WINDOW) is not None
+    assert storage.enqueue(cid, "same", WINDOW).message_id is None
+    assert storage.enqueue(cid, "Same", WINDOW).message_id is not None
     rows = query(db_url, "SELECT body, status FROM messages ORDER BY id")
     assert rows == [("same", "pending"), ("same", "ignored"), ("Same", "pending")]
     assert storage.pending_count(cid) == 2
 
 
 def test_window_zero_is_never_a_duplicate(storage: Storage):
-    cid, _ = storage.new_client()
-    results = [storage.enqueue(cid, "same", 0) for _ in range(10)]
+    cid = storage.new_client().client_id
+    results = [storage.enqueue(cid, "same", 0).message_id for _ in range(10)]
     assert None not in results, results
 
 
 def test_delivered_message_still_counts_for_the_window(storage: Storage):
-    cid, session = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
     storage.enqueue(cid, "once", WINDOW)
     assert len(deliver_all(storage, cid, session)) == 1
-    assert storage.enqueue(cid, "once", WINDOW) is None
+    assert storage.enqueue(cid, "once", WINDOW).message_id is None
 
 
 def test_window_measured_from_stored_time(storage: Storage, db_url):
     url = db_url
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     insert_message(url, cid, "old", "pending", 10)
     insert_message(url, cid, "recent", "pending", 3)
     insert_message(url, cid, "recent-delivered", "delivered", 3)
-    assert storage.enqueue(cid, "old", WINDOW) is not None
-    assert storage.enqueue(cid, "recent", WINDOW) is None
-    assert storage.enqueue(cid, "recent-delivered", WINDOW) is None
-    assert storage.enqueue(cid, "recent", 2.5) is not None  # a shorter window no longer covers it
+    assert storage.enqueue(cid, "old", WINDOW).message_id is not None
+    assert storage.enqueue(cid, "recent", WINDOW).message_id is None
+    assert storage.enqueue(cid, "recent-delivered", WINDOW).message_id is None
+    assert storage.enqueue(cid, "recent", 2.5).message_id is not None  # a shorter window no longer covers it
 
 
 def test_ignored_rows_do_not_extend_the_window(storage: Storage, db_url):
     url = db_url
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     # Queued 10 s ago, then repeated (and ignored) 1 s ago: the window started 10 s ago.
     insert_message(url, cid, "A", "pending", 10)
     insert_message(url, cid, "A", "ignored", 1)
-    assert storage.enqueue(cid, "A", WINDOW) is not None
+    assert storage.enqueue(cid, "A", WINDOW).message_id is not None
     # Only ignored rows, all recent: not a duplicate either.
     insert_message(url, cid, "B", "ignored", 0.5)
-    assert storage.enqueue(cid, "B", WINDOW) is not None
+    assert storage.enqueue(cid, "B", WINDOW).message_id is not None
 
 
 def test_window_expires_in_real_time(storage: Storage):
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     window = 0.4
     start = time.monotonic()
-    assert storage.enqueue(cid, "tick", window) is not None
-    second = storage.enqueue(cid, "tick", window)
+    assert storage.enqueue(cid, "tick", window).message_id is not None
+    second = storage.enqueue(cid, "tick", window).message_id
     if time.monotonic() - start < window / 2:  # only meaningful if the machine kept up
         assert second is None
     time.sleep(window + 0.15)  # waiting out the window is the point of this test
-    assert storage.enqueue(cid, "tick", window) is not None
+    assert storage.enqueue(cid, "tick", window).message_id is not None
 
 
 def test_duplicates_are_per_client(storage: Storage):
-    a, _ = storage.new_client()
-    b, _ = storage.new_client()
-    assert storage.enqueue(a, "hi", WINDOW) is not None
-    assert storage.enqueue(b, "hi", WINDOW) is not None
+    a = storage.new_client().client_id
+    b = storage.new_client().client_id
+    assert storage.enqueue(a, "hi", WINDOW).message_id is not None
+    assert storage.enqueue(b, "hi", WINDOW).message_id is not None
 
 
 # --- pending_count and servers -------------------------------------------------------------------
 
 
 def test_pending_count(storage: Storage):
-    a, sa = storage.new_client()
-    b, _ = storage.new_client()
+    claim = storage.new_client()
+    a, sa = claim.client_id, claim.session
+    b = storage.new_client().client_id
     assert storage.pending_count(a) == 0
     assert storage.pending_count(a + 1000) == 0
     for i in range(3):
@@ -435,11 +448,12 @@ def test_pending_count(storage: Storage):
 
 def test_register_and_unregister_server(storage: Storage, db_url):
     url = db_url
-    s1 = storage.register_server("host-a", 8000, 8001, 1234)
-    s2 = storage.register_server("host-b", 9000, 9001, 5678)
+    s1 = storage.register_server("host-a", 8000, "10.0.0.1", 8001, 1234)
+    s2 = storage.register_server("host-b", 9000, "host-b.example", 9001, 5678)
     assert isinstance(s1, int) and isinstance(s2, int) and s1 != s2
-    rows = query(url, "SELECT id, host, port, event_port, pid FROM servers ORDER BY id")
-    assert rows == [(s1, "host-a", 8000, 8001, 1234), (s2, "host-b", 9000, 9001, 5678)]
+    rows = query(url, "SELECT id, host, port, event_host, event_port, pid FROM servers ORDER BY id")
+    assert rows == [(s1, "host-a", 8000, "10.0.0.1", 8001, 1234),
+                    (s2, "host-b", 9000, "host-b.example", 9001, 5678)]
     storage.unregister_server(s1)
     assert query(url, "SELECT id FROM servers") == [(s2,)]
     storage.unregister_server(s1)  # already gone: no error
@@ -452,7 +466,8 @@ def test_register_and_unregister_server(storage: Storage, db_url):
 
 def test_concurrent_enqueues_for_one_client(storage: Storage):
     threads, per_thread = 8, 50
-    cid, session = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
     barrier = threading.Barrier(threads)
     returned: Dict[str, int] = {}
     lock = threading.Lock()
@@ -462,7 +477,7 @@ def test_concurrent_enqueues_for_one_client(storage: Storage):
             barrier.wait(10)
             for i in range(per_thread):
                 body = f"t{n}-{i}"
-                message_id = storage.enqueue(cid, body, WINDOW)
+                message_id = storage.enqueue(cid, body, WINDOW).message_id
                 assert message_id is not None, body
                 with lock:
                     returned[body] = message_id
@@ -487,7 +502,8 @@ def test_concurrent_enqueues_for_one_client(storage: Storage):
 
 def test_concurrent_deliveries_never_duplicate_or_reorder(storage: Storage):
     total, deliverers = 300, 4
-    cid, session = storage.new_client()
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
     written: List[str] = []
     lock = threading.Lock()
     active = [0]
@@ -511,7 +527,7 @@ def test_concurrent_deliveries_never_duplicate_or_reorder(storage: Storage):
     def enqueuer() -> None:
         try:
             for i in range(total):
-                assert storage.enqueue(cid, f"m{i:03d}", WINDOW) is not None
+                assert storage.enqueue(cid, f"m{i:03d}", WINDOW).message_id is not None
         finally:
             done_enqueueing.set()
 
@@ -565,7 +581,7 @@ def test_concurrent_deliveries_never_duplicate_or_reorder(storage: Storage):
 
 def test_concurrent_duplicates_store_exactly_one(storage: Storage, db_url):
     threads, rounds = 6, 8
-    cid, _ = storage.new_client()
+    cid = storage.new_client().client_id
     barrier = threading.Barrier(threads)
     results: Dict[int, List[Optional[int]]] = {r: [] for r in range(rounds)}
     lock = threading.Lock()
@@ -573,7 +589,7 @@ def test_concurrent_duplicates_store_exactly_one(storage: Storage, db_url):
     def racer() -> None:
         for r in range(rounds):
             barrier.wait(10)
-            message_id = storage.enqueue(cid, f"race {r}", WINDOW)
+            message_id = storage.enqueue(cid, f"race {r}", WINDOW).message_id
             with lock:
                 results[r].append(message_id)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
-from typing import Iterator, Set
+from typing import Iterator, List, Set
 
 import pytest
 
@@ -267,7 +268,122 @@ def test_sender_survives_unreachable_peer(listener):
 
 def test_sender_with_no_peers_is_a_no_op():
     with WakeupSender([]) as sender:
-        sender.broadcast([1, 2, 3])
+        assert sender.broadcast([1, 2, 3]) == 0
+    with WakeupSender() as sender:
+        assert sender.peers == []
+        assert sender.broadcast([1]) == 0
+
+
+class Counter:
+    """A plain UDP socket: counts datagrams exactly (WakeupListener coalesces them)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.address = ("127.0.0.1", self.sock.getsockname()[1])
+
+    def drain(self) -> List[List[int]]:
+        """Every datagram waiting: loopback UDP is queued before sendto() returns."""
+        got = []
+        while True:
+            try:
+                got.append(decode(self.sock.recv(65536)))
+            except BlockingIOError:
+                return got
+
+
+@pytest.fixture
+def counters() -> Iterator[List[Counter]]:
+    made = [Counter() for _ in range(3)]
+    yield made
+    for c in made:
+        c.sock.close()
+
+
+def test_broadcast_returns_the_datagrams_sent(counters):
+    ids = list(range(1, 3001))
+    per_peer = encode(ids)
+    assert len(per_peer) > 1
+    with WakeupSender([c.address for c in counters]) as sender:
+        assert sender.broadcast([7]) == 3
+        assert sender.broadcast(ids) == 3 * len(per_peer)
+        assert sender.broadcast([]) == 0
+    for c in counters:
+        assert c.drain() == [[7]] + [decode(d) for d in per_peer]
+
+
+def test_send_wakes_one_address_only(counters):
+    target, peer, _ = counters
+    with WakeupSender([peer.address]) as sender:
+        assert sender.send(target.address, [42]) == 1
+        assert sender.send(target.address, [42, 43]) == 1
+        assert sender.send(target.address, []) == 0
+    assert target.drain() == [[42], [42, 43]]
+    assert peer.drain() == []  # the broadcast list plays no part in send()
+
+
+def test_send_splits_many_ids(counters):
+    ids = [10**12 + i for i in range(3000)]
+    with WakeupSender() as sender:
+        sent = sender.send(counters[0].address, ids)
+    datagrams = counters[0].drain()
+    assert sent == len(datagrams) == len(encode(ids)) > 1
+    assert [i for d in datagrams for i in d] == ids
+
+
+def test_send_to_several_addresses_from_one_sender(counters):
+    with WakeupSender() as sender:
+        for n, c in enumerate(counters):
+            assert sender.send(c.address, [n + 1]) == 1
+        assert sender.send(counters[0].address, [9]) == 1  # the same address again (cached)
+    assert [c.drain() for c in counters] == [[[1], [9]], [[2]], [[3]]]
+
+
+def test_send_to_an_unresolvable_host_counts_nothing(listener):
+    with WakeupSender() as sender:
+        assert sender.send(("no-such-host.invalid", listener.port), [1]) == 0
+        assert sender.send(("127.0.0.1", listener.port), [2]) == 1  # the sender still works
+    assert listener.receive(5.0) == {2}
+
+
+def test_failed_lookup_is_remembered(listener, monkeypatch):
+    lookups = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def counting_getaddrinfo(host, *args, **kwargs):
+        lookups.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counting_getaddrinfo)
+    with WakeupSender() as sender:
+        for _ in range(3):
+            assert sender.send(("no-such-host.invalid", listener.port), [1]) == 0
+            assert sender.send(("127.0.0.1", listener.port), [2]) == 1
+    assert lookups.count("no-such-host.invalid") == 1
+    assert lookups.count("127.0.0.1") == 1
+    assert receive_until(listener, {2}) == {2}
+
+
+def test_sender_is_thread_safe(counters):
+    target = counters[0]
+    threads, per_thread = 6, 25  # 150 small datagrams: well within the socket's receive buffer
+    with WakeupSender() as sender:
+        results: List[int] = []
+
+        def work(n: int) -> None:
+            results.append(sum(sender.send(target.address, [n]) for _ in range(per_thread)))
+
+        workers = [threading.Thread(target=work, args=(n + 1,)) for n in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(30)
+    assert results == [per_thread] * threads
+    got = target.drain()
+    assert len(got) == threads * per_thread
+    assert sorted(i for d in got for i in d) == sorted(n + 1 for n in range(threads)
+                                                       for _ in range(per_thread))
 
 
 def test_ipv6_listener():
