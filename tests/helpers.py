@@ -217,3 +217,32 @@ def query(db_url: str, sql: str, params: Sequence[object] = ()) -> List[Tuple[ob
             return [tuple(row) for row in cur.fetchall()]
     finally:
         con.close()
+
+
+class DatagramCounter:
+    """A plain UDP socket on 127.0.0.1 that keeps every wake-up datagram apart.
+
+    WakeupListener merges waiting datagrams; counting them needs a raw socket.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.address = ("127.0.0.1", self.port)
+        self.peers = f"127.0.0.1:{self.port}"
+
+    def drain(self) -> List[List[int]]:
+        """The ids of every datagram waiting (loopback UDP is queued before sendto() returns)."""
+        from messaging_server.wakeup import decode
+
+        got = []
+        while True:
+            try:
+                got.append(decode(self.sock.recv(65536)))
+            except BlockingIOError:
+                return got
+
+    def close(self) -> None:
+        self.sock.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,8 +12,7 @@ import pytest
 
 from messaging_server.settings import DEFAULT_PORT, MAX_BODY_BYTES
 from messaging_server.storage import Storage, open_storage
-from messaging_server.wakeup import decode
-from tests.helpers import query
+from tests.helpers import DatagramCounter, query
 
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "niki-enqueue")
 UNREACHABLE_MYSQL = "mysql://root@127.0.0.1:1/niki_nowhere"
@@ -64,28 +62,9 @@ def bodies(db_url: str, client_id: int, status: str = "pending") -> List[str]:
     return [str(row[0]) for row in rows]
 
 
-class Wakeups:
-    """A UDP socket standing in for a server's event port; counts datagrams exactly."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.peers = f"127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def drain(self) -> List[List[int]]:
-        """The ids of every datagram waiting (the CLI has exited, so all were sent)."""
-        got = []
-        while True:
-            try:
-                got.append(decode(self.sock.recv(65536)))
-            except BlockingIOError:
-                return got
-
-
 @pytest.fixture
-def wakeups() -> Iterator[Wakeups]:
-    w = Wakeups()
+def wakeups() -> Iterator[DatagramCounter]:
+    w = DatagramCounter()
     yield w
     w.sock.close()
 
@@ -352,7 +331,7 @@ def test_server_port_variables_no_longer_matter(db_url, client, wakeups):
 # --- routed mode: no --peers, no NIKI_PEERS ------------------------------------------------------------
 
 
-def owned_client(storage: Storage, wakeups: Wakeups) -> int:
+def owned_client(storage: Storage, wakeups: DatagramCounter) -> int:
     """A client connected to a (pretend) live server whose event port is ``wakeups``."""
     port = int(wakeups.peers.rsplit(":", 1)[1])
     server = storage.register_server("box-a", 8000, "127.0.0.1", port, 1)
@@ -381,7 +360,7 @@ def test_routed_bulk_one_datagram_per_queued_line(db_url, storage, wakeups):
 
 def test_empty_peers_option_means_routed(db_url, storage, wakeups):
     # --peers "" overrides NIKI_PEERS back to routed mode.
-    broadcast_target = Wakeups()
+    broadcast_target = DatagramCounter()
     try:
         owned = owned_client(storage, wakeups)
         result = run_cli(str(owned), "hello", "--peers", "", db=db_url, peers=broadcast_target.peers)

@@ -7,7 +7,6 @@ made with a direct UPDATE of ``servers.heartbeat_at``, never by waiting.
 from __future__ import annotations
 
 import itertools
-import socket
 from typing import Iterator, List, Optional, Sequence
 
 import pytest
@@ -15,8 +14,8 @@ import pytest
 from messaging_server import Enqueuer
 from messaging_server.storage import Storage, StoredMessage
 from messaging_server.storage.base import HEARTBEAT_STALE_S, Claim, Queued, ServerAddress, SweepResult
-from messaging_server.wakeup import WakeupListener, decode
-from tests.helpers import query
+from messaging_server.wakeup import WakeupListener
+from tests.helpers import DatagramCounter, query
 
 WINDOW = 5.0
 UNKNOWN_SERVER = 987654
@@ -70,32 +69,9 @@ def write_all(messages: Sequence[StoredMessage]) -> int:
     return len(messages)
 
 
-class UdpCounter:
-    """A plain UDP socket standing in for a server's event port: counts datagrams exactly
-    (WakeupListener coalesces them).  Loopback UDP is queued before sendto() returns and
-    the Enqueuer sends before enqueue() returns, so drain() after enqueue() sees everything."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.port = self.sock.getsockname()[1]
-
-    def drain(self) -> List[List[int]]:
-        got = []
-        while True:
-            try:
-                got.append(decode(self.sock.recv(65536)))
-            except BlockingIOError:
-                return got
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
-def counters() -> Iterator[List[UdpCounter]]:
-    made = [UdpCounter() for _ in range(3)]
+def counters() -> Iterator[List[DatagramCounter]]:
+    made = [DatagramCounter() for _ in range(3)]
     yield made
     for c in made:
         c.close()
@@ -455,7 +431,7 @@ def test_routed_duplicate_costs_no_datagram(storage: Storage, db_url, listener: 
     assert routed.datagrams_sent == 1
 
 
-def test_routed_follows_a_takeover(storage: Storage, db_url, counters: List[UdpCounter], routed):
+def test_routed_follows_a_takeover(storage: Storage, db_url, counters: List[DatagramCounter], routed):
     first, second, _ = counters
     a = register(storage, "box-a", event_host="127.0.0.1", event_port=first.port)
     b = register(storage, "box-b", event_host="127.0.0.1", event_port=second.port)
@@ -468,7 +444,7 @@ def test_routed_follows_a_takeover(storage: Storage, db_url, counters: List[UdpC
     assert routed.datagrams_sent == 2
 
 
-def test_routed_hundred_messages_hundred_datagrams(storage: Storage, db_url, counters: List[UdpCounter],
+def test_routed_hundred_messages_hundred_datagrams(storage: Storage, db_url, counters: List[DatagramCounter],
                                                    routed):
     owner_port, bystander, _ = counters
     a = register(storage, "box-a", event_host="127.0.0.1", event_port=owner_port.port)
@@ -486,7 +462,7 @@ def test_routed_hundred_messages_hundred_datagrams(storage: Storage, db_url, cou
 
 
 def test_broadcast_wakes_every_peer_for_every_message(storage: Storage, db_url,
-                                                       counters: List[UdpCounter]):
+                                                       counters: List[DatagramCounter]):
     peer1, peer2, elsewhere = counters
     # One owner listens on a peer's port (it must not get a second datagram), one elsewhere
     # (broadcast mode does not look at owners), one is stale, one client is offline.

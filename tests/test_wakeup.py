@@ -20,6 +20,7 @@ from messaging_server.wakeup import (
     encode,
     parse_peers,
 )
+from tests.helpers import DatagramCounter
 
 # --- codec -------------------------------------------------------------------------------------
 
@@ -274,28 +275,9 @@ def test_sender_with_no_peers_is_a_no_op():
         assert sender.broadcast([1]) == 0
 
 
-class Counter:
-    """A plain UDP socket: counts datagrams exactly (WakeupListener coalesces them)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.address = ("127.0.0.1", self.sock.getsockname()[1])
-
-    def drain(self) -> List[List[int]]:
-        """Every datagram waiting: loopback UDP is queued before sendto() returns."""
-        got = []
-        while True:
-            try:
-                got.append(decode(self.sock.recv(65536)))
-            except BlockingIOError:
-                return got
-
-
 @pytest.fixture
-def counters() -> Iterator[List[Counter]]:
-    made = [Counter() for _ in range(3)]
+def counters() -> Iterator[List[DatagramCounter]]:
+    made = [DatagramCounter() for _ in range(3)]
     yield made
     for c in made:
         c.sock.close()
