@@ -9,7 +9,14 @@ connection to a server receive them at once, or as soon as they reconnect.
 """
 
 from .enqueue import Enqueuer, enqueue
-from .errors import BodyRejected, ConfigurationError, NikiError, StorageUnavailable, UnknownClient
+from .errors import (
+    BodyRejected,
+    ConfigurationError,
+    NikiError,
+    QueueFull,
+    StorageUnavailable,
+    UnknownClient,
+)
 
 __version__ = "0.1.0"
 
@@ -18,6 +25,7 @@ __all__ = [
     "ConfigurationError",
     "Enqueuer",
     "NikiError",
+    "QueueFull",
     "StorageUnavailable",
     "UnknownClient",
     "__version__",

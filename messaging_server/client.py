@@ -1,9 +1,14 @@
 """A small blocking Python client for Niki servers.
 
-    with Client("push.example.com", 8000, client_id=stored_id) as client:
+    with Client("push.example.com", 8000, client_id=stored_id, ack=True) as client:
         save(client.client_id)             # keep it for the next connect
         for body in client.messages():     # pending ones first, then live ones
             print(body)
+
+With ``ack=True`` the client asks for acknowledged delivery: each message is
+acknowledged when the application asks for the next one (or disconnects), so
+a message the application did not finish with comes again on the next
+connection.  ``auto_ack=False`` leaves it to :meth:`Client.ack`.
 
 The line protocol itself lives in :mod:`messaging_server.protocol`; this
 module only moves bytes between it and a socket.
@@ -36,18 +41,23 @@ class ClientError(NikiError):
 
 class Client:
     def __init__(self, host: str, port: int = 8000,
-                 client_id: Optional[Union[int, str]] = None, timeout: float = 10.0) -> None:
+                 client_id: Optional[Union[int, str]] = None, timeout: float = 10.0,
+                 ack: bool = False, auto_ack: bool = True) -> None:
         self.host = host
         self.port = port
         self.requested_id = client_id
         self.timeout = timeout
+        self.ack_mode = ack
+        self.auto_ack = auto_ack
+        self.last_message_id: Optional[int] = None  # ACK mode: the id of the last message received
+        self._unacked: Optional[int] = None
         self.client_id: Optional[str] = None
         self.notices: List[str] = []  # lines other than messages (Invalid command: …)
         self.closed = False
         self._sock: Optional[socket.socket] = None
         self._protocol = ClientConnection()
         self._events: Deque[ClientEvent] = collections.deque()  # during the handshake
-        self._messages: Deque[str] = collections.deque()
+        self._messages: Deque[Message] = collections.deque()
 
     def connect(self) -> str:
         """Connect and identify; return the client id to store for next time."""
@@ -56,7 +66,7 @@ class Client:
         first = self._next_event(self.timeout)
         if not isinstance(first, IdRequested):
             raise ClientError(f"expected GET_CLIENT_ID, got {first!r}")
-        self._sock.sendall(self._protocol.identify(self.requested_id))
+        self._sock.sendall(self._protocol.identify(self.requested_id, ack=self.ack_mode))
         answer = self._next_event(self.timeout)
         if not isinstance(answer, IdAssigned):
             raise ClientError(f"expected SET_CLIENT_ID, got {answer!r}")
@@ -69,7 +79,7 @@ class Client:
         while self._events:
             event = self._events.popleft()
             if isinstance(event, Message):
-                self._messages.append(event.body)
+                self._messages.append(event)
             elif isinstance(event, Notice):
                 self.notices.append(event.line)
             elif isinstance(event, (ConnectionClosed, LineTooLong)):
@@ -77,12 +87,36 @@ class Client:
 
     def receive(self, timeout: Optional[float] = None) -> Optional[str]:
         """The next message body; None when the server closed; TimeoutError after ``timeout``."""
+        message = self.receive_message(timeout)
+        return None if message is None else message.body
+
+    def receive_message(self, timeout: Optional[float] = None) -> Optional[Message]:
+        """The next message (with its id in ACK mode); None when the server closed.
+
+        In ACK mode with ``auto_ack``, first acknowledges the message returned before.
+        """
+        self._ack_previous()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._messages:
             if self.closed:
                 return None
             self._pump(deadline)
-        return self._messages.popleft()
+        message = self._messages.popleft()
+        self.last_message_id = message.message_id
+        if self.ack_mode and self.auto_ack:
+            self._unacked = message.message_id
+        return message
+
+    def ack(self, message_id: int) -> None:
+        """Tell the server message ``message_id`` is safely received (ACK mode)."""
+        assert self._sock is not None, "connect() first"
+        self._sock.sendall(self._protocol.ack(message_id))
+
+    def _ack_previous(self) -> None:
+        if self._unacked is not None and not self.closed:
+            message_id, self._unacked = self._unacked, None
+            with contextlib.suppress(OSError):
+                self.ack(message_id)
 
     def messages(self, timeout: Optional[float] = None) -> Iterator[str]:
         """Message bodies until the server closes the connection."""
@@ -114,6 +148,7 @@ class Client:
         if self._sock is None:
             return
         deadline = time.monotonic() + timeout
+        self._ack_previous()
         with contextlib.suppress(OSError, TimeoutError):  # closing anyway
             if not self.closed:
                 self._sock.sendall(self._protocol.command("DISCONNECT"))
@@ -147,7 +182,7 @@ class Client:
         """Read once and sort what arrived into messages and notices."""
         for event in self._read(deadline):
             if isinstance(event, Message):
-                self._messages.append(event.body)
+                self._messages.append(event)
             elif isinstance(event, Notice):
                 self.notices.append(event.line)
 

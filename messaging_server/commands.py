@@ -17,7 +17,16 @@ import threading
 from typing import Iterable, List, Tuple
 
 from .connection import ClientConnection
-from .protocol import ConnectionClosed, Disconnect, InvalidCommand, LineTooLong, ServerEvent
+from .protocol import (
+    Ack,
+    BadAck,
+    ConnectionClosed,
+    Disconnect,
+    InvalidCommand,
+    LineTooLong,
+    Ping,
+    ServerEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +35,27 @@ READ_CHUNK = 4096
 
 
 def handle_events(conn: ClientConnection, events: Iterable[ServerEvent]) -> None:
-    """Act on what a client said after its handshake.  Used by both threads."""
+    """Act on what a client said after its handshake: post replies to its handler thread.
+
+    Never writes to the socket, so a client that does not read cannot block
+    the command listener.
+    """
+    protocol = conn.protocol
     for event in events:
-        if isinstance(event, InvalidCommand):
-            conn.send(conn.protocol.invalid_command(event.line))
+        if isinstance(event, Ack):
+            conn.post_ack(event.message_id)
+        elif isinstance(event, Ping):
+            conn.post(protocol.pong())
+        elif isinstance(event, BadAck):
+            conn.post(protocol.error(f"ACK needs a message id: {event.line}"))
+        elif isinstance(event, InvalidCommand):
+            conn.post(protocol.invalid_command(event.line))
         elif isinstance(event, Disconnect):
-            conn.close("client sent DISCONNECT")
+            # After the replies already posted, as if written in order.
+            conn.post(b"", close_reason="client sent DISCONNECT")
         elif isinstance(event, LineTooLong):
-            conn.send(conn.protocol.error(f"line too long (limit {event.limit} bytes)"))
-            conn.close(f"line longer than {event.limit} bytes")
+            conn.post(protocol.error(f"line too long (limit {event.limit} bytes)"),
+                      close_reason=f"line longer than {event.limit} bytes")
         elif isinstance(event, ConnectionClosed):
             conn.close("client closed the connection")
         if conn.closed:

@@ -1,13 +1,17 @@
 """One client connection, as the server's threads share it.
 
-The connection's own handler thread creates it and does the handshake; the
-command-listener thread reads from it; the handler thread and the delivery
-thread write messages to it.  Writes are serialised by ``write_lock``;
-deliveries by ``delivery_lock`` (one pass at a time per connection; see
-:func:`messaging_server.delivery.deliver`).  ``close()`` may be called from
-any thread, any number of times: it shuts the socket down, which the command listener sees as
-end-of-file; the listener then lets go of the socket and sets ``released``,
-and only then does the handler thread return and the socket get closed.
+Only the connection's own handler thread ever writes to its socket: it
+greets, identifies, delivers, answers commands and records acknowledgements.
+The other threads only *post* work and wake it: the command listener posts
+replies and acks (:meth:`post`, :meth:`post_ack`), the delivery and sweeper
+threads ask for a delivery pass (:meth:`request_delivery`).  So a client that
+stops reading can stall nobody but its own thread, for at most the write
+timeout, after which it is disconnected.
+
+``close()`` may be called from any thread, any number of times: it shuts the
+socket down, which the command listener sees as end-of-file; the listener
+then lets go of the socket and sets ``released``, and only then does the
+handler thread return and the socket get closed.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import logging
 import socket
 import threading
 import time
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Set, Tuple
 
 from .protocol import ServerConnection
 from .storage import StoredMessage
@@ -25,21 +30,36 @@ from .storage import StoredMessage
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Work:
+    """What other threads asked the handler thread to do, taken all at once."""
+
+    replies: List[Tuple[bytes, str]] = field(default_factory=list)  # (line, close reason or "")
+    acks: List[int] = field(default_factory=list)
+    deliver: bool = False
+
+
 class ClientConnection:
-    def __init__(self, sock: socket.socket, peer: str, write_timeout: float = 10.0) -> None:
+    def __init__(self, sock: socket.socket, peer: str, write_timeout: float = 10.0,
+                 max_inflight: int = 100) -> None:
         self.sock = sock
-        self.write_timeout = write_timeout
         self.peer = peer
+        self.write_timeout = write_timeout
         self.protocol = ServerConnection()
         self.client_id: Optional[int] = None
         self.session = 0
-        self.write_lock = threading.Lock()
-        self.delivery_lock = threading.Lock()
-        self.delivery_wanted = threading.Event()
-        self.ready = threading.Event()  # SET_CLIENT_ID sent: messages may follow
         self.released = threading.Event()
-        self._closed = threading.Event()
+        self.ready = threading.Event()  # SET_CLIENT_ID sent: messages may follow
         self.close_reason = ""
+        self._closed = threading.Event()
+        self._work = Work()
+        self._cond = threading.Condition()
+        # Delivery bookkeeping, touched only by the handler thread.
+        self.last_sent_id = 0  # every pending message up to here was written to this socket
+        self.unmarked: List[int] = []  # written, but the "delivered" mark did not commit
+        self.inflight: Set[int] = set()  # ACK mode: written, not yet acknowledged
+        self.acked_unmarked: List[int] = []  # ACK mode: acknowledged, mark not yet committed
+        self.max_inflight = max_inflight
 
     def __repr__(self) -> str:
         return f"<connection client={self.client_id} peer={self.peer}>"
@@ -48,13 +68,42 @@ class ClientConnection:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    # --- asking the handler thread for work (any thread) ---
+
+    def post(self, line: bytes, close_reason: str = "") -> None:
+        """Have ``line`` written; then close the connection if ``close_reason`` is given."""
+        with self._cond:
+            self._work.replies.append((line, close_reason))
+            self._cond.notify()
+
+    def post_ack(self, message_id: int) -> None:
+        with self._cond:
+            self._work.acks.append(message_id)
+            self._cond.notify()
+
+    def request_delivery(self) -> None:
+        """Ask for a delivery pass; requests made while one runs coalesce into one more."""
+        with self._cond:
+            self._work.deliver = True
+            self._cond.notify()
+
+    def take_work(self, timeout: float) -> Work:
+        """Wait up to ``timeout`` for work (or close); take all of it."""
+        with self._cond:
+            if not (self._work.replies or self._work.acks or self._work.deliver or self.closed):
+                self._cond.wait(timeout)
+            work, self._work = self._work, Work()
+        return work
+
+    # --- writing (the handler thread) ---
+
     def send(self, data: bytes) -> bool:
         """Write ``data`` whole; on failure close the connection and return False."""
         return self._send_counting(data) == len(data)
 
     def write_messages(self, messages: Sequence[StoredMessage]) -> int:
         """Write MESSAGE lines; return how many, from the first, were written whole."""
-        lines = [self.protocol.message(m.body) for m in messages]
+        lines = [self.protocol.message(m.body, m.id) for m in messages]
         sent = self._send_counting(b"".join(lines))
         count = end = 0
         for line in lines:
@@ -65,24 +114,23 @@ class ClientConnection:
         return count
 
     def _send_counting(self, data: bytes) -> int:
+        if self.closed:
+            return 0
         view = memoryview(data)
         sent = 0
-        with self.write_lock:
-            if self.closed:
-                return 0
-            # One deadline for the whole write, however many send() calls it
-            # takes: a client that reads slowly cannot stretch it.
-            deadline = time.monotonic() + self.write_timeout
-            try:
-                while sent < len(data):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise socket.timeout("write timed out")
-                    self.sock.settimeout(remaining)
-                    sent += self.sock.send(view[sent:])
-            except OSError as exc:  # includes the write timeout
-                why = "write timed out" if isinstance(exc, socket.timeout) else f"write failed: {exc}"
-                self.close(why)
+        # One deadline for the whole write, however many send() calls it
+        # takes: a client that reads slowly cannot stretch it.
+        deadline = time.monotonic() + self.write_timeout
+        try:
+            while sent < len(data):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("write timed out")
+                self.sock.settimeout(remaining)
+                sent += self.sock.send(view[sent:])
+        except OSError as exc:  # includes the write timeout
+            why = "write timed out" if isinstance(exc, socket.timeout) else f"write failed: {exc}"
+            self.close(why)
         return sent
 
     def close(self, reason: str) -> None:
@@ -93,3 +141,5 @@ class ClientConnection:
         self._closed.set()
         with contextlib.suppress(OSError):  # already gone
             self.sock.shutdown(socket.SHUT_RDWR)
+        with self._cond:
+            self._cond.notify()

@@ -1,85 +1,129 @@
 """Delivering pending messages to a connected client, and the delivery thread.
 
-:func:`deliver` is the one way messages reach a socket.  The handler thread
-calls it right after the handshake (the backlog); the delivery thread calls it
-when a wake-up datagram names a client connected to this server.  It holds the
-connection's ``delivery_lock`` for the whole pass, and the storage layer's
-transaction locks the client's pending rows, so deliveries of one client never
-overlap, in this process or across servers.
+:func:`deliver` is the one way messages reach a socket, and it runs only on
+the connection's own handler thread: right after the handshake (the backlog),
+and whenever the delivery thread (a wake-up datagram), the sweeper or an ACK
+asks for a pass.  Requests coalesce, a connection runs one pass at a time,
+and the storage layer's transaction locks the client row, so deliveries of
+one client never overlap, in this process or across servers.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 from .connection import ClientConnection
 from .errors import StorageUnavailable
-from .storage import Storage
+from .storage import Storage, StoredMessage
 from .wakeup import WakeupListener
 
 log = logging.getLogger(__name__)
 
 
-def deliver(storage: Storage, conn: ClientConnection, batch: int, *, wait: bool = False) -> int:
-    """Write every pending message of ``conn``'s client to it; return how many.
+def deliver(storage: Storage, conn: ClientConnection, batch: int) -> int:
+    """Write the pending messages of ``conn``'s client to it; return how many were written.
 
-    Wake-ups coalesce: a call that finds another pass running only raises
-    ``delivery_wanted`` and returns; the running pass sees the flag and goes
-    round again, so no wake-up is lost and none waits behind a long backlog.
-    Before ``conn.ready`` (its SET_CLIENT_ID sent) a call only raises the flag.
-    ``wait=True`` blocks for the lock instead (the handler's first pass).
+    Runs on the connection's handler thread only.  Legacy connections: each
+    batch is written and marked delivered in one transaction; if the mark
+    cannot commit (the database went away), the ids written are remembered
+    and marked first on the next pass, so nothing is written twice to this
+    connection.  ACK connections: nothing is marked here; at most
+    ``conn.max_inflight`` messages wait for their ACK, and delivery pauses
+    at that limit until acks free room.
     """
-    conn.delivery_wanted.set()
-    total = 0
-    while conn.ready.is_set() and conn.delivery_wanted.is_set() and not conn.closed:
-        if not conn.delivery_lock.acquire(blocking=wait):
-            break
-        try:
-            while conn.delivery_wanted.is_set() and not conn.closed:
-                conn.delivery_wanted.clear()
-                total += _drain(storage, conn, batch)
-        finally:
-            conn.delivery_lock.release()
-    if total:
-        log.debug("client %s: delivered %d message(s)", conn.client_id, total)
-    return total
-
-
-def _drain(storage: Storage, conn: ClientConnection, batch: int) -> int:
+    if not _mark_remembered(storage, conn):
+        return 0
+    ack_mode = conn.protocol.ack_mode
     total = 0
     while not conn.closed and conn.client_id is not None:
+        room = conn.max_inflight - len(conn.inflight) if ack_mode else batch
+        if room <= 0:
+            break  # paused: acks will ask for the next pass
+        written: List[int] = []
+
+        def write(messages: Sequence[StoredMessage], written: List[int] = written) -> int:
+            count = conn.write_messages(messages)
+            written.extend(m.id for m in messages[:count])
+            return count
+
         try:
-            result = storage.deliver_pending(conn.client_id, conn.session,
-                                             conn.write_messages, batch)
+            result = storage.deliver_pending(conn.client_id, conn.session, write, min(batch, room),
+                                             after_id=conn.last_sent_id, mark=not ack_mode)
         except StorageUnavailable as exc:
-            # Nothing was marked: the messages stay pending and go out on the
-            # next wake-up or the client's next connection.
+            # Whatever was written stays "sent" for this connection.  The rest
+            # stays pending and goes out when a wake-up or sweep asks again.
+            _remember(conn, written, marked=False)
             log.warning("delivery to client %s postponed: database unavailable: %s",
                         conn.client_id, exc)
-            return total
-        total += result.delivered
+            return total + len(written)
+        _remember(conn, written, marked=True)
+        total += len(written)
         if result.taken_over:
             log.info("client %s: closing %s, taken over by a newer connection",
                      conn.client_id, conn.peer)
             conn.close("taken over by a newer connection")
         if not result.more:
             break
+    if total:
+        log.debug("client %s: delivered %d message(s)", conn.client_id, total)
     return total
 
 
+def _remember(conn: ClientConnection, written: List[int], marked: bool) -> None:
+    if not written:
+        return
+    conn.last_sent_id = max(conn.last_sent_id, written[-1])
+    if conn.protocol.ack_mode:
+        conn.inflight.update(written)
+    elif not marked:
+        conn.unmarked.extend(written)
+
+
+def _mark_remembered(storage: Storage, conn: ClientConnection) -> bool:
+    """Commit marks that failed before (legacy writes, ACKs); False if it still fails."""
+    pending = conn.unmarked + conn.acked_unmarked
+    if not pending or conn.client_id is None:
+        return True
+    try:
+        storage.mark_delivered(conn.client_id, pending)
+    except StorageUnavailable as exc:
+        log.warning("client %s: %d delivered message(s) not yet marked: %s",
+                    conn.client_id, len(pending), exc)
+        return False
+    conn.unmarked.clear()
+    conn.acked_unmarked.clear()
+    return True
+
+
+def acknowledge(storage: Storage, conn: ClientConnection, message_ids: Sequence[int]) -> None:
+    """Record the client's ACKs (handler thread): each id must be in flight on this connection."""
+    known: List[int] = []
+    for message_id in message_ids:
+        if message_id in conn.inflight:
+            conn.inflight.discard(message_id)
+            known.append(message_id)
+        else:
+            conn.send(conn.protocol.error(f"unknown message id {message_id}"))
+    if not known:
+        return
+    conn.acked_unmarked.extend(known)
+    _mark_remembered(storage, conn)  # on failure, retried before the next delivery
+    conn.request_delivery()  # room was freed
+
+
 class DeliveryThread(threading.Thread):
-    """Waits for wake-up datagrams and delivers to the clients they name."""
+    """Waits for wake-up datagrams and asks the connections they name for a delivery pass.
+
+    It never writes to a socket itself, so no client can hold it up.
+    """
 
     def __init__(self, listener: WakeupListener,
-                 lookup: Callable[[int], Optional[ClientConnection]],
-                 storage: Storage, batch: int) -> None:
+                 lookup: Callable[[int], Optional[ClientConnection]]) -> None:
         super().__init__(name="delivery", daemon=True)
         self._listener = listener
         self._lookup = lookup
-        self._storage = storage
-        self._batch = batch
         self._stopping = threading.Event()
         self.wakeups = 0  # coalesced wake-up batches handled
 
@@ -96,7 +140,4 @@ class DeliveryThread(threading.Thread):
             for client_id in client_ids:
                 conn = self._lookup(client_id)
                 if conn is not None:
-                    try:
-                        deliver(self._storage, conn, self._batch)
-                    except Exception:  # keep delivering to everyone else
-                        log.exception("delivery to client %s failed", client_id)
+                    conn.request_delivery()

@@ -86,10 +86,12 @@ class Enqueuer:
 
     def __init__(self, db: Optional[str] = None, peers: Optional[Union[str, Sequence[Address]]] = None,
                  *, max_body_bytes: int = settings.MAX_BODY_BYTES,
+                 max_pending: Optional[int] = None,
                  storage: Optional[Storage] = None) -> None:
         self.db = db or settings.default_db()
         self.peers = _peer_list(peers)
         self.max_body_bytes = max_body_bytes
+        self.max_pending = max_pending if max_pending is not None else settings.default_max_pending()
         self._storage = storage or open_storage(self.db, pool_size=ENQUEUE_POOL_SIZE)
         self._sender = WakeupSender(self.peers or ())
         self._count_lock = threading.Lock()
@@ -99,14 +101,19 @@ class Enqueuer:
     def mode(self) -> str:
         return "routed" if self.peers is None else "broadcast"
 
-    def enqueue(self, client_id: ClientId, body: Union[str, bytes]) -> bool:
+    def enqueue(self, client_id: ClientId, body: Union[str, bytes], *,
+                ttl: Optional[float] = None) -> bool:
         """Queue ``body`` for ``client_id``; False when it duplicates one from the last 5 s.
 
-        Raises UnknownClient, BodyRejected or StorageUnavailable.
+        ``ttl``: seconds after which the message, if still undelivered, is never sent.
+        Raises UnknownClient, BodyRejected, QueueFull or StorageUnavailable.
         """
         numeric_id = client_id_of(client_id)
         text = check_body(body, self.max_body_bytes)
-        queued = self._storage.enqueue(numeric_id, text, settings.DUPLICATE_WINDOW_S)
+        if ttl is not None and not ttl > 0:
+            raise BodyRejected(f"ttl must be a positive number of seconds, not {ttl!r}")
+        queued = self._storage.enqueue(numeric_id, text, settings.DUPLICATE_WINDOW_S,
+                                       ttl=ttl, max_pending=self.max_pending)
         if queued.message_id is None:
             return False
         if self.peers is not None:
@@ -146,18 +153,21 @@ def _shared_enqueuer(db: Optional[str], peers: Optional[Union[str, Sequence[Addr
 
 
 def enqueue(client_id: ClientId, body: Union[str, bytes], *, db: Optional[str] = None,
-            peers: Optional[Union[str, Sequence[Address]]] = None) -> bool:
+            peers: Optional[Union[str, Sequence[Address]]] = None,
+            ttl: Optional[float] = None) -> bool:
     """Queue one message for a client and wake the server that holds it.
 
     ``client_id``: an int, or the string the server sent after ``SET_CLIENT_ID: ``.
     ``db`` defaults to NIKI_DB, as the server reads it.  ``peers`` (default
     NIKI_PEERS) switches to broadcast mode: every listed server is woken.
+    ``ttl``: seconds after which the message, if still undelivered, expires unsent.
     Returns True when queued, False when the same body was queued for the same
     client in the last 5 seconds (it is then recorded as ignored).
-    Raises UnknownClient, BodyRejected or StorageUnavailable, and ConfigurationError
+    Raises UnknownClient, BodyRejected, QueueFull (the client has NIKI_MAX_PENDING,
+    default 10,000, pending messages) or StorageUnavailable, and ConfigurationError
     for a malformed ``db`` or ``peers`` (all NikiError).
     """
-    return _shared_enqueuer(db, peers).enqueue(client_id, body)
+    return _shared_enqueuer(db, peers).enqueue(client_id, body, ttl=ttl)
 
 
 @atexit.register

@@ -21,6 +21,10 @@ class BodyRejected(NikiError, ValueError):
     """The message body cannot be carried by the line protocol (empty, newline, too long)."""
 
 
+class QueueFull(NikiError):
+    """The client already has the maximum number of pending messages; nothing was queued."""
+
+
 class StorageUnavailable(NikiError):
     """The database could not be reached, or failed the operation.
 
@@ -37,6 +41,7 @@ __all__ = [
     "BodyRejected",
     "ConfigurationError",
     "NikiError",
+    "QueueFull",
     "StorageUnavailable",
     "UnknownClient",
 ]

@@ -9,9 +9,12 @@ used by :mod:`messaging_server.client`.
 The conversation (see docs/PROTOCOL.md)::
 
     server: GET_CLIENT_ID
-    client: NONE | <id>
+    client: NONE | <id>  [ACK]
     server: SET_CLIENT_ID: <id>
     server: MESSAGE: <body>          (pending messages, then new ones)
+    server: MESSAGE <n>: <body>      (the same, for a client that said ACK)
+    client: ACK <n>                  (ACK clients: message n is safely received)
+    client: PING               ->    server: PONG
     client: DISCONNECT               (the server closes the connection)
     client: <any other line>   ->    server: Invalid command: <line>
 
@@ -22,6 +25,7 @@ States: ``AWAITING_ID`` -> ``IDENTIFIED`` -> ``CLOSED``; nothing leaves ``CLOSED
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -42,6 +46,10 @@ MESSAGE_PREFIX = "MESSAGE: "
 INVALID_COMMAND_PREFIX = "Invalid command: "
 ERROR_PREFIX = "ERROR: "
 DISCONNECT = "DISCONNECT"
+PING, PONG = "PING", "PONG"
+ACK = "ACK"
+# Capability words a client may put after its id.
+CAPABILITY_ACK = "ACK"
 
 # Largest id the storage layer can hold (signed 64-bit, as SQLite's INTEGER).
 MAX_CLIENT_ID = 2**63 - 1
@@ -81,6 +89,25 @@ class Disconnect:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """The client checks that the connection is alive."""
+
+
+@dataclass(frozen=True)
+class Ack:
+    """An ACK client confirms it has message ``message_id``."""
+
+    message_id: int
+
+
+@dataclass(frozen=True)
+class BadAck:
+    """``ACK`` with something that is not a message id."""
+
+    line: str
+
+
+@dataclass(frozen=True)
 class InvalidCommand:
     """A line that is not a command; the server answers it and carries on."""
 
@@ -99,7 +126,8 @@ class ConnectionClosed:
     """The client closed its side of the connection."""
 
 
-ServerEvent = Union[Identify, Disconnect, InvalidCommand, LineTooLong, ConnectionClosed]
+ServerEvent = Union[Identify, Disconnect, Ping, Ack, BadAck, InvalidCommand, LineTooLong,
+                    ConnectionClosed]
 
 
 # --- events a client receives ------------------------------------------------
@@ -118,6 +146,7 @@ class IdAssigned:
 @dataclass(frozen=True)
 class Message:
     body: str
+    message_id: Optional[int] = None  # set in ACK mode
 
 
 @dataclass(frozen=True)
@@ -181,6 +210,7 @@ class ServerConnection:
 
     def __init__(self, max_line: int = MAX_CLIENT_LINE) -> None:
         self.state = State.AWAITING_ID
+        self.ack_mode = False  # the client said ACK after its id
         self._lines = LineBuffer(max_line)
 
     def receive_data(self, data: bytes) -> List[ServerEvent]:
@@ -204,10 +234,18 @@ class ServerConnection:
     def _line_event(self, line: str) -> ServerEvent:
         if self.state is State.AWAITING_ID:
             self.state = State.IDENTIFIED
-            return _identify(line)
-        if line.strip() == DISCONNECT:
+            identify = _identify(line)
+            self.ack_mode = CAPABILITY_ACK in (c.upper() for c in identify.capabilities)
+            return identify
+        command = line.strip()
+        if command == DISCONNECT:
             self.state = State.CLOSED
             return Disconnect()
+        if command == PING:
+            return Ping()
+        if self.ack_mode and command.split(" ", 1)[0] == ACK:
+            message_id = parse_client_id(command[len(ACK):].strip())
+            return BadAck(line) if message_id is None else Ack(message_id)
         return InvalidCommand(line)
 
     # --- what the server says ---
@@ -221,10 +259,16 @@ class ServerConnection:
     def set_client_id(client_id: Union[int, str]) -> bytes:
         return _line(f"{SET_CLIENT_ID_PREFIX}{client_id}")
 
-    @staticmethod
-    def message(body: str) -> bytes:
+    def message(self, body: str, message_id: int = 0) -> bytes:
+        """A MESSAGE line; in ACK mode it carries ``message_id`` for the client to ACK."""
         check_body(body)
+        if self.ack_mode:
+            return _line(f"MESSAGE {message_id}: {body}")
         return _line(MESSAGE_PREFIX + body)
+
+    @staticmethod
+    def pong() -> bytes:
+        return _line(PONG)
 
     @staticmethod
     def invalid_command(line: str) -> bytes:
@@ -271,8 +315,13 @@ class ClientConnection:
         return events
 
     @staticmethod
-    def identify(client_id: Optional[Union[int, str]]) -> bytes:
-        return _line(NEW_CLIENT if client_id is None else str(client_id))
+    def identify(client_id: Optional[Union[int, str]], ack: bool = False) -> bytes:
+        word = NEW_CLIENT if client_id is None else str(client_id)
+        return _line(f"{word} {CAPABILITY_ACK}" if ack else word)
+
+    @staticmethod
+    def ack(message_id: int) -> bytes:
+        return _line(f"{ACK} {message_id}")
 
     @staticmethod
     def command(text: str) -> bytes:
@@ -287,4 +336,10 @@ def _server_line_event(line: str) -> ClientEvent:
         return IdAssigned(line[len(SET_CLIENT_ID_PREFIX):])
     if line.startswith(MESSAGE_PREFIX):
         return Message(line[len(MESSAGE_PREFIX):])
+    match = _ACK_MESSAGE_RE.match(line)
+    if match:
+        return Message(match.group(2), int(match.group(1)))
     return Notice(line)
+
+
+_ACK_MESSAGE_RE = re.compile(r"MESSAGE ([0-9]+): (.*)\Z", re.S)

@@ -35,12 +35,12 @@ from typing import Dict, List, Optional, Tuple
 
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection
-from .delivery import DeliveryThread, deliver
+from .delivery import DeliveryThread, acknowledge, deliver
 from .errors import StorageUnavailable
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerEvent
-from .settings import ServerSettings
+from .settings import PURGE_BATCH, ServerSettings
 from .storage import Storage
-from .sweeper import Heartbeat, Sweeper
+from .sweeper import Heartbeat, Purger, Sweeper
 from .wakeup import WakeupListener, WakeupSender
 
 log = logging.getLogger("messaging_server")
@@ -91,7 +91,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         peer = _format_peer(self.client_address)
-        conn = ClientConnection(self.request, peer, self.server.settings.write_timeout)
+        settings = self.server.settings
+        conn = ClientConnection(self.request, peer, settings.write_timeout, settings.max_inflight)
         self.server.track(conn)
         try:
             self._serve(conn)
@@ -107,6 +108,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
         settings = self.server.settings
         log.info("connection from %s", conn.peer)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_keepalive(conn.sock, settings.keepalive_idle, settings.keepalive_interval,
+                      settings.keepalive_count)
         conn.sock.settimeout(settings.write_timeout)
         if not conn.send(conn.protocol.greeting()):
             return
@@ -131,12 +134,31 @@ class ClientHandler(socketserver.BaseRequestHandler):
         if not conn.send(conn.protocol.set_client_id(conn.client_id)):
             return
         conn.ready.set()
-        deliver(self.server.storage, conn, settings.delivery_batch, wait=True)
-        handle_events(conn, rest)
-        if conn.closed:
-            return
-        self.server.commands.add(conn)
-        conn.released.wait()
+        deliver(self.server.storage, conn, settings.delivery_batch)  # the backlog, first
+        handle_events(conn, rest)  # commands that came in the same packet as the id
+        listened = not conn.closed
+        if listened:
+            self.server.commands.add(conn)
+        self._work_loop(conn)
+        if listened:
+            conn.released.wait()  # until the command listener has let go of the socket
+
+    def _work_loop(self, conn: ClientConnection) -> None:
+        """Do what the other threads posted, until the connection ends.
+
+        Every write to this client happens here, so a client that does not
+        read holds up only this thread (for at most the write timeout).
+        """
+        storage, batch = self.server.storage, self.server.settings.delivery_batch
+        while not conn.closed:
+            work = conn.take_work(timeout=1.0)
+            for line, close_reason in work.replies:
+                if conn.send(line) and close_reason:
+                    conn.close(close_reason)
+            if work.acks and not conn.closed:
+                acknowledge(storage, conn, work.acks)
+            if work.deliver and not conn.closed:
+                deliver(storage, conn, batch)
 
     def _read_identify(self, conn: ClientConnection, timeout: float) -> List[ServerEvent]:
         """Read until the client's id line; [] when it closed, timed out or sent junk."""
@@ -214,10 +236,11 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.wakeups = WakeupListener(settings.host, settings.resolved_event_port)
         self.wakeup_sender = WakeupSender()
         self.commands = CommandListener()
-        self.delivery = DeliveryThread(self.wakeups, self.registry.get, storage,
-                                       settings.delivery_batch)
+        self.delivery = DeliveryThread(self.wakeups, self.registry.get)
         self.sweeper = Sweeper(storage, lambda: self.server_id, self.registry.all,
-                               settings.sweep_interval, settings.delivery_batch)
+                               settings.sweep_interval)
+        self.purger = Purger(storage, settings.purge_interval,
+                             settings.retention_days * 86400, PURGE_BATCH)
         self.heartbeat = Heartbeat(storage, lambda: self.server_id, self._reregister)
         self.server_id = 0
 
@@ -245,6 +268,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.delivery.start()
         self.sweeper.start()
         self.heartbeat.start()
+        self.purger.start()
 
     def _register(self) -> None:
         host = self._wakeup_host()
@@ -296,6 +320,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         for conn in connections:
             conn.close("server shutting down")
         self.heartbeat.stop()
+        self.purger.stop()
         self.sweeper.stop()
         self.commands.stop()
         self.delivery.stop()
@@ -308,6 +333,16 @@ class NikiServer(socketserver.ThreadingTCPServer):
             except StorageUnavailable as exc:
                 log.warning("could not unregister this server: %s", exc)
         self.server_close()
+
+
+def set_keepalive(sock: socket.socket, idle: float, interval: float, count: int) -> None:
+    """TCP keepalive: a peer silent for ``idle`` s is probed every ``interval`` s and
+    declared dead after ``count`` failed probes (idle + interval x count in all)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, option, max(1, int(value)))
 
 
 def _format_peer(address: Tuple) -> str:

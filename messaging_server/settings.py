@@ -33,6 +33,18 @@ DELIVERY_BATCH = 500
 # How often a server looks for pending messages of its clients on its own, so
 # that a lost wake-up datagram delays a message by at most this long.
 SWEEP_INTERVAL_S = 2.0
+# ACK clients: messages written and not yet acknowledged, per connection.
+MAX_INFLIGHT = 100
+# TCP keepalive: a silent peer is probed after IDLE s, every INTERVAL s, and
+# dropped after COUNT unanswered probes: 60 + 10 x 6 = 2 minutes.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 60, 10, 6
+# Pending messages one client may have; enqueue beyond it raises QueueFull.
+MAX_PENDING = 10_000
+# Delivered, ignored and expired messages are deleted after this long.
+RETENTION_DAYS = 7.0
+# How often a server expires and purges, and how many rows per transaction.
+PURGE_INTERVAL_S = 60.0
+PURGE_BATCH = 1000
 
 
 def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = None) -> str:
@@ -45,6 +57,14 @@ def configured_peers(environ: Optional[Mapping[str, str]] = None) -> Optional[Li
     """NIKI_PEERS (broadcast mode), or None: wake only each client's owner (routed mode)."""
     peers = parse_peers(env_default("NIKI_PEERS", "", environ))
     return peers or None
+
+
+def default_max_pending(environ: Optional[Mapping[str, str]] = None) -> int:
+    """NIKI_MAX_PENDING, else MAX_PENDING."""
+    text = env_default("NIKI_MAX_PENDING", str(MAX_PENDING), environ)
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ConfigurationError(f"NIKI_MAX_PENDING={text!r} is not a positive whole number")
+    return int(text)
 
 
 def default_db(environ: Optional[Mapping[str, str]] = None) -> str:
@@ -64,6 +84,12 @@ class ServerSettings:
     pool_size: int = 8
     sweep_interval: float = SWEEP_INTERVAL_S
     advertise_host: str = ""
+    max_inflight: int = MAX_INFLIGHT
+    keepalive_idle: float = KEEPALIVE_IDLE_S
+    keepalive_interval: float = KEEPALIVE_INTERVAL_S
+    keepalive_count: int = KEEPALIVE_COUNT
+    retention_days: float = RETENTION_DAYS
+    purge_interval: float = PURGE_INTERVAL_S
 
     @property
     def wakeup_host(self) -> str:
@@ -152,6 +178,29 @@ def server_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argum
                    default=env("NIKI_SWEEP_INTERVAL", SWEEP_INTERVAL_S, _positive_float),
                    help="seconds between this server's own checks for pending messages of its "
                    "clients [NIKI_SWEEP_INTERVAL] (default %(default)s)")
+    p.add_argument("--max-inflight", type=_positive_int,
+                   default=env("NIKI_MAX_INFLIGHT", MAX_INFLIGHT, _positive_int),
+                   help="ACK clients: unacknowledged messages per connection before delivery "
+                   "pauses [NIKI_MAX_INFLIGHT] (default %(default)s)")
+    p.add_argument("--keepalive-idle", type=_positive_float,
+                   default=env("NIKI_KEEPALIVE_IDLE", KEEPALIVE_IDLE_S, _positive_float),
+                   help="seconds of silence before TCP keepalive probes a client "
+                   "[NIKI_KEEPALIVE_IDLE] (default %(default)s)")
+    p.add_argument("--keepalive-interval", type=_positive_float,
+                   default=env("NIKI_KEEPALIVE_INTERVAL", KEEPALIVE_INTERVAL_S, _positive_float),
+                   help="seconds between keepalive probes [NIKI_KEEPALIVE_INTERVAL] (default %(default)s)")
+    p.add_argument("--keepalive-count", type=_positive_int,
+                   default=env("NIKI_KEEPALIVE_COUNT", KEEPALIVE_COUNT, _positive_int),
+                   help="unanswered probes before a client is dropped [NIKI_KEEPALIVE_COUNT] "
+                   "(default %(default)s)")
+    p.add_argument("--retention-days", type=_positive_float,
+                   default=env("NIKI_RETENTION_DAYS", RETENTION_DAYS, _positive_float),
+                   help="days delivered, ignored and expired messages are kept "
+                   "[NIKI_RETENTION_DAYS] (default %(default)s)")
+    p.add_argument("--purge-interval", type=_positive_float,
+                   default=env("NIKI_PURGE_INTERVAL", PURGE_INTERVAL_S, _positive_float),
+                   help="seconds between expiry and purge runs [NIKI_PURGE_INTERVAL] "
+                   "(default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true",
                    default=str(env("NIKI_VERBOSE", "")).lower() in ("1", "true", "yes"),
                    help="debug logging, including every SQL statement [NIKI_VERBOSE]")
@@ -179,4 +228,10 @@ def server_settings(argv: Optional[List[str]] = None,
         pool_size=args.pool_size,
         sweep_interval=args.sweep_interval,
         advertise_host=args.advertise_host,
+        max_inflight=args.max_inflight,
+        keepalive_idle=args.keepalive_idle,
+        keepalive_interval=args.keepalive_interval,
+        keepalive_count=args.keepalive_count,
+        retention_days=args.retention_days,
+        purge_interval=args.purge_interval,
     )

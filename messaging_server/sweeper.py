@@ -16,10 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 from .connection import ClientConnection
-from .delivery import deliver
 from .errors import StorageUnavailable
 from .storage import Storage
 from .storage.base import HEARTBEAT_INTERVAL_S
@@ -73,25 +72,23 @@ class Heartbeat(_Periodic):
 
 class Sweeper(_Periodic):
     def __init__(self, storage: Storage, server_id: Callable[[], int],
-                 connections: Callable[[], List[ClientConnection]],
-                 interval: float, batch: int) -> None:
+                 connections: Callable[[], List[ClientConnection]], interval: float) -> None:
         super().__init__("sweeper", interval)
         self._storage = storage
         self._server_id = server_id
         self._connections = connections
-        self._batch = batch
         self.sweeps = 0  # completed sweeps, for tests and metrics
 
     def tick(self) -> None:
         self.sweep_once()
 
     def sweep_once(self) -> int:
-        """One sweep; return the number of messages it delivered."""
+        """One sweep; return the number of clients asked for a delivery pass."""
         local = self._connections()  # before the query: see storage.Storage.sweep
         result = self._storage.sweep(self._server_id())
         if not result.registered:
             return 0  # the heartbeat thread re-registers
-        delivered = 0
+        asked = 0
         for conn in local:
             if conn.closed or conn.client_id is None or not conn.ready.is_set():
                 continue
@@ -101,8 +98,36 @@ class Sweeper(_Periodic):
                          conn.client_id, conn.peer)
                 conn.close("taken over by a newer connection")
             elif owned[1]:
-                delivered += deliver(self._storage, conn, self._batch)
-        if delivered:
-            log.info("sweep delivered %d message(s) that no wake-up announced", delivered)
+                conn.request_delivery()
+                asked += 1
+        log.debug("sweep: %d client(s) with pending messages", asked)
         self.sweeps += 1
-        return delivered
+        return asked
+
+
+class Purger(_Periodic):
+    """Expires pending messages past their TTL and deletes finished messages past
+    the retention period, a batch per transaction so that delivery never waits long."""
+
+    def __init__(self, storage: Storage, interval: float, retention: float, batch: int,
+                 max_batches: int = 20) -> None:
+        super().__init__("purger", interval)
+        self._storage = storage
+        self._retention = retention
+        self._batch = batch
+        self._max_batches = max_batches
+
+    def tick(self) -> None:
+        self.purge_once()
+
+    def purge_once(self) -> Tuple[int, int]:
+        """Up to ``max_batches`` batches; return (expired, deleted)."""
+        expired = deleted = 0
+        for _ in range(self._max_batches):
+            e, d = self._storage.expire_and_purge(self._retention, self._batch)
+            expired, deleted = expired + e, deleted + d
+            if e < self._batch and d < self._batch:
+                break
+        if expired or deleted:
+            log.info("expired %d message(s), purged %d", expired, deleted)
+        return expired, deleted

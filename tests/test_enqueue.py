@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import socket
 import sqlite3
 import threading
 from typing import Iterator, List, Tuple
@@ -22,9 +21,8 @@ from messaging_server.errors import (
 from messaging_server.protocol import MAX_CLIENT_ID
 from messaging_server.settings import MAX_BODY_BYTES
 from messaging_server.storage import Storage
-from messaging_server.storage.base import Queued, ServerAddress
-from messaging_server.wakeup import WakeupListener, decode
-from tests.helpers import query
+from messaging_server.wakeup import WakeupListener
+from tests.helpers import DatagramCounter, query
 
 # `messaging_server.enqueue` the attribute is the function; this is the module.
 enqueue_module = importlib.import_module("messaging_server.enqueue")
@@ -52,29 +50,6 @@ def close_shared_enqueuers() -> Iterator[None]:
 @pytest.fixture
 def peers(listener: WakeupListener) -> List[Tuple[str, int]]:
     return [("127.0.0.1", listener.port)]
-
-
-class DatagramCounter:
-    """A plain UDP socket: counts datagrams exactly (WakeupListener coalesces them)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-
-    @property
-    def peers(self) -> str:
-        return f"127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def drain(self) -> List[bytes]:
-        """Everything waiting.  Loopback UDP is queued before sendto() returns, and
-        enqueue() sends before it returns, so nothing can still be on its way."""
-        datagrams = []
-        while True:
-            try:
-                datagrams.append(self.sock.recv(65536))
-            except BlockingIOError:
-                return datagrams
 
 
 @pytest.fixture
@@ -190,13 +165,11 @@ def test_queued_then_duplicate(storage: Storage, db_url, listener, peers):
 def test_exactly_one_datagram_per_queued_message(storage: Storage, db_url, counter):
     cid = storage.new_client().client_id
     assert enqueue(cid, "one", db=db_url, peers=counter.peers) is True
-    datagrams = counter.drain()
-    assert len(datagrams) == 1
-    assert decode(datagrams[0]) == [cid]
+    assert counter.drain() == [[cid]]
     assert enqueue(cid, "one", db=db_url, peers=counter.peers) is False
     assert counter.drain() == []
     assert enqueue(cid, "two", db=db_url, peers=counter.peers) is True
-    assert [decode(d) for d in counter.drain()] == [[cid]]
+    assert counter.drain() == [[cid]]
 
 
 def test_different_bodies_and_clients_are_not_duplicates(storage: Storage, db_url, listener, peers):
@@ -383,19 +356,6 @@ def test_unavailable_message_names_database_but_not_password(counter):
 # --- broadcast or routed: NIKI_PEERS ----------------------------------------------------------------
 
 
-class FakeStorage:
-    """Stands in for the database where only the Enqueuer's own bookkeeping is under test."""
-
-    def __init__(self, queued: Queued) -> None:
-        self.queued = queued
-
-    def enqueue(self, client_id: int, body: str, duplicate_window: float) -> Queued:
-        return self.queued
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize(
     ("value", "expected"),
     [(None, None), ("", None), ("   ", None), ("h:1", [("h", 1)]),
@@ -424,7 +384,7 @@ def test_niki_peers_set_means_broadcast(storage: Storage, db_url, counter, monke
             assert enqueuer.datagrams_sent == 2
         assert enqueue(cid, "second", db=db_url) is True
         for c in (counter, other):
-            assert [decode(d) for d in c.drain()] == [[cid], [cid]]
+            assert c.drain() == [[cid], [cid]]
     finally:
         other.sock.close()
 
@@ -452,7 +412,7 @@ def test_niki_peers_unset_means_routed(storage: Storage, db_url, counter, monkey
             assert enqueuer.datagrams_sent == 1
         assert enqueue(offline, "via enqueue(), offline", db=db_url) is True
         assert enqueue(online, "via enqueue()", db=db_url) is True
-        assert [decode(d) for d in owner.drain()] == [[online], [online]]
+        assert owner.drain() == [[online], [online]]
         assert counter.drain() == []
         assert storage.pending_count(offline) == 2
     finally:
@@ -484,7 +444,7 @@ def test_explicit_peers_win_over_niki_peers(storage: Storage, db_url, counter, m
         cid = storage.new_client().client_id
         monkeypatch.setenv("NIKI_PEERS", other.peers)
         assert enqueue(cid, "hello", db=db_url, peers=counter.peers) is True
-        assert [decode(d) for d in counter.drain()] == [[cid]]
+        assert counter.drain() == [[cid]]
         assert other.drain() == []
     finally:
         other.sock.close()
@@ -518,24 +478,27 @@ def test_niki_peers_of_separators_only_does_not_silence_wakeups(storage: Storage
         return  # refusing it is as good as routing
     with enqueuer:
         assert enqueuer.enqueue(cid, "hello") is True
-    assert [decode(d) for d in counter.drain()] == [[cid]]
+    assert counter.drain() == [[cid]]
 
 
-def test_datagrams_sent_is_exact_under_concurrency(listener, monkeypatch):
+def test_datagrams_sent_is_exact_under_concurrency(storage: Storage, db_url, counter, monkeypatch):
+    """Threads enqueueing at once for an online client: one datagram each, all counted."""
     monkeypatch.delenv("NIKI_PEERS", raising=False)
-    owner = ServerAddress(1, "127.0.0.1", listener.port)
-    threads, per_thread = 8, 1000
-    # No database: every enqueue is "queued, owner live", so each sends exactly one datagram.
-    with Enqueuer("sqlite:///unused.sqlite3", storage=FakeStorage(Queued(1, owner))) as enqueuer:
+    server = storage.register_server("test", 1, "127.0.0.1", counter.port, 1)
+    cid = storage.new_client(server).client_id
+    threads, per_thread = 4, 50
+    with Enqueuer(db_url) as enqueuer:
         assert enqueuer.mode == "routed"
 
-        def work() -> None:
-            for _ in range(per_thread):
-                enqueuer.enqueue(1, "x")
+        def work(n: int) -> None:
+            for i in range(per_thread):
+                assert enqueuer.enqueue(cid, f"{n}-{i}") is True
 
-        workers = [threading.Thread(target=work) for _ in range(threads)]
+        workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
         for t in workers:
             t.start()
         for t in workers:
             t.join(60)
         assert enqueuer.datagrams_sent == threads * per_thread
+    assert len(counter.drain()) == threads * per_thread
+

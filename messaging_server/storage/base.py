@@ -39,11 +39,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..errors import StorageUnavailable, UnknownClient
+from ..errors import QueueFull, StorageUnavailable, UnknownClient
 
 log = logging.getLogger(__name__)
 
-PENDING, DELIVERED, IGNORED = "pending", "delivered", "ignored"
+PENDING, DELIVERED, IGNORED, EXPIRED = "pending", "delivered", "ignored", "expired"
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,11 @@ class StoredMessage:
 class Delivery:
     """What one delivery pass did."""
 
-    delivered: int
+    delivered: int  # written (and, unless the caller marks later, marked delivered)
     taken_over: bool = False
     write_failed: bool = False
     more: bool = False
+    last_id: int = 0  # the highest message id written in this pass
 
 
 @dataclass(frozen=True)
@@ -128,15 +129,31 @@ class Storage(abc.ABC):
         """The client's connection ended: it has no owner, unless a newer session took it."""
 
     @abc.abstractmethod
-    def enqueue(self, client_id: int, body: str, duplicate_window: float) -> Queued:
+    def enqueue(self, client_id: int, body: str, duplicate_window: float,
+                ttl: Optional[float] = None, max_pending: Optional[int] = None) -> Queued:
         """Store a pending message (or, for a duplicate, an ignored one).
 
-        Raises UnknownClient when no such client exists.
+        ``ttl``: seconds after which it is never sent.  Raises UnknownClient when
+        no such client exists, QueueFull when it has ``max_pending`` pending.
         """
 
     @abc.abstractmethod
-    def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int) -> Delivery:
-        """Lock, write and mark delivered up to ``batch`` pending messages, oldest first."""
+    def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int,
+                        after_id: int = 0, mark: bool = True) -> Delivery:
+        """Lock, write and (``mark``) mark delivered up to ``batch`` pending messages.
+
+        Oldest first, only ids above ``after_id`` (those below were written to
+        this connection already), never expired ones.
+        """
+
+    @abc.abstractmethod
+    def mark_delivered(self, client_id: int, message_ids: Sequence[int]) -> int:
+        """Mark messages of ``client_id`` delivered (acknowledged); return how many were waiting."""
+
+    @abc.abstractmethod
+    def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
+        """Mark pending messages past their TTL expired; delete at most ``batch`` finished
+        messages older than ``retention`` seconds.  Return (expired, deleted)."""
 
     @abc.abstractmethod
     def pending_count(self, client_id: int) -> int:
@@ -184,8 +201,9 @@ class SqlStorage(Storage):
 
     # Dialect fragments, set by each backend.
     now_sql = ""
-    # SQL for "the time `%s` microseconds ago", taking one parameter.
+    # SQL for "the time `%s` microseconds ago" / "from now", taking one parameter.
     micros_ago_sql = ""
+    micros_ahead_sql = ""
     # Appended to a SELECT of a client row to lock it until commit.
     lock_rows_sql = ""
 
@@ -289,29 +307,43 @@ class SqlStorage(Storage):
 
     # --- messages ---
 
-    def enqueue(self, client_id: int, body: str, duplicate_window: float) -> Queued:
+    def enqueue(self, client_id: int, body: str, duplicate_window: float,
+                ttl: Optional[float] = None, max_pending: Optional[int] = None) -> Queued:
         digest = body_hash(body)
         with self.transaction() as tx:
             rows = tx.fetchall(
                 f"SELECT owner_server_id FROM clients WHERE id = %s {self.lock_rows_sql}", (client_id,))
             if not rows:
                 raise UnknownClient(f"no client with id {client_id}")
+            if max_pending is not None:
+                # Counts at most max_pending index entries, whatever the backlog.
+                pending = tx.scalar(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE client_id = %s "
+                    f"AND status = '{PENDING}' LIMIT %s) AS capped",
+                    (client_id, max_pending))
+                if int(pending) >= max_pending:
+                    raise QueueFull(f"client {client_id} already has {max_pending} pending messages")
             recent = tx.scalar(
                 "SELECT id FROM messages WHERE client_id = %s AND body_hash = %s "
                 f"AND status <> '{IGNORED}' AND created_at > {self.micros_ago_sql} LIMIT 1",
                 (client_id, digest, int(duplicate_window * 1_000_000)),
             )
             status = IGNORED if recent is not None else PENDING
+            expires = "NULL" if ttl is None else self.micros_ahead_sql
+            params: List[Any] = [client_id, body, digest, status]
+            if ttl is not None:
+                params.append(int(ttl * 1_000_000))
             tx.execute(
-                "INSERT INTO messages (client_id, body, body_hash, status, created_at) "
-                f"VALUES (%s, %s, %s, %s, {self.now_sql})",
-                (client_id, body, digest, status),
+                "INSERT INTO messages (client_id, body, body_hash, status, created_at, expires_at) "
+                f"VALUES (%s, %s, %s, %s, {self.now_sql}, {expires})",
+                params,
             )
             if recent is not None:
                 return Queued(None)
             return Queued(tx.lastrowid, self._live_server(tx, rows[0][0]))
 
-    def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int) -> Delivery:
+    def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int,
+                        after_id: int = 0, mark: bool = True) -> Delivery:
         with self.transaction() as tx:
             # The client row's lock serialises every delivery of this client, on
             # any server; reading the session under it sees any takeover that
@@ -322,14 +354,15 @@ class SqlStorage(Storage):
                 return Delivery(0, taken_over=True)
             rows = tx.fetchall(
                 f"SELECT id, body FROM messages WHERE client_id = %s AND status = '{PENDING}' "
+                f"AND id > %s AND (expires_at IS NULL OR expires_at > {self.now_sql}) "
                 "ORDER BY id LIMIT %s",
-                (client_id, batch),
+                (client_id, after_id, batch),
             )
             if not rows:
                 return Delivery(0)
             messages = [StoredMessage(int(mid), body) for mid, body in rows]
             written = write(messages)
-            if written:
+            if written and mark:
                 ids = [m.id for m in messages[:written]]
                 marks = ", ".join(["%s"] * len(ids))
                 tx.execute(
@@ -341,7 +374,37 @@ class SqlStorage(Storage):
                 written,
                 write_failed=written < len(messages),
                 more=written == len(messages) == batch,
+                last_id=messages[written - 1].id if written else 0,
             )
+
+    def mark_delivered(self, client_id: int, message_ids: Sequence[int]) -> int:
+        if not message_ids:
+            return 0
+        marks = ", ".join(["%s"] * len(message_ids))
+        with self.transaction() as tx:
+            return tx.execute(
+                f"UPDATE messages SET status = '{DELIVERED}', delivered_at = {self.now_sql} "
+                f"WHERE client_id = %s AND status IN ('{PENDING}', '{EXPIRED}') AND id IN ({marks})",
+                [client_id, *message_ids],
+            )
+
+    def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
+        with self.transaction() as tx:
+            expiring = [r[0] for r in tx.fetchall(
+                f"SELECT id FROM messages WHERE status = '{PENDING}' AND expires_at IS NOT NULL "
+                f"AND expires_at <= {self.now_sql} LIMIT %s", (batch,))]
+            if expiring:
+                marks = ", ".join(["%s"] * len(expiring))
+                tx.execute(f"UPDATE messages SET status = '{EXPIRED}' "
+                           f"WHERE status = '{PENDING}' AND id IN ({marks})", expiring)
+        with self.transaction() as tx:
+            old = [r[0] for r in tx.fetchall(
+                f"SELECT id FROM messages WHERE status IN ('{DELIVERED}', '{IGNORED}', '{EXPIRED}') "
+                f"AND created_at < {self._ago(retention)} LIMIT %s", (batch,))]
+            if old:
+                marks = ", ".join(["%s"] * len(old))
+                tx.execute(f"DELETE FROM messages WHERE id IN ({marks})", old)
+        return len(expiring), len(old)
 
     def pending_count(self, client_id: int) -> int:
         with self.transaction() as tx:

@@ -36,6 +36,7 @@ WRITE_TIMEOUT_S = 60
 class MysqlStorage(SqlStorage):
     now_sql = "NOW(6)"
     micros_ago_sql = "(NOW(6) - INTERVAL %s MICROSECOND)"
+    micros_ahead_sql = "(NOW(6) + INTERVAL %s MICROSECOND)"
     lock_rows_sql = "FOR UPDATE"
     unavailable_errors = (pymysql.err.MySQLError,)
 

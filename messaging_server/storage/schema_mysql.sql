@@ -17,12 +17,15 @@ CREATE TABLE IF NOT EXISTS messages (
     client_id     BIGINT      NOT NULL,
     body          TEXT        NOT NULL,
     body_hash     BINARY(32)  NOT NULL,             -- sha256 of the body, for the duplicate rule
-    status        ENUM('pending', 'delivered', 'ignored') NOT NULL DEFAULT 'pending',
+    status        ENUM('pending', 'delivered', 'ignored', 'expired') NOT NULL DEFAULT 'pending',
     created_at    DATETIME(6) NOT NULL,
+    expires_at    DATETIME(6) NULL,                 -- NULL: never; past it, never sent
     delivered_at  DATETIME(6) NULL,
     PRIMARY KEY (id),
     KEY messages_pending_by_client (client_id, status, id),
-    KEY messages_duplicate_check (client_id, body_hash, created_at)
+    KEY messages_duplicate_check (client_id, body_hash, created_at),
+    KEY messages_by_status_expiry (status, expires_at),
+    KEY messages_by_status_age (status, created_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS servers (

@@ -17,14 +17,19 @@ CREATE TABLE IF NOT EXISTS messages (
     body          TEXT    NOT NULL,
     body_hash     BLOB    NOT NULL,             -- sha256 of the body, for the duplicate rule
     status        TEXT    NOT NULL DEFAULT 'pending'
-                  CHECK (status IN ('pending', 'delivered', 'ignored')),
+                  CHECK (status IN ('pending', 'delivered', 'ignored', 'expired')),
     created_at    TEXT    NOT NULL,
+    expires_at    TEXT,                         -- NULL: never; past it, never sent
     delivered_at  TEXT
 );
 
 CREATE INDEX IF NOT EXISTS messages_pending_by_client ON messages (client_id, status, id);
 
 CREATE INDEX IF NOT EXISTS messages_duplicate_check ON messages (client_id, body_hash, created_at);
+
+CREATE INDEX IF NOT EXISTS messages_by_status_expiry ON messages (status, expires_at);
+
+CREATE INDEX IF NOT EXISTS messages_by_status_age ON messages (status, created_at);
 
 CREATE TABLE IF NOT EXISTS servers (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,

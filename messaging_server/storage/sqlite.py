@@ -32,6 +32,7 @@ BUSY_TIMEOUT_S = 30.0
 class SqliteStorage(SqlStorage):
     now_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
     micros_ago_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || (%s / 1000000.0) || ' seconds')"
+    micros_ahead_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || (%s / 1000000.0) || ' seconds')"
     lock_rows_sql = ""  # BEGIN IMMEDIATE already holds the write lock
     unavailable_errors = (sqlite3.Error,)
 
