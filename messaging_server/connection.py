@@ -29,6 +29,11 @@ from .storage import StoredMessage
 
 log = logging.getLogger(__name__)
 
+# Replies (PONG, Invalid command, errors) waiting to be written to one client.
+# A client that sends commands faster than it reads the answers would otherwise
+# make the server hold them without bound; past this it is disconnected.
+MAX_UNWRITTEN_REPLIES = 64 * 1024
+
 
 @dataclass
 class Work:
@@ -53,6 +58,7 @@ class ClientConnection:
         self.close_reason = ""
         self._closed = threading.Event()
         self._work = Work()
+        self._reply_bytes = 0
         self._cond = threading.Condition()
         # Delivery bookkeeping, touched only by the handler thread.
         self.last_sent_id = 0  # every pending message up to here was written to this socket
@@ -71,10 +77,20 @@ class ClientConnection:
     # --- asking the handler thread for work (any thread) ---
 
     def post(self, line: bytes, close_reason: str = "") -> None:
-        """Have ``line`` written; then close the connection if ``close_reason`` is given."""
+        """Have ``line`` written; then close the connection if ``close_reason`` is given.
+
+        A client whose unwritten replies pass MAX_UNWRITTEN_REPLIES is disconnected.
+        """
         with self._cond:
-            self._work.replies.append((line, close_reason))
-            self._cond.notify()
+            if self._reply_bytes + len(line) > MAX_UNWRITTEN_REPLIES:
+                flooding = True
+            else:
+                flooding = False
+                self._reply_bytes += len(line)
+                self._work.replies.append((line, close_reason))
+                self._cond.notify()
+        if flooding:
+            self.close("sent commands faster than it read the answers")
 
     def post_ack(self, message_id: int) -> None:
         with self._cond:
@@ -93,6 +109,7 @@ class ClientConnection:
             if not (self._work.replies or self._work.acks or self._work.deliver or self.closed):
                 self._cond.wait(timeout)
             work, self._work = self._work, Work()
+            self._reply_bytes = 0
         return work
 
     # --- writing (the handler thread) ---

@@ -152,9 +152,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
         storage, batch = self.server.storage, self.server.settings.delivery_batch
         while not conn.closed:
             work = conn.take_work(timeout=1.0)
-            for line, close_reason in work.replies:
-                if conn.send(line) and close_reason:
-                    conn.close(close_reason)
+            _write_replies(conn, work.replies)
             if work.acks and not conn.closed:
                 acknowledge(storage, conn, work.acks)
             if work.deliver and not conn.closed:
@@ -333,6 +331,19 @@ class NikiServer(socketserver.ThreadingTCPServer):
             except StorageUnavailable as exc:
                 log.warning("could not unregister this server: %s", exc)
         self.server_close()
+
+
+def _write_replies(conn: ClientConnection, replies: List[Tuple[bytes, str]]) -> None:
+    """Write queued replies, as few sends as possible; close where a reply asks to."""
+    chunk: List[bytes] = []
+    for line, close_reason in replies:
+        chunk.append(line)
+        if close_reason:
+            if conn.send(b"".join(chunk)):
+                conn.close(close_reason)
+            return
+    if chunk:
+        conn.send(b"".join(chunk))
 
 
 def set_keepalive(sock: socket.socket, idle: float, interval: float, count: int) -> None:
