@@ -15,7 +15,7 @@ import sys
 from typing import Dict, Iterable, List, Optional, TextIO, Union
 
 from . import settings
-from .enqueue import Enqueuer
+from .enqueue import Enqueuer, check_ttl
 from .errors import (
     BodyRejected,
     ConfigurationError,
@@ -62,8 +62,10 @@ def enqueue_parser() -> argparse.ArgumentParser:
 
 def enqueue_main(argv: Optional[List[str]] = None, stdin: Optional[TextIO] = None) -> int:
     args = enqueue_parser().parse_args(argv)
-    if args.ttl is not None and not args.ttl > 0:
-        return _fail(EXIT_BAD_INPUT, f"--ttl must be a positive number of seconds, not {args.ttl}")
+    try:
+        check_ttl(args.ttl)
+    except BodyRejected as exc:
+        return _fail(EXIT_BAD_INPUT, f"--ttl: {exc}")
     try:
         enqueuer = Enqueuer(args.db, args.peers)
     except ConfigurationError as exc:

@@ -13,12 +13,15 @@ import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from . import settings
-from .errors import BodyRejected, UnknownClient
+from .errors import BodyRejected, ConfigurationError, UnknownClient
 from .protocol import MAX_CLIENT_ID, parse_client_id
 from .storage import Storage, open_storage
 from .wakeup import Address, WakeupSender, parse_peers
 
 ClientId = Union[int, str]
+# The longest time to live: past it a ttl is surely a mistake (and dates
+# beyond year 9999 overflow the databases' datetime types).
+MAX_TTL_S = 10 * 366 * 86400
 # An application rarely needs more: enqueue is one short transaction.
 ENQUEUE_POOL_SIZE = 4
 
@@ -72,6 +75,15 @@ def _peer_list(peers: Optional[Union[str, Sequence[Address]]]) -> Optional[List[
     return list(peers) or None
 
 
+def check_ttl(ttl: Optional[float]) -> None:
+    """BodyRejected unless ``ttl`` is None or a number of seconds in (0, MAX_TTL_S]."""
+    if ttl is None:
+        return
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL_S:
+        raise BodyRejected(f"ttl must be a number of seconds above 0 and at most {MAX_TTL_S}, "
+                           f"not {ttl!r}")
+
+
 class Enqueuer:
     """Queues messages into one database and wakes the servers that must know.
 
@@ -91,7 +103,12 @@ class Enqueuer:
         self.db = db or settings.default_db()
         self.peers = _peer_list(peers)
         self.max_body_bytes = max_body_bytes
-        self.max_pending = max_pending if max_pending is not None else settings.default_max_pending()
+        if max_pending is None:
+            max_pending = settings.default_max_pending()
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ConfigurationError(f"max_pending must be a whole number of at least 1, "
+                                     f"not {max_pending!r}")
+        self.max_pending = max_pending
         self._storage = storage or open_storage(self.db, pool_size=ENQUEUE_POOL_SIZE)
         self._sender = WakeupSender(self.peers or ())
         self._count_lock = threading.Lock()
@@ -110,8 +127,7 @@ class Enqueuer:
         """
         numeric_id = client_id_of(client_id)
         text = check_body(body, self.max_body_bytes)
-        if ttl is not None and not ttl > 0:
-            raise BodyRejected(f"ttl must be a positive number of seconds, not {ttl!r}")
+        check_ttl(ttl)
         queued = self._storage.enqueue(numeric_id, text, settings.DUPLICATE_WINDOW_S,
                                        ttl=ttl, max_pending=self.max_pending)
         if queued.message_id is None:

@@ -317,6 +317,7 @@ class ClientConnection:
     @staticmethod
     def identify(client_id: Optional[Union[int, str]], ack: bool = False) -> bytes:
         word = NEW_CLIENT if client_id is None else str(client_id)
+        check_body(word)
         return _line(f"{word} {CAPABILITY_ACK}" if ack else word)
 
     @staticmethod

@@ -375,3 +375,111 @@ def test_help_does_not_advertise_the_old_default_peer(tmp_path):
     result = run_cli("--help", cwd=str(tmp_path))
     assert result.status == 0
     assert f"127.0.0.1:{DEFAULT_PORT + 1}" not in result.stdout
+
+
+# --- --ttl ---------------------------------------------------------------------------------------------
+
+
+def expires_in(db_url: str, client_id: int) -> List[Optional[float]]:
+    """expires_at - created_at in seconds (None: never) of each message of ``client_id``."""
+    if db_url.startswith("sqlite:"):
+        span = "(julianday(expires_at) - julianday(created_at)) * 86400"
+    else:
+        span = "TIMESTAMPDIFF(MICROSECOND, created_at, expires_at) / 1000000"
+    rows = query(db_url, f"SELECT {span} FROM messages WHERE client_id = %s ORDER BY id", (client_id,))
+    return [None if row[0] is None else round(float(row[0]), 2) for row in rows]
+
+
+def test_ttl(db_url, storage, client, wakeups):
+    storage.enqueue(client, "no ttl", 0)
+    result = run_cli("--ttl", "30", str(client), "soon gone", db=db_url, peers=wakeups.peers)
+    assert (result.status, result.stderr) == (0, "")
+    result = run_cli("-q", "--ttl", "1.5", str(client), "-", db=db_url, peers=wakeups.peers, stdin=b"a\nb\n")
+    assert (result.status, result.stdout, result.stderr) == (0, "", "")
+    assert bodies(db_url, client) == ["no ttl", "soon gone", "a", "b"]
+    assert expires_in(db_url, client) == [None, 30.0, 1.5, 1.5]
+    assert wakeups.drain() == [[client]] * 3
+
+
+def test_bad_ttl(sqlite_url, wakeups):
+    # Checked before the database is used: one backend is enough.
+    with open_storage(sqlite_url, create=True) as store:
+        store.create_schema()
+        client = store.new_client().client_id
+    db_url = sqlite_url
+    for ttl in ["0", "-5", "nan", "abc"]:
+        result = run_cli("--ttl", ttl, str(client), "hello", db=db_url, peers=wakeups.peers)
+        assert result.status == 2, (ttl, result.stderr)
+        assert result.stdout == ""
+        assert result.stderr_lines[-1].startswith("niki-enqueue: "), (ttl, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert query(db_url, "SELECT COUNT(*) FROM messages") == [(0,)]
+    assert wakeups.drain() == []
+
+
+def test_infinite_ttl_is_not_a_crash(sqlite_url, wakeups):
+    # --ttl inf reads as "never expires"; it must be queued (0) or refused as bad input (2), not a traceback.
+    with open_storage(sqlite_url, create=True) as store:
+        store.create_schema()
+        client = store.new_client().client_id
+    result = run_cli("--ttl", "inf", str(client), "forever", db=sqlite_url, peers=wakeups.peers)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.status in (0, 2), result.stderr
+    assert bodies(sqlite_url, client) == (["forever"] if result.status == 0 else [])
+
+
+# --- queue full: exit 4 --------------------------------------------------------------------------------
+
+
+def test_queue_full(db_url, storage, client, wakeups):
+    env = {"NIKI_MAX_PENDING": "2"}
+    storage.enqueue(client, "a", 0)
+    assert run_cli("-q", str(client), "b", db=db_url, peers=wakeups.peers, extra_env=env).status == 0
+    assert wakeups.drain() == [[client]]
+    result = run_cli(str(client), "c", db=db_url, peers=wakeups.peers, extra_env=env)
+    assert result.status == 4
+    assert result.stdout == ""
+    assert "pending" in result.one_error_line()
+    assert wakeups.drain() == []
+    rows = query(db_url, "SELECT body, status FROM messages ORDER BY id")
+    assert rows == [("a", "pending"), ("b", "pending")]
+    # Without the lower cap (default 10,000) there is room.
+    assert run_cli("-q", str(client), "c", db=db_url, peers=wakeups.peers).status == 0
+
+
+def test_bulk_queue_full(db_url, client, wakeups):
+    env = {"NIKI_MAX_PENDING": "2"}
+    result = run_cli(str(client), "-", db=db_url, peers=wakeups.peers, extra_env=env,
+                     stdin=b"a\na\nb\nc\nd\n")
+    assert result.status == 4  # queue full beats duplicate
+    assert result.stdout == ""
+    assert summary(result, "stderr") == {"queued": 2, "duplicate": 1, "rejected": 0, "queue full": 2}
+    errors = [line for line in result.stderr_lines if line.startswith("niki-enqueue: line ")]
+    assert [line.split(":")[1].strip() for line in errors] == ["line 4", "line 5"]
+    assert bodies(db_url, client) == ["a", "b"]
+    assert wakeups.drain() == [[client]] * 2
+
+
+def test_bulk_bad_input_beats_queue_full(db_url, client, wakeups):
+    # -q silences only success: the summary still goes to stderr.
+    result = run_cli("-q", str(client), "-", db=db_url, peers=wakeups.peers,
+                     extra_env={"NIKI_MAX_PENDING": "1"}, stdin=b"a\n\nb\n")
+    assert result.status == 2
+    assert result.stdout == ""
+    assert summary(result, "stderr") == {"queued": 1, "duplicate": 0, "rejected": 1, "queue full": 1}
+    assert bodies(db_url, client) == ["a"]
+
+
+def test_bad_niki_max_pending(tmp_path):
+    db = f"sqlite:///{tmp_path / 'x.sqlite3'}"
+    for value in ("abc", "0"):
+        result = run_cli("5", "hello", db=db, extra_env={"NIKI_MAX_PENDING": value}, cwd=str(tmp_path))
+        assert result.status == 2
+        assert "NIKI_MAX_PENDING" in result.one_error_line()
+
+
+def test_help_mentions_ttl_and_queue_full(tmp_path):
+    result = run_cli("--help", cwd=str(tmp_path))
+    assert result.status == 0
+    assert "--ttl" in result.stdout
+    assert "4 queue full" in " ".join(result.stdout.split())

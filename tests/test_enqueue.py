@@ -5,22 +5,24 @@ from __future__ import annotations
 import importlib
 import sqlite3
 import threading
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
+import messaging_server
 from messaging_server import Enqueuer, enqueue, settings
 from messaging_server.enqueue import check_body, client_id_of
 from messaging_server.errors import (
     BodyRejected,
     ConfigurationError,
     NikiError,
+    QueueFull,
     StorageUnavailable,
     UnknownClient,
 )
 from messaging_server.protocol import MAX_CLIENT_ID
 from messaging_server.settings import MAX_BODY_BYTES
-from messaging_server.storage import Storage
+from messaging_server.storage import Storage, open_storage
 from messaging_server.wakeup import WakeupListener
 from tests.helpers import DatagramCounter, query
 
@@ -502,3 +504,138 @@ def test_datagrams_sent_is_exact_under_concurrency(storage: Storage, db_url, cou
         assert enqueuer.datagrams_sent == threads * per_thread
     assert len(counter.drain()) == threads * per_thread
 
+
+# --- ttl -----------------------------------------------------------------------------------------------
+
+
+def ttl_of(db_url: str, client_id: int) -> List[Optional[float]]:
+    """expires_at - created_at in seconds (None: never expires) of each message of ``client_id``."""
+    if db_url.startswith("sqlite:"):
+        span = "(julianday(expires_at) - julianday(created_at)) * 86400"
+    else:
+        span = "TIMESTAMPDIFF(MICROSECOND, created_at, expires_at) / 1000000"
+    rows = query(db_url, f"SELECT {span} FROM messages WHERE client_id = %s ORDER BY id", (client_id,))
+    return [None if row[0] is None else round(float(row[0]), 2) for row in rows]
+
+
+def test_enqueue_with_ttl(storage: Storage, db_url, counter, monkeypatch):
+    monkeypatch.delenv("NIKI_MAX_PENDING", raising=False)
+    cid = storage.new_client().client_id
+    assert enqueue(cid, "one minute", db=db_url, peers=counter.peers, ttl=60) is True
+    assert enqueue(cid, "forever", db=db_url, peers=counter.peers) is True
+    with Enqueuer(db_url, counter.peers) as enqueuer:
+        assert enqueuer.enqueue(cid, "ten seconds", ttl=10) is True
+        assert enqueuer.enqueue(cid, "a quarter second", ttl=0.25) is True
+    assert ttl_of(db_url, cid) == [60.0, None, 10.0, 0.25]
+    assert counter.drain() == [[cid]] * 4
+
+
+@pytest.mark.parametrize("ttl", [0, -0.5, float("nan"), float("-inf")])
+def test_bad_ttl_is_rejected_and_stores_nothing(storage: Storage, db_url, counter, ttl):
+    cid = storage.new_client().client_id
+    with pytest.raises(BodyRejected, match="ttl"):
+        enqueue(cid, "hello", db=db_url, peers=counter.peers, ttl=ttl)
+    with Enqueuer(db_url, counter.peers) as enqueuer, pytest.raises(BodyRejected):
+        enqueuer.enqueue(cid, "hello", ttl=ttl)
+    assert rows_of(db_url, cid) == []
+    assert counter.drain() == []
+
+
+@pytest.mark.parametrize("ttl", [float("inf"), 1e12, 1e14], ids=["inf", "1e12", "1e14"])
+def test_huge_ttl_is_queued_or_rejected_never_a_crash(storage: Storage, db_url, counter, ttl):
+    # math.inf is the natural way to say "never expires"; a TTL past year 9999 cannot be stored.
+    # Either answer is fine: queued (never expiring) or BodyRejected, with the database untouched.
+    # Not an OverflowError, and not StorageUnavailable: the database is up.
+    cid = storage.new_client().client_id
+    with Enqueuer(db_url, counter.peers) as enqueuer:
+        try:
+            queued = enqueuer.enqueue(cid, "for a long time", ttl=ttl)
+        except BodyRejected:
+            assert rows_of(db_url, cid) == []
+            assert counter.drain() == []
+        else:
+            assert queued is True
+            assert rows_of(db_url, cid) == [("for a long time", "pending")]
+            # And it is not expired: it would be delivered.
+            assert storage.pending_count(cid) == 1
+
+
+# --- max_pending / QueueFull -------------------------------------------------------------------------------
+
+
+def test_queue_full(storage: Storage, db_url, counter):
+    cid = storage.new_client().client_id
+    other = storage.new_client().client_id
+    with Enqueuer(db_url, counter.peers, max_pending=2) as enqueuer:
+        assert enqueuer.max_pending == 2
+        assert enqueuer.enqueue(cid, "a") is True
+        assert enqueuer.enqueue(cid, "a") is False  # ignored: takes no room
+        assert enqueuer.enqueue(cid, "b") is True
+        assert counter.drain() == [[cid], [cid]]
+        with pytest.raises(QueueFull) as caught:
+            enqueuer.enqueue(cid, "c", ttl=60)
+        # Nothing stored, nobody woken.
+        assert rows_of(db_url, cid) == [("a", "pending"), ("a", "ignored"), ("b", "pending")]
+        assert counter.drain() == []
+        assert enqueuer.datagrams_sent == 2
+        assert enqueuer.enqueue(other, "c") is True  # per client
+        # Room again once one is delivered.
+        query(db_url, "UPDATE messages SET status = 'delivered' WHERE client_id = %s AND body = 'a' "
+              "AND status = 'pending'", (cid,))
+        assert enqueuer.enqueue(cid, "c") is True
+    exc = caught.value
+    assert isinstance(exc, NikiError)
+    assert QueueFull is messaging_server.QueueFull
+    assert "QueueFull" in messaging_server.__all__
+    assert str(exc).strip() and "\n" not in str(exc)
+
+
+def test_max_pending_from_environment(storage: Storage, db_url, counter, monkeypatch):
+    monkeypatch.setenv("NIKI_MAX_PENDING", "2")
+    cid = storage.new_client().client_id
+    assert enqueue(cid, "a", db=db_url, peers=counter.peers) is True
+    assert enqueue(cid, "b", db=db_url, peers=counter.peers) is True
+    with pytest.raises(QueueFull):
+        enqueue(cid, "c", db=db_url, peers=counter.peers)
+    assert rows_of(db_url, cid) == [("a", "pending"), ("b", "pending")]
+    with Enqueuer(db_url, counter.peers) as enqueuer:
+        assert enqueuer.max_pending == 2
+    # An explicit max_pending wins over the environment.
+    with Enqueuer(db_url, counter.peers, max_pending=3) as enqueuer:
+        assert enqueuer.enqueue(cid, "c") is True
+        with pytest.raises(QueueFull):
+            enqueuer.enqueue(cid, "d")
+
+
+def test_max_pending_default(sqlite_url, monkeypatch):
+    # Read when the Enqueuer is made: "" (unset) and blank mean the default.
+    with open_storage(sqlite_url, create=True) as store:
+        store.create_schema()
+    for value in (None, "", "  "):
+        if value is None:
+            monkeypatch.delenv("NIKI_MAX_PENDING", raising=False)
+        else:
+            monkeypatch.setenv("NIKI_MAX_PENDING", value)
+        with Enqueuer(sqlite_url, "") as enqueuer:
+            assert enqueuer.max_pending == settings.MAX_PENDING == 10_000
+
+
+def test_bad_niki_max_pending_is_configuration_error(storage: Storage, db_url, counter, monkeypatch):
+    cid = storage.new_client().client_id
+    for value in ("abc", "0", "-1", "1.5", "1e3", "10 000", "\u0665"):
+        monkeypatch.setenv("NIKI_MAX_PENDING", value)
+        with pytest.raises(ConfigurationError, match="NIKI_MAX_PENDING"):
+            Enqueuer(db_url, counter.peers)
+        with pytest.raises(ConfigurationError, match="NIKI_MAX_PENDING"):
+            enqueue(cid, "hello", db=db_url, peers=counter.peers)
+    assert rows_of(db_url, cid) == []
+    assert counter.drain() == []
+
+
+@pytest.mark.parametrize("value", [-1, 2.5], ids=["negative", "fraction"])
+def test_bad_max_pending_argument_is_refused_up_front(storage: Storage, db_url, value):
+    # NIKI_MAX_PENDING must be a positive whole number (ConfigurationError otherwise); the same
+    # value passed to the constructor must not reach the SQL, where MariaDB reports the syntax
+    # error as StorageUnavailable ("the database could not be reached") on every enqueue.
+    with pytest.raises(ValueError):
+        Enqueuer(db_url, "", max_pending=value).close()

@@ -11,6 +11,8 @@ from messaging_server.protocol import (
     MAX_CLIENT_ID,
     MAX_CLIENT_LINE,
     MAX_SERVER_LINE,
+    Ack,
+    BadAck,
     ClientConnection,
     ConnectionClosed,
     Disconnect,
@@ -22,6 +24,7 @@ from messaging_server.protocol import (
     LineTooLong,
     Message,
     Notice,
+    Ping,
     ProtocolError,
     ServerConnection,
     State,
@@ -32,6 +35,15 @@ def identified() -> ServerConnection:
     conn = ServerConnection()
     assert conn.receive_data(b"NONE\n") == [Identify(None, "NONE")]
     assert conn.state is State.IDENTIFIED
+    return conn
+
+
+def ack_mode(line: bytes = b"NONE ACK\n") -> ServerConnection:
+    """A connection whose client asked for acknowledged delivery."""
+    conn = ServerConnection()
+    [event] = conn.receive_data(line)
+    assert isinstance(event, Identify)
+    assert conn.ack_mode is True
     return conn
 
 
@@ -313,8 +325,12 @@ def test_custom_limit():
 def test_output_formatting():
     assert ServerConnection.set_client_id(42) == b"SET_CLIENT_ID: 42\n"
     assert ServerConnection.set_client_id("42") == b"SET_CLIENT_ID: 42\n"
-    assert ServerConnection.message("hello world") == b"MESSAGE: hello world\n"
-    assert ServerConnection.message("h\u00e9 \U0001f600") == "MESSAGE: h\u00e9 \U0001f600\n".encode()
+    # message() is an instance method: its format depends on the connection's mode.
+    legacy = ServerConnection()
+    assert legacy.message("hello world") == b"MESSAGE: hello world\n"
+    assert legacy.message("h\u00e9 \U0001f600") == "MESSAGE: h\u00e9 \U0001f600\n".encode()
+    # Outside ACK mode the id, if given, is not sent.
+    assert legacy.message("hello", 7) == b"MESSAGE: hello\n"
     assert ServerConnection.invalid_command("foo bar") == b"Invalid command: foo bar\n"
     assert ServerConnection.invalid_command("") == b"Invalid command: \n"
     assert ServerConnection.error("server is shutting down") == b"ERROR: server is shutting down\n"
@@ -325,15 +341,18 @@ def test_output_formatting():
 @pytest.mark.parametrize("body", ["a\nb", "a\rb", "\n", "trailing\r\n"])
 def test_message_with_line_break_raises(body):
     with pytest.raises(ValueError):
-        ServerConnection.message(body)
+        ServerConnection().message(body)
+    with pytest.raises(ValueError):
+        ack_mode().message(body, 1)
     with pytest.raises(ValueError):
         protocol.check_body(body)
 
 
 def test_server_output_parsed_by_client():
     client = ClientConnection()
-    data = (ServerConnection().greeting() + ServerConnection.set_client_id(17)
-            + ServerConnection.message("one") + ServerConnection.invalid_command("x"))
+    server = ServerConnection()
+    data = (server.greeting() + ServerConnection.set_client_id(17)
+            + server.message("one") + ServerConnection.invalid_command("x"))
     assert client.receive_data(data) == [IdRequested(), IdAssigned("17"), Message("one"),
                                          Notice("Invalid command: x")]
 
@@ -437,3 +456,194 @@ def test_line_buffer_does_not_hold_consumed_lines():
     assert lines == ["123456789"] * 100
     assert overflow is False
     assert buf.pending == 5
+
+
+# --- PING, in both modes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["legacy", "ack"])
+@pytest.mark.parametrize("data", [b"PING\n", b"PING\r\n", b"  PING \t\n"])
+def test_ping(mode, data):
+    conn = identified() if mode == "legacy" else ack_mode()
+    assert conn.receive_data(data) == [Ping()]
+    assert conn.state is State.IDENTIFIED
+    assert conn.pong() == b"PONG\n"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "ack"])
+@pytest.mark.parametrize("line", ["ping", "Ping", "PING now", "PINGPING", "PONG"])
+def test_ping_is_exact(mode, line):
+    conn = identified() if mode == "legacy" else ack_mode()
+    assert conn.receive_data(line.encode() + b"\n") == [InvalidCommand(line)]
+
+
+def test_ping_before_identification_is_an_id_line():
+    conn = ServerConnection()
+    assert conn.receive_data(b"PING\n") == [Identify(None, "PING", malformed=True)]
+    assert conn.state is State.IDENTIFIED
+    assert conn.ack_mode is False
+
+
+# --- the ACK capability ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "client_id", "capabilities"),
+    [
+        ("NONE ACK", None, ("ACK",)),
+        ("none ack", None, ("ack",)),
+        ("12 ACK", 12, ("ACK",)),
+        ("12 ack", 12, ("ack",)),
+        ("12 Ack", 12, ("Ack",)),
+        ("12 aCk", 12, ("aCk",)),
+        ("  12\tACK  ", 12, ("ACK",)),
+        ("12 zlib ACK v2", 12, ("zlib", "ACK", "v2")),
+    ],
+)
+def test_ack_capability_is_case_insensitive(line, client_id, capabilities):
+    conn = ServerConnection()
+    expected = Identify(client_id, line, capabilities=capabilities)
+    assert conn.receive_data(line.encode() + b"\r\n") == [expected]
+    assert conn.ack_mode is True
+    assert conn.message("hi", 5) == b"MESSAGE 5: hi\n"
+
+
+@pytest.mark.parametrize("line", ["12", "NONE", "12 ACKS", "12 NACK", "12 ACK5", "12ACK", "ACK", "12 push",
+                                  "12 ACK_", "12 \u0391CK"])
+def test_no_ack_capability(line):
+    conn = ServerConnection()
+    [event] = conn.receive_data(line.encode() + b"\n")
+    assert isinstance(event, Identify)
+    assert conn.ack_mode is False
+    assert conn.message("hi", 5) == b"MESSAGE: hi\n"
+
+
+def test_malformed_id_with_ack_still_asks_for_ack_mode():
+    # A malformed id gets a new one (section 4); the capability word still counts.
+    conn = ServerConnection()
+    assert conn.receive_data(b"x1 ACK\n") == [Identify(None, "x1 ACK", malformed=True, capabilities=("ACK",))]
+    assert conn.ack_mode is True
+
+
+def test_ack_mode_message_format():
+    conn = ack_mode()
+    assert conn.message("hello world", 31) == b"MESSAGE 31: hello world\n"
+    assert conn.message(" padded ", 1) == b"MESSAGE 1:  padded \n"
+    assert conn.message("h\u00e9 \U0001f600", MAX_CLIENT_ID) == (
+        f"MESSAGE {MAX_CLIENT_ID}: h\u00e9 \U0001f600\n".encode())
+    # A body that itself looks like a message line is carried as is.
+    assert conn.message("MESSAGE: x", 2) == b"MESSAGE 2: MESSAGE: x\n"
+
+
+def test_ack_mode_is_per_connection():
+    ack = ack_mode()
+    legacy = identified()
+    assert ack.message("x", 3) == b"MESSAGE 3: x\n"
+    assert legacy.message("x", 3) == b"MESSAGE: x\n"
+    assert legacy.ack_mode is False
+
+
+@pytest.mark.parametrize(
+    ("data", "message_id"),
+    [
+        (b"ACK 1\n", 1),
+        (b"ACK 31\r\n", 31),
+        (b"ACK 0042\n", 42),
+        (b"ACK  7\n", 7),
+        (b"  ACK 7  \n", 7),
+        (f"ACK {MAX_CLIENT_ID}\n".encode(), MAX_CLIENT_ID),
+    ],
+)
+def test_ack_in_ack_mode(data, message_id):
+    conn = ack_mode()
+    assert conn.receive_data(data) == [Ack(message_id)]
+    assert conn.state is State.IDENTIFIED
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["ACK", "ACK ", "ACK x", "ACK 0", "ACK -1", "ACK +1", "ACK 1.5", "ACK 1 2", "ACK 5x",
+     f"ACK {MAX_CLIENT_ID + 1}", "ACK \u0665", "ACK NONE"],
+)
+def test_bad_ack_in_ack_mode(line):
+    conn = ack_mode()
+    assert conn.receive_data(line.encode() + b"\n") == [BadAck(line)]
+    assert conn.state is State.IDENTIFIED
+    # The connection carries on.
+    assert conn.receive_data(b"ACK 3\n") == [Ack(3)]
+
+
+@pytest.mark.parametrize("line", ["ack 5", "Ack 5", "ACKNOWLEDGE 5", "ACK5", "NACK 5"])
+def test_not_an_ack_command_in_ack_mode(line):
+    conn = ack_mode()
+    assert conn.receive_data(line.encode() + b"\n") == [InvalidCommand(line)]
+
+
+@pytest.mark.parametrize("line", ["ACK 5", "ACK", "ACK x", "  ACK 5 "])
+def test_ack_in_legacy_mode_is_an_invalid_command(line):
+    conn = identified()
+    assert conn.receive_data(line.encode() + b"\n") == [InvalidCommand(line)]
+    assert conn.state is State.IDENTIFIED
+    conn = ServerConnection()
+    assert conn.receive_data(b"12 push\n" + line.encode() + b"\n")[1:] == [InvalidCommand(line)]
+
+
+def test_ack_mode_commands_in_the_id_packet_byte_by_byte():
+    conn = ServerConnection()
+    events = feed_bytewise(conn, b"NONE ACK\r\nACK 1\r\nPING\r\nACK\r\nhello\r\nDISCONNECT\r\nACK 2\r\n")
+    assert events == [Identify(None, "NONE ACK", capabilities=("ACK",)), Ack(1), Ping(), BadAck("ACK"),
+                      InvalidCommand("hello"), Disconnect()]
+    assert conn.state is State.CLOSED
+
+
+# --- the client side of ACK mode ---------------------------------------------------------------------
+
+
+def test_client_parses_ack_mode_messages():
+    client = ClientConnection()
+    assert client.receive_data(b"MESSAGE 7: body\n") == [Message("body", 7)]
+    assert client.receive_data(b"MESSAGE 7: body\r\n") == [Message("body", 7)]
+    assert client.receive_data(b"MESSAGE 0042: x\n") == [Message("x", 42)]
+    assert client.receive_data(b"MESSAGE 8: \n") == [Message("", 8)]
+    assert client.receive_data(b"MESSAGE 9:  two  spaces \n") == [Message(" two  spaces ", 9)]
+    assert client.receive_data(b"MESSAGE 10: MESSAGE: nested\n") == [Message("MESSAGE: nested", 10)]
+    assert client.receive_data(b"MESSAGE 11: MESSAGE 12: nested\n") == [Message("MESSAGE 12: nested", 11)]
+    assert client.receive_data(f"MESSAGE {MAX_CLIENT_ID}: big\n".encode()) == [Message("big", MAX_CLIENT_ID)]
+    assert client.receive_data("MESSAGE 13: h\u00e9 \U0001f600\n".encode()) == [
+        Message("h\u00e9 \U0001f600", 13)]
+
+
+@pytest.mark.parametrize("line", ["MESSAGE 7:body", "MESSAGE 7 : x", "MESSAGE -7: x", "MESSAGE x: y",
+                                  "MESSAGE : x", "MESSAGE 7", "message 7: x", " MESSAGE 7: x",
+                                  "MESSAGE \u0667: x"])
+def test_client_malformed_ack_mode_lines_are_notices(line):
+    client = ClientConnection()
+    assert client.receive_data(line.encode() + b"\n") == [Notice(line)]
+
+
+def test_legacy_body_that_looks_like_an_ack_message_is_not_misparsed():
+    client = ClientConnection()
+    assert client.receive_data(b"MESSAGE: MESSAGE 7: x\n") == [Message("MESSAGE 7: x")]
+    assert client.receive_data(ServerConnection().message("MESSAGE 7: x")) == [Message("MESSAGE 7: x", None)]
+    assert client.receive_data(b"MESSAGE: 7: x\n") == [Message("7: x")]
+
+
+def test_client_ack_mode_output_parsed_by_server():
+    assert ClientConnection.identify(None, ack=True) == b"NONE ACK\n"
+    assert ClientConnection.identify(42, ack=True) == b"42 ACK\n"
+    assert ClientConnection.identify("42", ack=False) == b"42\n"
+    assert ClientConnection.ack(31) == b"ACK 31\n"
+    conn = ServerConnection()
+    data = (ClientConnection.identify(42, ack=True) + ClientConnection.ack(31)
+            + ClientConnection.command("PING"))
+    assert conn.receive_data(data) == [Identify(42, "42 ACK", capabilities=("ACK",)), Ack(31), Ping()]
+    assert conn.ack_mode is True
+
+
+def test_ack_mode_round_trip_through_both_sides():
+    server, client = ServerConnection(), ClientConnection()
+    assert client.receive_data(server.greeting()) == [IdRequested()]
+    server.receive_data(client.identify(None, ack=True))
+    data = server.set_client_id(9) + server.message("one", 100) + server.message("MESSAGE 5: two", 101)
+    assert client.receive_data(data) == [IdAssigned("9"), Message("one", 100), Message("MESSAGE 5: two", 101)]
+    assert server.receive_data(client.ack(100) + client.ack(101)) == [Ack(100), Ack(101)]

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 
-from messaging_server.errors import ConfigurationError, StorageUnavailable, UnknownClient
+from messaging_server.errors import ConfigurationError, QueueFull, StorageUnavailable, UnknownClient
 from messaging_server.storage import Delivery, Storage, StoredMessage, describe_url, open_storage
 from messaging_server.storage.base import Claim
 from tests.helpers import query, wait_until
@@ -223,7 +223,7 @@ def test_deliver_oldest_first(storage: Storage, db_url):
     cid, session = claim.client_id, claim.session
     ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(5)]
     collector = Collector()
-    assert storage.deliver_pending(cid, session, collector, 100) == Delivery(5)
+    assert storage.deliver_pending(cid, session, collector, 100) == Delivery(5, last_id=ids[-1])
     assert collector.calls == [[StoredMessage(i, f"m{n}") for n, i in enumerate(ids)]]
     assert storage.pending_count(cid) == 0
     assert storage.deliver_pending(cid, session, Collector(), 100) == Delivery(0)
@@ -246,8 +246,7 @@ def test_deliver_only_own_messages(storage: Storage):
 def test_deliver_in_batches(storage: Storage):
     claim = storage.new_client()
     cid, session = claim.client_id, claim.session
-    for i in range(7):
-        storage.enqueue(cid, f"m{i}", WINDOW)
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(7)]
     seen: List[str] = []
     results = []
     for _ in range(4):
@@ -255,36 +254,37 @@ def test_deliver_in_batches(storage: Storage):
         results.append(storage.deliver_pending(cid, session, collector, 3))
         assert all(len(call) <= 3 for call in collector.calls)
         seen += collector.bodies
-    assert results == [Delivery(3, more=True), Delivery(3, more=True), Delivery(1), Delivery(0)]
+    assert results == [Delivery(3, more=True, last_id=ids[2]), Delivery(3, more=True, last_id=ids[5]),
+                       Delivery(1, last_id=ids[6]), Delivery(0)]
     assert seen == [f"m{i}" for i in range(7)]
 
 
 def test_deliver_batch_exact_multiple(storage: Storage):
     claim = storage.new_client()
     cid, session = claim.client_id, claim.session
-    for i in range(4):
-        storage.enqueue(cid, f"m{i}", WINDOW)
-    assert storage.deliver_pending(cid, session, Collector(), 2) == Delivery(2, more=True)
-    assert storage.deliver_pending(cid, session, Collector(), 2) == Delivery(2, more=True)
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(4)]
+    assert storage.deliver_pending(cid, session, Collector(), 2) == Delivery(2, more=True, last_id=ids[1])
+    assert storage.deliver_pending(cid, session, Collector(), 2) == Delivery(2, more=True, last_id=ids[3])
     assert storage.deliver_pending(cid, session, Collector(), 2) == Delivery(0)
 
 
 def test_partial_write_marks_only_written(storage: Storage, db_url):
     claim = storage.new_client()
     cid, session = claim.client_id, claim.session
-    for i in range(5):
-        storage.enqueue(cid, f"m{i}", WINDOW)
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(5)]
     first = Collector(accept=lambda n: 2)
-    assert storage.deliver_pending(cid, session, first, 100) == Delivery(2, write_failed=True)
+    # last_id is the last message written, not the last one read.
+    assert storage.deliver_pending(cid, session, first, 100) == Delivery(2, write_failed=True,
+                                                                          last_id=ids[1])
     assert first.bodies == [f"m{i}" for i in range(5)]
     assert storage.pending_count(cid) == 3
     rows = query(db_url, "SELECT body, status FROM messages ORDER BY id")
     assert rows == [("m0", "delivered"), ("m1", "delivered"), ("m2", "pending"), ("m3", "pending"),
                     ("m4", "pending")]
     # What was not written comes first next time.
-    storage.enqueue(cid, "m5", WINDOW)
+    m5 = storage.enqueue(cid, "m5", WINDOW).message_id
     second = Collector()
-    assert storage.deliver_pending(cid, session, second, 100) == Delivery(4)
+    assert storage.deliver_pending(cid, session, second, 100) == Delivery(4, last_id=m5)
     assert second.bodies == ["m2", "m3", "m4", "m5"]
 
 
@@ -315,14 +315,14 @@ def test_writer_exception_marks_nothing(storage: Storage):
 def test_stale_session_is_taken_over(storage: Storage):
     claim = storage.new_client()
     cid, old = claim.client_id, claim.session
-    storage.enqueue(cid, "a", WINDOW)
+    a = storage.enqueue(cid, "a", WINDOW).message_id
     new = storage.claim_client(cid).session
     assert new == old + 1
     collector = Collector()
     assert storage.deliver_pending(cid, old, collector, 10) == Delivery(0, taken_over=True)
     assert collector.calls == []
     assert storage.pending_count(cid) == 1
-    assert storage.deliver_pending(cid, new, collector, 10) == Delivery(1)
+    assert storage.deliver_pending(cid, new, collector, 10) == Delivery(1, last_id=a)
     # Taken over even with nothing pending; unknown clients too.
     assert storage.deliver_pending(cid, old, Collector(), 10) == Delivery(0, taken_over=True)
     assert storage.deliver_pending(cid + 99, 1, Collector(), 10) == Delivery(0, taken_over=True)
@@ -600,3 +600,324 @@ def test_concurrent_duplicates_store_exactly_one(storage: Storage, db_url):
     assert storage.pending_count(cid) == rounds
     ignored = query(db_url, "SELECT COUNT(*) FROM messages WHERE status = 'ignored'")
     assert ignored == [(rounds * (threads - 1),)]
+
+
+# --- TTL and expiry ----------------------------------------------------------------------------------
+
+
+def statuses(db_url: str, client_id: Optional[int] = None) -> Dict[str, str]:
+    """body -> status of every message (of ``client_id``)."""
+    where = "" if client_id is None else f" WHERE client_id = {int(client_id)}"
+    rows = query(db_url, f"SELECT body, status FROM messages{where}")
+    return {str(body): str(status) for body, status in rows}
+
+
+def set_ago(db_url: str, column: str, message_ids: Sequence[int], seconds: float) -> None:
+    """Set ``column`` of the given messages to ``seconds`` ago."""
+    marks = ", ".join(["%s"] * len(message_ids))
+    query(db_url, f"UPDATE messages SET {column} = {seconds_ago_sql(db_url, seconds)} WHERE id IN ({marks})",
+          message_ids)
+
+
+def set_expires_ago(db_url: str, message_ids: Sequence[int], seconds: float) -> None:
+    set_ago(db_url, "expires_at", message_ids, seconds)
+
+
+def set_created_ago(db_url: str, message_ids: Sequence[int], seconds: float) -> None:
+    set_ago(db_url, "created_at", message_ids, seconds)
+
+
+def peek(storage: Storage, client_id: int, session: int, batch: int = 100, after_id: int = 0) -> List[str]:
+    """The bodies a delivery would write now, marking nothing."""
+    collector = Collector()
+    storage.deliver_pending(client_id, session, collector, batch, after_id=after_id, mark=False)
+    return collector.bodies
+
+
+DAY = 86400.0
+
+
+def test_ttl_sets_expires_at(storage: Storage, db_url):
+    cid = storage.new_client().client_id
+    never = storage.enqueue(cid, "never", WINDOW).message_id
+    minute = storage.enqueue(cid, "minute", WINDOW, ttl=60).message_id
+    if db_url.startswith("sqlite:"):
+        span = "(julianday(expires_at) - julianday(created_at)) * 86400"
+    else:
+        span = "TIMESTAMPDIFF(MICROSECOND, created_at, expires_at) / 1000000"
+    rows = dict(query(db_url, f"SELECT id, {span} FROM messages"))
+    assert rows[never] is None
+    assert abs(float(rows[minute]) - 60) < 0.01
+
+
+def test_short_ttl_is_not_delivered_once_it_passes(storage: Storage, db_url):
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    storage.enqueue(cid, "long", WINDOW, ttl=3600)
+    start = time.monotonic()
+    storage.enqueue(cid, "short", WINDOW, ttl=0.5)
+    storage.enqueue(cid, "forever", WINDOW)
+    early = peek(storage, cid, session)
+    if time.monotonic() - start < 0.25:  # only meaningful if the machine kept up
+        assert early == ["long", "short", "forever"]
+    # Real time must pass for a TTL to: wait for it, with a deadline.
+    wait_until(lambda: peek(storage, cid, session) == ["long", "forever"], 10, "the short TTL to pass")
+    assert time.monotonic() - start >= 0.4  # not before its time (the clocks are the database's)
+    # Still 'pending' until the purger marks it.
+    assert statuses(db_url, cid)["short"] == "pending"
+    assert storage.expire_and_purge(7 * DAY, 100) == (1, 0)
+    assert statuses(db_url, cid) == {"long": "pending", "short": "expired", "forever": "pending"}
+    assert storage.pending_count(cid) == 2
+    # A real delivery sends the others and leaves the expired one alone.
+    collector = Collector()
+    assert storage.deliver_pending(cid, session, collector, 100).delivered == 2
+    assert collector.bodies == ["long", "forever"]
+    assert statuses(db_url, cid) == {"long": "delivered", "short": "expired", "forever": "delivered"}
+    assert storage.expire_and_purge(7 * DAY, 100) == (0, 0)
+
+
+def test_expired_message_is_skipped_in_order(storage: Storage, db_url):
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW, ttl=3600).message_id for i in range(4)]
+    set_expires_ago(db_url, [ids[1]], 1)
+    collector = Collector()
+    result = storage.deliver_pending(cid, session, collector, 100)
+    assert result == Delivery(3, last_id=ids[3])
+    assert collector.bodies == ["m0", "m2", "m3"]
+    assert statuses(db_url, cid) == {"m0": "delivered", "m1": "pending", "m2": "delivered", "m3": "delivered"}
+    # A batch of the limit's size is full only of deliverable messages.
+    m4, m5 = (storage.enqueue(cid, body, WINDOW).message_id for body in ("m4", "m5"))
+    set_expires_ago(db_url, [m4], 1)
+    assert storage.deliver_pending(cid, session, Collector(), 1) == Delivery(1, more=True, last_id=m5)
+
+
+def test_expire_and_purge_marks_only_pending_past_expiry(storage: Storage, db_url):
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    past = storage.enqueue(cid, "past", WINDOW, ttl=3600).message_id
+    storage.enqueue(cid, "future", WINDOW, ttl=3600)
+    storage.enqueue(cid, "no ttl", WINDOW)
+    delivered = storage.enqueue(cid, "delivered", WINDOW, ttl=3600).message_id
+    assert storage.mark_delivered(cid, [delivered]) == 1
+    set_expires_ago(db_url, [past, delivered], 1)
+    assert storage.expire_and_purge(7 * DAY, 100) == (1, 0)
+    assert statuses(db_url, cid) == {"past": "expired", "future": "pending", "no ttl": "pending",
+                                     "delivered": "delivered"}
+    assert storage.expire_and_purge(7 * DAY, 100) == (0, 0)
+    assert peek(storage, cid, session) == ["future", "no ttl"]
+    # docs/STORAGE.md: an ACK for an expired message that was already written still marks it delivered.
+    assert storage.mark_delivered(cid, [past]) == 1
+    assert statuses(db_url, cid)["past"] == "delivered"
+
+    # At most `batch` are marked per call.
+    other = storage.new_client().client_id
+    ids = [storage.enqueue(other, f"m{i}", WINDOW, ttl=3600).message_id for i in range(5)]
+    set_expires_ago(db_url, ids, 1)
+    assert [storage.expire_and_purge(7 * DAY, 2)[0] for _ in range(4)] == [2, 2, 1, 0]
+    assert set(statuses(db_url, other).values()) == {"expired"}
+
+
+# --- max_pending ---------------------------------------------------------------------------------------
+
+
+def message_count(db_url: str) -> int:
+    return int(query(db_url, "SELECT COUNT(*) FROM messages")[0][0])
+
+
+def test_queue_full_at_the_cap(storage: Storage, db_url):
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    other = storage.new_client().client_id
+    for i in range(3):
+        assert storage.enqueue(cid, f"m{i}", WINDOW, max_pending=3).message_id is not None
+    # Written without a mark (ACK mode, waiting for their ACK) they are still pending.
+    assert peek(storage, cid, session) == ["m0", "m1", "m2"]
+    with pytest.raises(QueueFull):
+        storage.enqueue(cid, "one too many", WINDOW, ttl=60, max_pending=3)
+    # Nothing was inserted, not even an ignored row.
+    assert message_count(db_url) == 3
+    assert storage.pending_count(cid) == 3
+    # The cap is per client, and only applies when asked for.
+    assert storage.enqueue(other, "x", WINDOW, max_pending=3).message_id is not None
+    assert storage.enqueue(cid, "uncapped", WINDOW).message_id is not None
+    assert storage.enqueue(cid, "bigger cap", WINDOW, max_pending=5).message_id is not None
+    with pytest.raises(QueueFull):
+        storage.enqueue(cid, "again", WINDOW, max_pending=5)
+    assert message_count(db_url) == 6
+
+
+def test_queue_full_counts_only_pending(storage: Storage, db_url):
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    cap = 2
+    assert storage.enqueue(cid, "a", WINDOW, max_pending=cap).message_id is not None
+    # A duplicate is stored as ignored and does not take room.
+    assert storage.enqueue(cid, "a", WINDOW, max_pending=cap).message_id is None
+    assert storage.enqueue(cid, "b", WINDOW, max_pending=cap).message_id is not None
+    with pytest.raises(QueueFull):
+        storage.enqueue(cid, "c", WINDOW, max_pending=cap)
+    # A delivered message frees room.
+    assert storage.deliver_pending(cid, session, Collector(accept=lambda n: 1), 10).delivered == 1
+    assert storage.enqueue(cid, "c", WINDOW, max_pending=cap).message_id is not None
+    with pytest.raises(QueueFull):
+        storage.enqueue(cid, "d", WINDOW, max_pending=cap)
+    # So does one acknowledged (mark_delivered), and one marked expired.
+    b_id, c_id = (int(row[0]) for row in query(
+        db_url, "SELECT id FROM messages WHERE body IN ('b', 'c') ORDER BY id"))
+    assert storage.mark_delivered(cid, [b_id]) == 1
+    assert storage.enqueue(cid, "d", WINDOW, max_pending=cap).message_id is not None
+    set_expires_ago(db_url, [c_id], 1)
+    assert storage.expire_and_purge(7 * DAY, 100) == (1, 0)
+    assert storage.enqueue(cid, "e", WINDOW, max_pending=cap).message_id is not None
+    with pytest.raises(QueueFull):
+        storage.enqueue(cid, "f", WINDOW, max_pending=cap)
+    rows = query(db_url, "SELECT body, status FROM messages ORDER BY id")
+    assert rows == [("a", "delivered"), ("a", "ignored"), ("b", "delivered"), ("c", "expired"),
+                    ("d", "pending"), ("e", "pending")]
+
+
+def test_queue_full_under_concurrency(storage: Storage):
+    threads, cap = 8, 5
+    cid = storage.new_client().client_id
+    barrier = threading.Barrier(threads)
+    outcomes: List[str] = []
+    lock = threading.Lock()
+
+    def racer(n: int) -> Callable[[], None]:
+        def run() -> None:
+            barrier.wait(10)
+            try:
+                storage.enqueue(cid, f"t{n}", WINDOW, max_pending=cap)
+                outcome = "queued"
+            except QueueFull:
+                outcome = "full"
+            with lock:
+                outcomes.append(outcome)
+        return run
+
+    run_threads([racer(n) for n in range(threads)])
+    assert sorted(outcomes) == ["full"] * (threads - cap) + ["queued"] * cap
+    assert storage.pending_count(cid) == cap
+
+
+# --- deliver_pending after_id / mark=False, and mark_delivered ------------------------------------------
+
+
+def test_deliver_without_marking(storage: Storage, db_url):
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(5)]
+    first = Collector()
+    result = storage.deliver_pending(cid, session, first, 2, mark=False)
+    assert result == Delivery(2, more=True, last_id=ids[1])
+    assert first.bodies == ["m0", "m1"]
+    # Nothing was marked: the same messages come again without after_id.
+    assert storage.pending_count(cid) == 5
+    assert set(statuses(db_url, cid).values()) == {"pending"}
+    assert query(db_url, "SELECT COUNT(*) FROM messages WHERE delivered_at IS NOT NULL") == [(0,)]
+    assert peek(storage, cid, session, batch=2) == ["m0", "m1"]
+    # after_id continues where the connection left off.
+    second = Collector()
+    assert storage.deliver_pending(cid, session, second, 10, after_id=ids[1], mark=False) == Delivery(
+        3, last_id=ids[4])
+    assert second.bodies == ["m2", "m3", "m4"]
+    assert storage.deliver_pending(cid, session, Collector(), 10, after_id=ids[4], mark=False) == Delivery(0)
+    # A partial write reports the last id written; a stale session is still refused.
+    partial = storage.deliver_pending(cid, session, Collector(accept=lambda n: 1), 10, mark=False)
+    assert partial == Delivery(1, write_failed=True, last_id=ids[0])
+    stale = storage.deliver_pending(cid, session - 1, Collector(), 10, mark=False)
+    assert stale == Delivery(0, taken_over=True)
+    assert storage.pending_count(cid) == 5
+
+
+def test_deliver_after_id_with_marking(storage: Storage, db_url):
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(4)]
+    collector = Collector()
+    result = storage.deliver_pending(cid, session, collector, 10, after_id=ids[1])
+    assert result == Delivery(2, last_id=ids[3])
+    assert collector.bodies == ["m2", "m3"]
+    assert statuses(db_url, cid) == {"m0": "pending", "m1": "pending", "m2": "delivered", "m3": "delivered"}
+    # after_id below every id reads from the start; above every id reads nothing.
+    assert peek(storage, cid, session, after_id=ids[0] - 1) == ["m0", "m1"]
+    assert peek(storage, cid, session, after_id=ids[3] + 100) == []
+
+
+def test_mark_delivered(storage: Storage, db_url):
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    other = storage.new_client().client_id
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(4)]
+    theirs = storage.enqueue(other, "theirs", WINDOW).message_id
+    storage.enqueue(cid, "m0", WINDOW)  # an ignored duplicate
+    ignored = int(query(db_url, "SELECT id FROM messages WHERE status = 'ignored'")[0][0])
+    assert storage.deliver_pending(cid, session, Collector(), 10, mark=False).delivered == 4
+
+    assert storage.mark_delivered(cid, []) == 0
+    assert storage.mark_delivered(cid, ids[:2]) == 2
+    assert storage.pending_count(cid) == 2
+    # Already delivered ones, another client's, ignored ones and unknown ids are not counted or changed.
+    assert storage.mark_delivered(cid, ids[:2]) == 0
+    assert storage.mark_delivered(cid, [theirs]) == 0
+    assert storage.mark_delivered(cid, [ignored, ids[3] + 1000]) == 0
+    assert storage.mark_delivered(cid, [ids[1], theirs, ids[2], ignored, ids[2]]) == 1
+    assert storage.pending_count(other) == 1
+    assert statuses(db_url, other) == {"theirs": "pending"}
+    rows = query(db_url, "SELECT id, status, delivered_at IS NOT NULL FROM messages WHERE client_id = %s "
+                 "ORDER BY id", (cid,))
+    assert rows == [(ids[0], "delivered", 1), (ids[1], "delivered", 1), (ids[2], "delivered", 1),
+                    (ids[3], "pending", 0), (ignored, "ignored", 0)]
+    # What is left is what a new connection gets.
+    assert peek(storage, cid, session) == ["m3"]
+
+
+# --- retention purge -----------------------------------------------------------------------------------
+
+
+def test_purge_deletes_only_finished_rows_older_than_retention(storage: Storage, db_url):
+    claim = storage.new_client()
+    cid, session = claim.client_id, claim.session
+    retention = 7 * DAY
+    made: Dict[str, int] = {}
+    for body in ("old delivered", "old ignored", "old expired", "old pending", "old pending ttl",
+                 "new delivered", "new ignored", "new expired", "new pending"):
+        ttl = 10 * DAY if body == "old pending ttl" else None
+        made[body] = storage.enqueue(cid, body, WINDOW, ttl=ttl).message_id
+    assert storage.mark_delivered(cid, [made["old delivered"], made["new delivered"]]) == 2
+    query(db_url, "UPDATE messages SET status = 'ignored' WHERE body LIKE '%% ignored'")
+    query(db_url, "UPDATE messages SET status = 'expired' WHERE body LIKE '%% expired'")
+    set_created_ago(db_url, [i for b, i in made.items() if b.startswith("old")], retention + 3600)
+    set_created_ago(db_url, [i for b, i in made.items() if b.startswith("new")], retention - 3600)
+    assert storage.expire_and_purge(retention, 100) == (0, 3)
+    assert statuses(db_url, cid) == {"old pending": "pending", "old pending ttl": "pending",
+                                     "new delivered": "delivered", "new ignored": "ignored",
+                                     "new expired": "expired", "new pending": "pending"}
+    assert storage.expire_and_purge(retention, 100) == (0, 0)
+    # Pending messages are never purged, however old; they are still delivered.
+    set_created_ago(db_url, [made["old pending"]], 1000 * DAY)
+    assert storage.expire_and_purge(retention, 100) == (0, 0)
+    assert peek(storage, cid, session) == ["old pending", "old pending ttl", "new pending"]
+
+
+def test_purge_in_batches(storage: Storage, db_url):
+    cid = storage.new_client().client_id
+    ids = [storage.enqueue(cid, f"m{i}", WINDOW).message_id for i in range(5)]
+    keep = storage.enqueue(cid, "pending", WINDOW).message_id
+    assert storage.mark_delivered(cid, ids) == 5
+    set_created_ago(db_url, [*ids, keep], 2 * DAY)
+    assert storage.expire_and_purge(DAY, 2) == (0, 2)
+    assert message_count(db_url) == 4
+    assert [storage.expire_and_purge(DAY, 2) for _ in range(3)] == [(0, 2), (0, 1), (0, 0)]
+    assert query(db_url, "SELECT id, status FROM messages") == [(keep, "pending")]
+    # A pending message long past both its expiry and the retention is expired, then purged.
+    stale = storage.enqueue(cid, "stale", WINDOW, ttl=DAY).message_id
+    set_created_ago(db_url, [stale], 9 * DAY)
+    set_expires_ago(db_url, [stale], 8 * DAY)
+    expired = deleted = 0
+    for _ in range(2):
+        e, d = storage.expire_and_purge(7 * DAY, 100)
+        expired, deleted = expired + e, deleted + d
+    assert (expired, deleted) == (1, 1)
+    assert query(db_url, "SELECT id FROM messages") == [(keep,)]

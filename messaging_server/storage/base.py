@@ -254,6 +254,11 @@ class SqlStorage(Storage):
         """The StorageUnavailable for a driver error, naming the database."""
         return StorageUnavailable(f"{self.location}: {describe_driver_error(exc)}")
 
+    @property
+    def _unexpired(self) -> str:
+        """SQL: the row has no TTL, or it has not passed."""
+        return f"(expires_at IS NULL OR expires_at > {self.now_sql})"
+
     def _ago(self, seconds: float) -> str:
         """SQL for the database time ``seconds`` ago (a literal: no parameter)."""
         return self.micros_ago_sql.replace("%s", str(int(seconds * 1_000_000)))
@@ -319,13 +324,16 @@ class SqlStorage(Storage):
                 # Counts at most max_pending index entries, whatever the backlog.
                 pending = tx.scalar(
                     "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE client_id = %s "
-                    f"AND status = '{PENDING}' LIMIT %s) AS capped",
+                    f"AND status = '{PENDING}' AND {self._unexpired} LIMIT %s) AS capped",
                     (client_id, max_pending))
                 if int(pending) >= max_pending:
                     raise QueueFull(f"client {client_id} already has {max_pending} pending messages")
+            # Only messages that will be (or were) delivered make a later one a
+            # duplicate: not ignored ones, nor ones that expired unsent.
             recent = tx.scalar(
                 "SELECT id FROM messages WHERE client_id = %s AND body_hash = %s "
-                f"AND status <> '{IGNORED}' AND created_at > {self.micros_ago_sql} LIMIT 1",
+                f"AND status IN ('{PENDING}', '{DELIVERED}') AND {self._unexpired} "
+                f"AND created_at > {self.micros_ago_sql} LIMIT 1",
                 (client_id, digest, int(duplicate_window * 1_000_000)),
             )
             status = IGNORED if recent is not None else PENDING
@@ -354,8 +362,7 @@ class SqlStorage(Storage):
                 return Delivery(0, taken_over=True)
             rows = tx.fetchall(
                 f"SELECT id, body FROM messages WHERE client_id = %s AND status = '{PENDING}' "
-                f"AND id > %s AND (expires_at IS NULL OR expires_at > {self.now_sql}) "
-                "ORDER BY id LIMIT %s",
+                f"AND id > %s AND {self._unexpired} ORDER BY id LIMIT %s",
                 (client_id, after_id, batch),
             )
             if not rows:
