@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, List, Optional, Sequence
 
 from .connection import ClientConnection
@@ -20,6 +21,11 @@ from .storage import Storage, StoredMessage
 from .wakeup import WakeupListener
 
 log = logging.getLogger(__name__)
+
+# A delivery lease outlives the write it covers by this much (SQLite; see storage).
+LEASE_MARGIN_S = 5.0
+# How long to wait before asking again when another delivery holds the lease.
+BUSY_RETRY_S = 0.05
 
 
 def deliver(storage: Storage, conn: ClientConnection, batch: int) -> int:
@@ -50,7 +56,8 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int) -> int:
 
         try:
             result = storage.deliver_pending(conn.client_id, conn.session, write, min(batch, room),
-                                             after_id=conn.last_sent_id, mark=not ack_mode)
+                                             after_id=conn.last_sent_id, mark=not ack_mode,
+                                             lease=conn.write_timeout + LEASE_MARGIN_S)
         except StorageUnavailable as exc:
             # Whatever was written stays "sent" for this connection.  The rest
             # stays pending and goes out when a wake-up or sweep asks again.
@@ -58,6 +65,12 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int) -> int:
             log.warning("delivery to client %s postponed: database unavailable: %s",
                         conn.client_id, exc)
             return total + len(written)
+        if result.busy:
+            # Another connection of this client (an older one, maybe in another
+            # process) is mid-write; it gives the lease back within its write timeout.
+            time.sleep(BUSY_RETRY_S)
+            conn.request_delivery()
+            break
         _remember(conn, written, marked=True)
         total += len(written)
         if result.taken_over:
@@ -79,6 +92,11 @@ def _remember(conn: ClientConnection, written: List[int], marked: bool) -> None:
         conn.inflight.update(written)
     elif not marked:
         conn.unmarked.extend(written)
+
+
+def unfinished_marks(conn: ClientConnection) -> List[int]:
+    """Ids written (legacy) or acknowledged (ACK) whose "delivered" mark did not commit."""
+    return conn.unmarked + conn.acked_unmarked
 
 
 def _mark_remembered(storage: Storage, conn: ClientConnection) -> bool:

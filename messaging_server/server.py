@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection
-from .delivery import DeliveryThread, acknowledge, deliver
+from .delivery import DeliveryThread, acknowledge, deliver, unfinished_marks
 from .errors import StorageUnavailable
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerEvent
 from .settings import PURGE_BATCH, ServerSettings
@@ -48,6 +48,40 @@ log = logging.getLogger("messaging_server")
 # Connections waiting to be accepted.  A reconnect storm after a network blip
 # arrives all at once; the kernel caps this at net.core.somaxconn anyway.
 LISTEN_BACKLOG = 1024
+
+
+class UnfinishedMarks:
+    """Delivered messages whose mark did not commit, kept after their connection ended.
+
+    Without this a legacy message written just before the database went away,
+    or an ACK received then, would be sent again on the client's next
+    connection.  The sweeper commits them once the database is back; a new
+    connection of the client on this server takes them over first.
+    """
+
+    def __init__(self) -> None:
+        self._by_client: Dict[int, List[int]] = {}
+        self._lock = threading.Lock()
+
+    def keep(self, client_id: int, message_ids: List[int]) -> None:
+        with self._lock:
+            self._by_client.setdefault(client_id, []).extend(message_ids)
+
+    def take(self, client_id: int) -> List[int]:
+        with self._lock:
+            return self._by_client.pop(client_id, [])
+
+    def commit(self, storage: Storage) -> None:
+        """Try every kept mark once (the sweeper); keep what still fails."""
+        with self._lock:
+            pending, self._by_client = list(self._by_client.items()), {}
+        for n, (client_id, ids) in enumerate(pending):
+            try:
+                storage.mark_delivered(client_id, ids)
+            except StorageUnavailable:  # still away: keep this one and the rest
+                for kept_id, kept in pending[n:]:
+                    self.keep(kept_id, kept)
+                return
 
 
 class ConnectionRegistry:
@@ -134,6 +168,9 @@ class ClientHandler(socketserver.BaseRequestHandler):
         if not conn.send(conn.protocol.set_client_id(conn.client_id)):
             return
         conn.ready.set()
+        # Marks an earlier connection of this client could not commit: commit them
+        # before anything is sent, so that those messages are not sent again.
+        conn.unmarked.extend(self.server.marks.take(conn.client_id))
         deliver(self.server.storage, conn, settings.delivery_batch)  # the backlog, first
         handle_events(conn, rest)  # commands that came in the same packet as the id
         listened = not conn.closed
@@ -152,11 +189,15 @@ class ClientHandler(socketserver.BaseRequestHandler):
         storage, batch = self.server.storage, self.server.settings.delivery_batch
         while not conn.closed:
             work = conn.take_work(timeout=1.0)
-            _write_replies(conn, work.replies)
-            if work.acks and not conn.closed:
+            if work.acks:  # first: what the client confirmed counts even if it then left
                 acknowledge(storage, conn, work.acks)
+            _write_replies(conn, work.replies)
             if work.deliver and not conn.closed:
                 deliver(storage, conn, batch)
+        # Acks the client sent just before it went (``ACK n`` then DISCONNECT or EOF).
+        last = conn.take_work(timeout=0)
+        if last.acks:
+            acknowledge(storage, conn, last.acks)
 
     def _read_identify(self, conn: ClientConnection, timeout: float) -> List[ServerEvent]:
         """Read until the client's id line; [] when it closed, timed out or sent junk."""
@@ -222,6 +263,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.settings = settings
         self.storage = storage
         self.registry = ConnectionRegistry()
+        self.marks = UnfinishedMarks()
         self._connections: set = set()
         self._connections_lock = threading.Lock()
         host = settings.host
@@ -236,7 +278,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.commands = CommandListener()
         self.delivery = DeliveryThread(self.wakeups, self.registry.get)
         self.sweeper = Sweeper(storage, lambda: self.server_id, self.registry.all,
-                               settings.sweep_interval)
+                               settings.sweep_interval, before=lambda: self.marks.commit(storage))
         self.purger = Purger(storage, settings.purge_interval,
                              settings.retention_days * 86400, PURGE_BATCH)
         self.heartbeat = Heartbeat(storage, lambda: self.server_id, self._reregister)
@@ -302,8 +344,20 @@ class NikiServer(socketserver.ThreadingTCPServer):
             conn.close("server re-registered")
 
     def release(self, conn: ClientConnection) -> None:
-        """The connection ended: its client is offline unless it reconnected meanwhile."""
-        if conn.client_id is None or not self.server_id:
+        """The connection ended: its client is offline unless it reconnected meanwhile.
+
+        Marks it could not commit (the database was away) outlive it: they are
+        committed now, or kept for the sweeper and the client's next connection.
+        """
+        if conn.client_id is None:
+            return
+        unfinished = unfinished_marks(conn)
+        if unfinished:
+            try:
+                self.storage.mark_delivered(conn.client_id, unfinished)
+            except StorageUnavailable:
+                self.marks.keep(conn.client_id, unfinished)
+        if not self.server_id:
             return
         try:
             self.storage.release_client(conn.client_id, conn.session, self.server_id)

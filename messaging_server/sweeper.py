@@ -72,14 +72,17 @@ class Heartbeat(_Periodic):
 
 class Sweeper(_Periodic):
     def __init__(self, storage: Storage, server_id: Callable[[], int],
-                 connections: Callable[[], List[ClientConnection]], interval: float) -> None:
+                 connections: Callable[[], List[ClientConnection]], interval: float,
+                 before: Callable[[], None] = lambda: None) -> None:
         super().__init__("sweeper", interval)
         self._storage = storage
         self._server_id = server_id
         self._connections = connections
+        self._before = before  # work to do first on each sweep (kept marks)
         self.sweeps = 0  # completed sweeps, for tests and metrics
 
     def tick(self) -> None:
+        self._before()
         self.sweep_once()
 
     def sweep_once(self) -> int:

@@ -61,6 +61,7 @@ class Delivery:
     write_failed: bool = False
     more: bool = False
     last_id: int = 0  # the highest message id written in this pass
+    busy: bool = False  # another delivery of this client holds its lease: try again soon
 
 
 @dataclass(frozen=True)
@@ -350,50 +351,98 @@ class SqlStorage(Storage):
                 return Queued(None)
             return Queued(tx.lastrowid, self._live_server(tx, rows[0][0]))
 
+    # Whether a delivery keeps its transaction (and locks) open while it writes
+    # to the socket.  MySQL: yes, it holds only this client's row, and deliveries
+    # of one client can then never overlap.  SQLite: no, its lock is the whole
+    # database's, and a client that reads slowly must not stall everyone else.
+    lock_while_writing = True
+
     def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int,
-                        after_id: int = 0, mark: bool = True) -> Delivery:
+                        after_id: int = 0, mark: bool = True, lease: float = 30.0) -> Delivery:
+        if not self.lock_while_writing:
+            return self._deliver_leased(client_id, session, write, batch, after_id, mark, lease)
         with self.transaction() as tx:
-            # The client row's lock serialises every delivery of this client, on
-            # any server; reading the session under it sees any takeover that
-            # committed while we waited.
-            current = tx.scalar(
-                f"SELECT session FROM clients WHERE id = %s {self.lock_rows_sql}", (client_id,))
-            if current != session:
+            messages = self._claim_batch(tx, client_id, session, batch, after_id)
+            if messages is None:
                 return Delivery(0, taken_over=True)
-            rows = tx.fetchall(
-                f"SELECT id, body FROM messages WHERE client_id = %s AND status = '{PENDING}' "
-                f"AND id > %s AND {self._unexpired} ORDER BY id LIMIT %s",
-                (client_id, after_id, batch),
-            )
-            if not rows:
-                return Delivery(0)
-            messages = [StoredMessage(int(mid), body) for mid, body in rows]
-            written = write(messages)
+            written = write(messages) if messages else 0
             if written and mark:
-                ids = [m.id for m in messages[:written]]
-                marks = ", ".join(["%s"] * len(ids))
-                tx.execute(
-                    f"UPDATE messages SET status = '{DELIVERED}', delivered_at = {self.now_sql} "
-                    f"WHERE id IN ({marks})",
-                    ids,
-                )
-            return Delivery(
-                written,
-                write_failed=written < len(messages),
-                more=written == len(messages) == batch,
-                last_id=messages[written - 1].id if written else 0,
-            )
+                self._mark(tx, client_id, [m.id for m in messages[:written]])
+            return self._delivery(messages, written, batch)
+
+    def _deliver_leased(self, client_id: int, session: int, write: Writer, batch: int,
+                        after_id: int, mark: bool, lease: float) -> Delivery:
+        """Take the client's delivery lease and read a batch; write it with no transaction
+        open; mark what was written and give the lease back.
+
+        The lease (a time on the client row) keeps deliveries of one client from
+        overlapping, across processes too, without holding a lock during the
+        write; a delivery that dies mid-write leaves it to expire after ``lease``
+        seconds, which must exceed the write timeout.
+        """
+        with self.transaction() as tx:
+            messages = self._claim_batch(tx, client_id, session, batch, after_id)
+            if messages and not tx.execute(
+                    f"UPDATE clients SET delivery_lease_until = {self.micros_ahead_sql} "
+                    "WHERE id = %s AND (delivery_lease_until IS NULL "
+                    f"OR delivery_lease_until < {self.now_sql})",
+                    (int(lease * 1_000_000), client_id)):
+                return Delivery(0, busy=True)
+        if messages is None:
+            return Delivery(0, taken_over=True)
+        if not messages:
+            return Delivery(0)
+        written = 0
+        try:
+            written = write(messages)
+        finally:
+            with self.transaction() as tx:
+                if mark and written:
+                    self._mark(tx, client_id, [m.id for m in messages[:written]])
+                tx.execute("UPDATE clients SET delivery_lease_until = NULL WHERE id = %s", (client_id,))
+        return self._delivery(messages, written, batch)
+
+    def _claim_batch(self, tx: Tx, client_id: int, session: int, batch: int,
+                     after_id: int) -> Optional[List[StoredMessage]]:
+        """The next pending messages, or None when ``session`` was taken over.
+
+        The client row's lock serialises every delivery of this client, on any
+        server; reading the session under it sees any takeover that committed
+        while we waited.
+        """
+        current = tx.scalar(
+            f"SELECT session FROM clients WHERE id = %s {self.lock_rows_sql}", (client_id,))
+        if current != session:
+            return None
+        rows = tx.fetchall(
+            f"SELECT id, body FROM messages WHERE client_id = %s AND status = '{PENDING}' "
+            f"AND id > %s AND {self._unexpired} ORDER BY id LIMIT %s",
+            (client_id, after_id, batch),
+        )
+        return [StoredMessage(int(mid), body) for mid, body in rows]
+
+    def _mark(self, tx: Tx, client_id: int, ids: Sequence[int]) -> int:
+        marks = ", ".join(["%s"] * len(ids))
+        return tx.execute(
+            f"UPDATE messages SET status = '{DELIVERED}', delivered_at = {self.now_sql} "
+            f"WHERE client_id = %s AND status IN ('{PENDING}', '{EXPIRED}') AND id IN ({marks})",
+            [client_id, *ids],
+        )
+
+    @staticmethod
+    def _delivery(messages: List[StoredMessage], written: int, batch: int) -> Delivery:
+        return Delivery(
+            written,
+            write_failed=written < len(messages),
+            more=written == len(messages) == batch,
+            last_id=messages[written - 1].id if written else 0,
+        )
 
     def mark_delivered(self, client_id: int, message_ids: Sequence[int]) -> int:
         if not message_ids:
             return 0
-        marks = ", ".join(["%s"] * len(message_ids))
         with self.transaction() as tx:
-            return tx.execute(
-                f"UPDATE messages SET status = '{DELIVERED}', delivered_at = {self.now_sql} "
-                f"WHERE client_id = %s AND status IN ('{PENDING}', '{EXPIRED}') AND id IN ({marks})",
-                [client_id, *message_ids],
-            )
+            return self._mark(tx, client_id, message_ids)
 
     def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
         with self.transaction() as tx:

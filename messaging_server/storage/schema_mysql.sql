@@ -6,6 +6,7 @@ CREATE TABLE IF NOT EXISTS clients (
     id            BIGINT      NOT NULL AUTO_INCREMENT,
     session       BIGINT      NOT NULL DEFAULT 0,   -- bumped on each identification
     owner_server_id BIGINT    NULL,                 -- servers.id holding its connection; NULL: offline
+    delivery_lease_until DATETIME(6) NULL,          -- unused on MySQL (the row lock serves); see SQLite
     created_at    DATETIME(6) NOT NULL,
     last_seen_at  DATETIME(6) NULL,
     PRIMARY KEY (id),

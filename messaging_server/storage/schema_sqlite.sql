@@ -5,6 +5,7 @@ CREATE TABLE IF NOT EXISTS clients (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     session       INTEGER NOT NULL DEFAULT 0,   -- bumped on each identification
     owner_server_id INTEGER,                    -- servers.id holding its connection; NULL: offline
+    delivery_lease_until TEXT,                  -- a delivery writing outside a transaction holds it
     created_at    TEXT    NOT NULL,
     last_seen_at  TEXT
 );

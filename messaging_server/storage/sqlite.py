@@ -34,6 +34,7 @@ class SqliteStorage(SqlStorage):
     micros_ago_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || (%s / 1000000.0) || ' seconds')"
     micros_ahead_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || (%s / 1000000.0) || ' seconds')"
     lock_rows_sql = ""  # BEGIN IMMEDIATE already holds the write lock
+    lock_while_writing = False  # the write lock is the whole database's
     unavailable_errors = (sqlite3.Error,)
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
