@@ -72,16 +72,19 @@ class UnfinishedMarks:
             return self._by_client.pop(client_id, [])
 
     def commit(self, storage: Storage) -> None:
-        """Try every kept mark once (the sweeper); keep what still fails."""
+        """Try every kept mark once (the sweeper); keep what still fails.
+
+        Holds the lock throughout, so that a reconnecting client's ``take()``
+        waits and then finds its marks either committed or still here, never
+        in between (it would read those messages as pending and send them again).
+        """
         with self._lock:
-            pending, self._by_client = list(self._by_client.items()), {}
-        for n, (client_id, ids) in enumerate(pending):
-            try:
-                storage.mark_delivered(client_id, ids)
-            except StorageUnavailable:  # still away: keep this one and the rest
-                for kept_id, kept in pending[n:]:
-                    self.keep(kept_id, kept)
-                return
+            for client_id in list(self._by_client):
+                try:
+                    storage.mark_delivered(client_id, self._by_client[client_id])
+                except StorageUnavailable:
+                    return  # still away: keep this one and the rest
+                del self._by_client[client_id]
 
 
 class ConnectionRegistry:
