@@ -43,6 +43,9 @@ def _restart_mariadb() -> float:
     subprocess.run(["mysqladmin", "--protocol=tcp", "-h", "127.0.0.1", "-u", "root", "shutdown"],
                    check=True, capture_output=True, timeout=60)
     wait_until(lambda: not _ping(), timeout=30, message="MariaDB to stop")
+    # start-stop-daemon --oknodo does nothing while the old process is still exiting.
+    wait_until(lambda: subprocess.run(["pgrep", "-x", "mariadbd"], capture_output=True).returncode != 0,
+               timeout=60, message="the old mariadbd process to exit")
     subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", MARIADBD],
                    check=True, capture_output=True, timeout=30)
     wait_until(_ping, timeout=60, message="MariaDB to start again")
@@ -51,7 +54,7 @@ def _restart_mariadb() -> float:
 
 @pytest.fixture
 def restartable(mysql_url: str) -> str:
-    missing = [tool for tool in ("mysqladmin", "start-stop-daemon") if shutil.which(tool) is None]
+    missing = [tool for tool in ("mysqladmin", "start-stop-daemon", "pgrep") if shutil.which(tool) is None]
     local = "127.0.0.1" in MYSQL_URL or "localhost" in MYSQL_URL
     if missing or not os.path.exists(MARIADBD) or not local or os.geteuid() != 0:
         reason = f"cannot restart MariaDB here (missing {missing or MARIADBD}, or not local/root)"
