@@ -14,6 +14,14 @@ from messaging_server.settings import DEFAULT_PORT, MAX_BODY_BYTES
 from messaging_server.storage import Storage, open_storage
 from tests.helpers import DatagramCounter, query
 
+
+@pytest.fixture
+def db_url(sqlite_url: str) -> str:
+    """SQLite only, to keep the suite within its time budget: the CLI's behaviour does not depend on
+    the database; the storage and end-to-end suites cover both."""
+    return sqlite_url
+
+
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "niki-enqueue")
 UNREACHABLE_MYSQL = "mysql://root@127.0.0.1:1/niki_nowhere"
 

@@ -30,9 +30,9 @@ from messaging_server.protocol import (
 )
 
 # Modest example counts: the whole file runs in a few seconds.
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # For the properties whose examples are big (many lines, many pieces).
-HEAVY = settings(PROPERTY, max_examples=80)
+HEAVY = settings(PROPERTY, max_examples=50)
 
 Parser = Union[ServerConnection, ClientConnection]
 
