@@ -41,14 +41,6 @@ import pytest
 from messaging_server import Enqueuer
 from tests.helpers import RawClient, ServerProcess, wait_until
 
-
-@pytest.fixture
-def db_url(sqlite_url: str) -> str:
-    """SQLite only, to keep the suite within its time budget: how the server treats hostile input is
-    the same whatever the database."""
-    return sqlite_url
-
-
 MiB = 1024 * 1024
 LIMIT = 1024  # protocol.MAX_CLIENT_LINE, restated: the wire contract under test
 TOO_LONG = b"ERROR: line too long (limit 1024 bytes)"
