@@ -47,6 +47,11 @@ class SqliteStorage(SqlStorage):
         self._slots = threading.BoundedSemaphore(pool_size)
         self._all: list = []
         self._lock = threading.Lock()
+        # Every transaction here takes the database's write lock (BEGIN IMMEDIATE),
+        # so they run one at a time anyway.  Threads of this process queue on this
+        # lock, which wakes the next one at once, rather than in SQLite's busy
+        # handler, which polls with sleeps of up to 100 ms.
+        self._serial = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(
@@ -64,7 +69,7 @@ class SqliteStorage(SqlStorage):
 
     @contextlib.contextmanager
     def _borrow(self) -> Iterator[sqlite3.Connection]:
-        with self._slots:
+        with self._slots, self._serial:
             try:
                 connection = self._idle.get_nowait()
             except queue.Empty:
