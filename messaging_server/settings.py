@@ -10,7 +10,7 @@ import argparse
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Tuple
 
 from .errors import ConfigurationError
 from .wakeup import Address, parse_peers
@@ -138,13 +138,55 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class Option:
+    """One server option: its flags, environment variable, default, type and help."""
+
+    flags: Tuple[str, ...]
+    env: str
+    default: object
+    convert: Callable[[str], object] = str
+    help: str = ""
+    default_text: str = "default %(default)s"  # how --help states the default
+
+
+SERVER_OPTIONS = (
+    Option(("-p", "--port"), "NIKI_PORT", DEFAULT_PORT, _port,
+           "TCP port for clients; 0 picks a free one"),
+    Option(("--host",), "NIKI_HOST", "", str, "address to listen on", "default: all interfaces"),
+    Option(("--db",), "NIKI_DB", DEFAULT_DB, str,
+           "database URL: sqlite:///FILE or mysql://USER:PASSWORD@HOST:PORT/DB"),
+    Option(("--event-port",), "NIKI_EVENT_PORT", None, _port, "UDP port for wake-ups from enqueue",
+           "default: port + 1"),
+    Option(("--handshake-timeout",), "NIKI_HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT_S, _positive_float,
+           "seconds a client has to identify"),
+    Option(("--write-timeout",), "NIKI_WRITE_TIMEOUT", WRITE_TIMEOUT_S, _positive_float,
+           "seconds a write to a client may take before it is disconnected"),
+    Option(("--pool-size",), "NIKI_POOL_SIZE", 8, _positive_int,
+           "database connections this server may open"),
+    Option(("--advertise-host",), "NIKI_ADVERTISE_HOST", "", str,
+           "address other boxes reach this server's event port at, recorded in the database "
+           "for routed wake-ups", "default: --host if set, else this machine's host name"),
+    Option(("--sweep-interval",), "NIKI_SWEEP_INTERVAL", SWEEP_INTERVAL_S, _positive_float,
+           "seconds between this server's own checks for pending messages of its clients"),
+    Option(("--max-inflight",), "NIKI_MAX_INFLIGHT", MAX_INFLIGHT, _positive_int,
+           "ACK clients: unacknowledged messages per connection before delivery pauses"),
+    Option(("--keepalive-idle",), "NIKI_KEEPALIVE_IDLE", KEEPALIVE_IDLE_S, _positive_float,
+           "seconds of silence before TCP keepalive probes a client"),
+    Option(("--keepalive-interval",), "NIKI_KEEPALIVE_INTERVAL", KEEPALIVE_INTERVAL_S,
+           _positive_float, "seconds between keepalive probes"),
+    Option(("--keepalive-count",), "NIKI_KEEPALIVE_COUNT", KEEPALIVE_COUNT, _positive_int,
+           "unanswered probes before a client is dropped"),
+    Option(("--retention-days",), "NIKI_RETENTION_DAYS", RETENTION_DAYS, _positive_float,
+           "days delivered, ignored and expired messages are kept"),
+    Option(("--purge-interval",), "NIKI_PURGE_INTERVAL", PURGE_INTERVAL_S, _positive_float,
+           "seconds between expiry and purge runs"),
+)
+
+
 def server_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
+    """The server's options; each default comes from its environment variable if set."""
     e = os.environ if environ is None else environ
-
-    def env(name: str, default: object, convert: Callable[[str], object] = str) -> object:
-        text = env_default(name, "", e)
-        return convert(text) if text else default
-
     p = argparse.ArgumentParser(
         prog="python -m messaging_server",
         description="Niki: a durable push-messaging server. Clients connect over TCP "
@@ -152,57 +194,14 @@ def server_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argum
         "reach them at once, or as soon as they reconnect.",
         epilog="Every option can also be set by the environment variable shown in brackets.",
     )
-    p.add_argument("-p", "--port", type=_port, default=env("NIKI_PORT", DEFAULT_PORT, _port),
-                   help="TCP port for clients; 0 picks a free one [NIKI_PORT] (default %(default)s)")
-    p.add_argument("--host", default=env("NIKI_HOST", ""),
-                   help="address to listen on [NIKI_HOST] (default: all interfaces)")
-    p.add_argument("--db", default=default_db(e),
-                   help="database URL: sqlite:///FILE or mysql://USER:PASSWORD@HOST:PORT/DB "
-                   "[NIKI_DB] (default %(default)s)")
-    p.add_argument("--event-port", type=_port, default=env("NIKI_EVENT_PORT", None, _port),
-                   help="UDP port for wake-ups from enqueue [NIKI_EVENT_PORT] (default: port + 1)")
-    p.add_argument("--handshake-timeout", type=_positive_float,
-                   default=env("NIKI_HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT_S, _positive_float),
-                   help="seconds a client has to identify [NIKI_HANDSHAKE_TIMEOUT] (default %(default)s)")
-    p.add_argument("--write-timeout", type=_positive_float,
-                   default=env("NIKI_WRITE_TIMEOUT", WRITE_TIMEOUT_S, _positive_float),
-                   help="seconds a write to a client may take before it is disconnected "
-                   "[NIKI_WRITE_TIMEOUT] (default %(default)s)")
-    p.add_argument("--pool-size", type=_positive_int, default=env("NIKI_POOL_SIZE", 8, _positive_int),
-                   help="database connections this server may open [NIKI_POOL_SIZE] (default %(default)s)")
-    p.add_argument("--advertise-host", default=env("NIKI_ADVERTISE_HOST", ""),
-                   help="address other boxes reach this server's event port at, recorded in the "
-                   "database for routed wake-ups [NIKI_ADVERTISE_HOST] (default: --host if set, "
-                   "else this machine's host name)")
-    p.add_argument("--sweep-interval", type=_positive_float,
-                   default=env("NIKI_SWEEP_INTERVAL", SWEEP_INTERVAL_S, _positive_float),
-                   help="seconds between this server's own checks for pending messages of its "
-                   "clients [NIKI_SWEEP_INTERVAL] (default %(default)s)")
-    p.add_argument("--max-inflight", type=_positive_int,
-                   default=env("NIKI_MAX_INFLIGHT", MAX_INFLIGHT, _positive_int),
-                   help="ACK clients: unacknowledged messages per connection before delivery "
-                   "pauses [NIKI_MAX_INFLIGHT] (default %(default)s)")
-    p.add_argument("--keepalive-idle", type=_positive_float,
-                   default=env("NIKI_KEEPALIVE_IDLE", KEEPALIVE_IDLE_S, _positive_float),
-                   help="seconds of silence before TCP keepalive probes a client "
-                   "[NIKI_KEEPALIVE_IDLE] (default %(default)s)")
-    p.add_argument("--keepalive-interval", type=_positive_float,
-                   default=env("NIKI_KEEPALIVE_INTERVAL", KEEPALIVE_INTERVAL_S, _positive_float),
-                   help="seconds between keepalive probes [NIKI_KEEPALIVE_INTERVAL] (default %(default)s)")
-    p.add_argument("--keepalive-count", type=_positive_int,
-                   default=env("NIKI_KEEPALIVE_COUNT", KEEPALIVE_COUNT, _positive_int),
-                   help="unanswered probes before a client is dropped [NIKI_KEEPALIVE_COUNT] "
-                   "(default %(default)s)")
-    p.add_argument("--retention-days", type=_positive_float,
-                   default=env("NIKI_RETENTION_DAYS", RETENTION_DAYS, _positive_float),
-                   help="days delivered, ignored and expired messages are kept "
-                   "[NIKI_RETENTION_DAYS] (default %(default)s)")
-    p.add_argument("--purge-interval", type=_positive_float,
-                   default=env("NIKI_PURGE_INTERVAL", PURGE_INTERVAL_S, _positive_float),
-                   help="seconds between expiry and purge runs [NIKI_PURGE_INTERVAL] "
-                   "(default %(default)s)")
+    for option in SERVER_OPTIONS:
+        text = env_default(option.env, "", e)
+        default = option.convert(text) if text else option.default
+        convert = None if option.convert is str else option.convert
+        p.add_argument(*option.flags, type=convert, default=default,
+                       help=f"{option.help} [{option.env}] ({option.default_text})")
     p.add_argument("-v", "--verbose", action="store_true",
-                   default=str(env("NIKI_VERBOSE", "")).lower() in ("1", "true", "yes"),
+                   default=env_default("NIKI_VERBOSE", "", e).lower() in ("1", "true", "yes"),
                    help="debug logging, including every SQL statement [NIKI_VERBOSE]")
     return p
 
@@ -217,21 +216,5 @@ def server_settings(argv: Optional[List[str]] = None,
     args = parser.parse_args(argv)
     if not args.db.strip():
         raise ConfigurationError("--db must not be empty")
-    return ServerSettings(
-        host=args.host,
-        port=args.port,
-        event_port=args.event_port,
-        db=args.db,
-        verbose=args.verbose,
-        handshake_timeout=args.handshake_timeout,
-        write_timeout=args.write_timeout,
-        pool_size=args.pool_size,
-        sweep_interval=args.sweep_interval,
-        advertise_host=args.advertise_host,
-        max_inflight=args.max_inflight,
-        keepalive_idle=args.keepalive_idle,
-        keepalive_interval=args.keepalive_interval,
-        keepalive_count=args.keepalive_count,
-        retention_days=args.retention_days,
-        purge_interval=args.purge_interval,
-    )
+    fields = {option.flags[-1].lstrip("-").replace("-", "_") for option in SERVER_OPTIONS}
+    return ServerSettings(verbose=args.verbose, **{name: getattr(args, name) for name in fields})

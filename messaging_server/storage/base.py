@@ -445,22 +445,24 @@ class SqlStorage(Storage):
             return self._mark(tx, client_id, message_ids)
 
     def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
+        expired = self._in_batch(
+            f"status = '{PENDING}' AND expires_at IS NOT NULL AND expires_at <= {self.now_sql}",
+            f"UPDATE messages SET status = '{EXPIRED}' WHERE status = '{PENDING}' AND id IN", batch)
+        deleted = self._in_batch(
+            f"status IN ('{DELIVERED}', '{IGNORED}', '{EXPIRED}') "
+            f"AND created_at < {self._ago(retention)}",
+            "DELETE FROM messages WHERE id IN", batch)
+        return expired, deleted
+
+    def _in_batch(self, where: str, statement: str, batch: int) -> int:
+        """Run ``statement (ids)`` on at most ``batch`` messages matching ``where``, in one
+        short transaction (a subquery with LIMIT is not allowed there by MariaDB)."""
         with self.transaction() as tx:
-            expiring = [r[0] for r in tx.fetchall(
-                f"SELECT id FROM messages WHERE status = '{PENDING}' AND expires_at IS NOT NULL "
-                f"AND expires_at <= {self.now_sql} LIMIT %s", (batch,))]
-            if expiring:
-                marks = ", ".join(["%s"] * len(expiring))
-                tx.execute(f"UPDATE messages SET status = '{EXPIRED}' "
-                           f"WHERE status = '{PENDING}' AND id IN ({marks})", expiring)
-        with self.transaction() as tx:
-            old = [r[0] for r in tx.fetchall(
-                f"SELECT id FROM messages WHERE status IN ('{DELIVERED}', '{IGNORED}', '{EXPIRED}') "
-                f"AND created_at < {self._ago(retention)} LIMIT %s", (batch,))]
-            if old:
-                marks = ", ".join(["%s"] * len(old))
-                tx.execute(f"DELETE FROM messages WHERE id IN ({marks})", old)
-        return len(expiring), len(old)
+            ids = [r[0] for r in tx.fetchall(f"SELECT id FROM messages WHERE {where} LIMIT %s",
+                                             (batch,))]
+            if ids:
+                tx.execute(f"{statement} ({', '.join(['%s'] * len(ids))})", ids)
+        return len(ids)
 
     def pending_count(self, client_id: int) -> int:
         with self.transaction() as tx:
