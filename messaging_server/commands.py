@@ -51,7 +51,8 @@ def handle_events(conn: ClientConnection, events: Iterable[ServerEvent]) -> None
         elif isinstance(event, InvalidCommand):
             conn.post(protocol.invalid_command(event.line))
         elif isinstance(event, Disconnect):
-            # After the replies already posted, as if written in order.
+            conn.leaving = True  # deliver nothing more (see ClientConnection.leaving)
+            # Close after the replies already posted, as if written in order.
             conn.post(b"", close_reason="client sent DISCONNECT")
         elif isinstance(event, LineTooLong):
             conn.post(protocol.error(f"line too long (limit {event.limit} bytes)"),

@@ -56,6 +56,11 @@ class ClientConnection:
         self.released = threading.Event()
         self.ready = threading.Event()  # SET_CLIENT_ID sent: messages may follow
         self.close_reason = ""
+        # Set by the command listener the moment the client says DISCONNECT: from
+        # then on nothing more is delivered, although the connection is closed only
+        # once the replies before it are written.  A message written to a client
+        # that has left would be marked delivered and lost (the seed's bug).
+        self.leaving = False
         self._closed = threading.Event()
         self._work = Work()
         self._reply_bytes = 0
@@ -120,6 +125,8 @@ class ClientConnection:
 
     def write_messages(self, messages: Sequence[StoredMessage]) -> int:
         """Write MESSAGE lines; return how many, from the first, were written whole."""
+        if self.leaving:
+            return 0
         lines = [self.protocol.message(m.body, m.id) for m in messages]
         sent = self._send_counting(b"".join(lines))
         count = end = 0

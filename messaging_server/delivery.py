@@ -43,7 +43,7 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int) -> int:
         return 0
     ack_mode = conn.protocol.ack_mode
     total = 0
-    while not conn.closed and conn.client_id is not None:
+    while not conn.closed and not conn.leaving and conn.client_id is not None:
         room = conn.max_inflight - len(conn.inflight) if ack_mode else batch
         if room <= 0:
             break  # paused: acks will ask for the next pass

@@ -168,20 +168,26 @@ class ClientHandler(socketserver.BaseRequestHandler):
             log.info("client %s: closing %s, taken over by %s", conn.client_id,
                      previous.peer, conn.peer)
             previous.close("taken over by a newer connection")
-        if not conn.send(conn.protocol.set_client_id(conn.client_id)):
-            return
-        conn.ready.set()
-        # Marks an earlier connection of this client could not commit: commit them
-        # before anything is sent, so that those messages are not sent again.
-        conn.unmarked.extend(self.server.marks.take(conn.client_id))
-        deliver(self.server.storage, conn, settings.delivery_batch)  # the backlog, first
+        # Hand the socket to the command listener at once, so that a DISCONNECT
+        # (or a close) is seen before anything is delivered to a client that left.
+        # Replies to commands are only posted; they are written in the work loop,
+        # after SET_CLIENT_ID and the backlog, so the order on the wire holds.
         handle_events(conn, rest)  # commands that came in the same packet as the id
         listened = not conn.closed
         if listened:
             self.server.commands.add(conn)
-        self._work_loop(conn)
-        if listened:
-            conn.released.wait()  # until the command listener has let go of the socket
+        try:
+            if conn.send(conn.protocol.set_client_id(conn.client_id)):
+                conn.ready.set()
+                # Marks an earlier connection of this client could not commit:
+                # commit them before anything is sent, so those are not sent again.
+                conn.unmarked.extend(self.server.marks.take(conn.client_id))
+                deliver(self.server.storage, conn, settings.delivery_batch)  # the backlog
+                self._work_loop(conn)
+        finally:
+            if listened:
+                conn.close("connection ended")
+                conn.released.wait()  # until the command listener has let go of the socket
 
     def _work_loop(self, conn: ClientConnection) -> None:
         """Do what the other threads posted, until the connection ends.
