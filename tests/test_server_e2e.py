@@ -216,14 +216,25 @@ def test_commands(server: ServerProcess, put: Put) -> None:
         client.send_line("DISCONNECT")
         assert client.wait_closed() == []
 
-    # A stored id, a backlog and commands in one packet: id, backlog, then the answers.
+    # A stored id, a backlog and commands in one packet ending in DISCONNECT: the
+    # answers come, but nothing is delivered to a client that is leaving (it may close
+    # at once, and a message written then would be lost); the backlog waits for it.
     assert put(other, "waiting 1") is True
     assert put(other, "waiting 2") is True
     with server.connect() as client:
         assert client.read_line() == "GET_CLIENT_ID"
         client.send(f"{other}\nFOO\nDISCONNECT\n".encode())
-        assert client.wait_closed() == [f"SET_CLIENT_ID: {other}", "MESSAGE: waiting 1",
-                                         "MESSAGE: waiting 2", "Invalid command: FOO"]
+        assert client.wait_closed() == [f"SET_CLIENT_ID: {other}", "Invalid command: FOO"]
+    with server.connect() as client:
+        assert client.handshake(other) == other
+        assert client.read_lines(2) == ["MESSAGE: waiting 1", "MESSAGE: waiting 2"]
+    # Without DISCONNECT, the backlog comes first, then the answers.
+    assert put(other, "waiting 3") is True
+    with server.connect() as client:
+        assert client.read_line() == "GET_CLIENT_ID"
+        client.send(f"{other}\nFOO\n".encode())
+        assert client.read_lines(3) == [f"SET_CLIENT_ID: {other}", "MESSAGE: waiting 3",
+                                        "Invalid command: FOO"]
 
 
 def test_duplicate_rule(server: ServerProcess, put: Put) -> None:
