@@ -129,7 +129,8 @@ class Enqueuer:
         text = check_body(body, self.max_body_bytes)
         check_ttl(ttl)
         queued = self._storage.enqueue(numeric_id, text, settings.DUPLICATE_WINDOW_S,
-                                       ttl=ttl, max_pending=self.max_pending)
+                                       ttl=ttl, max_pending=self.max_pending,
+                                       find_owner=self.peers is None)
         if queued.message_id is None:
             return False
         if self.peers is not None:

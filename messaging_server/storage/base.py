@@ -131,8 +131,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def enqueue(self, client_id: int, body: str, duplicate_window: float,
-                ttl: Optional[float] = None, max_pending: Optional[int] = None) -> Queued:
+                ttl: Optional[float] = None, max_pending: Optional[int] = None,
+                find_owner: bool = True) -> Queued:
         """Store a pending message (or, for a duplicate, an ignored one).
+
+        ``find_owner``: also look up the live owner's wake-up address (routed
+        mode); broadcast mode does not need it and saves the query.
 
         ``ttl``: seconds after which it is never sent.  Raises UnknownClient when
         no such client exists, QueueFull when it has ``max_pending`` pending.
@@ -314,7 +318,8 @@ class SqlStorage(Storage):
     # --- messages ---
 
     def enqueue(self, client_id: int, body: str, duplicate_window: float,
-                ttl: Optional[float] = None, max_pending: Optional[int] = None) -> Queued:
+                ttl: Optional[float] = None, max_pending: Optional[int] = None,
+                find_owner: bool = True) -> Queued:
         digest = body_hash(body)
         with self.transaction() as tx:
             rows = tx.fetchall(
@@ -349,7 +354,8 @@ class SqlStorage(Storage):
             )
             if recent is not None:
                 return Queued(None)
-            return Queued(tx.lastrowid, self._live_server(tx, rows[0][0]))
+            owner = self._live_server(tx, rows[0][0]) if find_owner else None
+            return Queued(tx.lastrowid, owner)
 
     # Whether a delivery keeps its transaction (and locks) open while it writes
     # to the socket.  MySQL: yes, it holds only this client's row, and deliveries
