@@ -52,6 +52,7 @@ class ClientConnection:
         self.write_timeout = write_timeout
         self.protocol = ServerConnection()
         self.client_id: Optional[int] = None
+        self.credential = ""  # what SET_CLIENT_ID told the client to present next time
         self.session = 0
         self.released = threading.Event()
         self.ready = threading.Event()  # SET_CLIENT_ID sent: messages may follow

@@ -13,8 +13,9 @@ import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from . import settings
+from .credentials import parse_credential
 from .errors import BodyRejected, ConfigurationError, UnknownClient
-from .protocol import MAX_CLIENT_ID, parse_client_id
+from .protocol import MAX_CLIENT_ID
 from .storage import Storage, open_storage
 from .wakeup import Address, WakeupSender, parse_peers
 
@@ -27,13 +28,18 @@ ENQUEUE_POOL_SIZE = 4
 
 
 def client_id_of(client_id: ClientId) -> int:
-    """The numeric id of ``client_id`` (an int, or the string the server handed out)."""
+    """The numeric id of ``client_id``: an int, or the string the server handed out.
+
+    The application side is trusted (it holds the database's credentials), so
+    of a full ``<id>.<secret>`` credential only the id counts.
+    """
     if isinstance(client_id, bool):
         raise UnknownClient(f"{client_id!r} is not a client id")
     if isinstance(client_id, int):
         value: Optional[int] = client_id if 0 < client_id <= MAX_CLIENT_ID else None
     elif isinstance(client_id, str):
-        value = parse_client_id(client_id.strip())
+        credential = parse_credential(client_id.strip(), MAX_CLIENT_ID)
+        value = None if credential is None else credential.client_id
     else:
         value = None
     if value is None:

@@ -9,8 +9,8 @@ used by :mod:`messaging_server.client`.
 The conversation (see docs/PROTOCOL.md)::
 
     server: GET_CLIENT_ID
-    client: NONE | <id>  [ACK]
-    server: SET_CLIENT_ID: <id>
+    client: NONE | <id>.<secret>  [ACK]
+    server: SET_CLIENT_ID: <id>.<secret>    (bare <id>s with --legacy-ids)
     server: MESSAGE: <body>          (pending messages, then new ones)
     server: MESSAGE <n>: <body>      (the same, for a client that said ACK)
     client: ACK <n>                  (ACK clients: message n is safely received)
@@ -28,6 +28,8 @@ import enum
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
+
+from .credentials import parse_credential
 
 # Longest line a client may send, terminator included.  Client lines are an id
 # or a command: a few dozen bytes.  1 KiB leaves room for future capability
@@ -72,15 +74,18 @@ class ProtocolError(Exception):
 class Identify:
     """The client's answer to GET_CLIENT_ID.
 
-    ``client_id`` is None for ``NONE`` and for an answer that is not a valid id;
-    ``malformed`` tells the two apart so the server can log the latter.
-    ``capabilities`` are the words after the id, kept for later protocol versions.
+    ``client_id`` is None for ``NONE`` and for an answer that is not a valid
+    id or credential; ``malformed`` tells the two apart so the server can log
+    the latter.  ``secret`` is the part after the dot (None for a bare id);
+    the server, not the protocol, decides whether it is right.
+    ``capabilities`` are the words after the id.
     """
 
     client_id: Optional[int]
     raw: str
     malformed: bool = False
     capabilities: Tuple[str, ...] = ()
+    secret: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -286,8 +291,10 @@ def _identify(line: str) -> Identify:
     head, capabilities = words[0], tuple(words[1:])
     if head.upper() == NEW_CLIENT:
         return Identify(None, line, capabilities=capabilities)
-    client_id = parse_client_id(head)
-    return Identify(client_id, line, malformed=client_id is None, capabilities=capabilities)
+    credential = parse_credential(head, MAX_CLIENT_ID)
+    if credential is None:
+        return Identify(None, line, malformed=True, capabilities=capabilities)
+    return Identify(credential.client_id, line, capabilities=capabilities, secret=credential.secret)
 
 
 def _line(text: str) -> bytes:

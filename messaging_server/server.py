@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection
+from .credentials import Credential, accepts, hash_secret, new_secret
 from .delivery import DeliveryThread, acknowledge, deliver, unfinished_marks
 from .errors import StorageUnavailable
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerEvent
@@ -177,7 +178,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
         if listened:
             self.server.commands.add(conn)
         try:
-            if conn.send(conn.protocol.set_client_id(conn.client_id)):
+            if conn.send(conn.protocol.set_client_id(conn.credential)):
                 conn.ready.set()
                 # Marks an earlier connection of this client could not commit:
                 # commit them before anything is sent, so those are not sent again.
@@ -238,14 +239,24 @@ class ClientHandler(socketserver.BaseRequestHandler):
             return []
 
     def _identify(self, conn: ClientConnection, identify: Identify) -> None:
+        """Claim the presented client if its credential is right; else make a new one.
+
+        A wrong secret is answered exactly like an unknown id: the stranger gets
+        a new client, and the real one keeps its messages and its connection.
+        """
         storage, server_id = self.server.storage, self.server.server_id
+        legacy_ids = self.server.settings.legacy_ids
         if identify.client_id is not None:
-            claim = storage.claim_client(identify.client_id, server_id)
+            claim = storage.claim_client(
+                identify.client_id, server_id,
+                accept=lambda stored: accepts(identify.secret, stored, legacy_ids))
             if claim is None:
-                log.warning("%s presented unknown client id %s: issuing a new id",
-                            conn.peer, identify.client_id)
+                log.warning("%s presented client id %s with %s: unknown id or wrong secret; "
+                            "issuing a new client", conn.peer, identify.client_id,
+                            "no secret" if identify.secret is None else "a secret")
             else:
                 conn.client_id, conn.session = claim.client_id, claim.session
+                conn.credential = str(Credential(claim.client_id, identify.secret))
                 log.info("client %s identified from %s", conn.client_id, conn.peer)
                 if claim.previous_owner is not None:
                     # Tell the server holding the older connection to close it
@@ -256,10 +267,12 @@ class ClientHandler(socketserver.BaseRequestHandler):
                     self.server.wakeup_sender.send((owner.host, owner.port), [conn.client_id])
                 return
         elif identify.malformed:
-            log.warning("%s presented malformed client id %r: issuing a new id",
+            log.warning("%s presented malformed client id %r: issuing a new client",
                         conn.peer, identify.raw[:80])
-        claim = storage.new_client(server_id)
+        secret = None if legacy_ids else new_secret()
+        claim = storage.new_client(server_id, None if secret is None else hash_secret(secret))
         conn.client_id, conn.session = claim.client_id, claim.session
+        conn.credential = str(Credential(claim.client_id, secret))
         log.info("new client %s from %s", conn.client_id, conn.peer)
 
 

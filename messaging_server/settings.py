@@ -45,6 +45,9 @@ RETENTION_DAYS = 7.0
 # How often a server expires and purges, and how many rows per transaction.
 PURGE_INTERVAL_S = 60.0
 PURGE_BATCH = 1000
+# Concurrent client connections one server accepts; each costs a thread and a
+# descriptor.  The server lowers it to what its open-file limit allows.
+MAX_CONNECTIONS = 10_000
 
 
 def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = None) -> str:
@@ -90,6 +93,11 @@ class ServerSettings:
     keepalive_count: int = KEEPALIVE_COUNT
     retention_days: float = RETENTION_DAYS
     purge_interval: float = PURGE_INTERVAL_S
+    legacy_ids: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_address: int = 0
 
     @property
     def wakeup_host(self) -> str:
@@ -138,6 +146,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     """One server option: its flags, environment variable, default, type and help."""
@@ -181,6 +199,16 @@ SERVER_OPTIONS = (
            "days delivered, ignored and expired messages are kept"),
     Option(("--purge-interval",), "NIKI_PURGE_INTERVAL", PURGE_INTERVAL_S, _positive_float,
            "seconds between expiry and purge runs"),
+    Option(("--tls-cert",), "NIKI_TLS_CERT", "", str,
+           "PEM certificate (chain) file: clients must then connect with TLS", "default: no TLS"),
+    Option(("--tls-key",), "NIKI_TLS_KEY", "", str,
+           "PEM private key file for --tls-cert", "default: the key inside --tls-cert"),
+    Option(("--max-connections",), "NIKI_MAX_CONNECTIONS", MAX_CONNECTIONS, _positive_int,
+           "concurrent client connections; beyond it a new one gets 'ERROR: server busy'",
+           "default %(default)s, lowered to fit the open-file limit"),
+    Option(("--max-connections-per-address",), "NIKI_MAX_CONNECTIONS_PER_ADDRESS", 0,
+           _non_negative_int, "concurrent client connections from one remote address",
+           "default: 0, no limit"),
 )
 
 
@@ -203,6 +231,11 @@ def server_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argum
     p.add_argument("-v", "--verbose", action="store_true",
                    default=env_default("NIKI_VERBOSE", "", e).lower() in ("1", "true", "yes"),
                    help="debug logging, including every SQL statement [NIKI_VERBOSE]")
+    p.add_argument("--legacy-ids", action="store_true",
+                   default=env_default("NIKI_LEGACY_IDS", "", e).lower() in ("1", "true", "yes"),
+                   help="hand out and accept bare numeric client ids, as the original server "
+                   "did: anyone who guesses an id gets that client's messages. Only for closed "
+                   "networks [NIKI_LEGACY_IDS]")
     return p
 
 
@@ -216,5 +249,8 @@ def server_settings(argv: Optional[List[str]] = None,
     args = parser.parse_args(argv)
     if not args.db.strip():
         raise ConfigurationError("--db must not be empty")
+    if args.tls_key and not args.tls_cert:
+        raise ConfigurationError("--tls-key needs --tls-cert")
     fields = {option.flags[-1].lstrip("-").replace("-", "_") for option in SERVER_OPTIONS}
-    return ServerSettings(verbose=args.verbose, **{name: getattr(args, name) for name in fields})
+    return ServerSettings(verbose=args.verbose, legacy_ids=args.legacy_ids,
+                          **{name: getattr(args, name) for name in fields})

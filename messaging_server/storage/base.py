@@ -118,12 +118,21 @@ class Storage(abc.ABC):
         """Create the database objects if they do not exist (idempotent)."""
 
     @abc.abstractmethod
-    def new_client(self, server_id: Optional[int] = None) -> Claim:
-        """Create a client, owned by ``server_id``; its first session."""
+    def new_client(self, server_id: Optional[int] = None,
+                   secret_hash: Optional[bytes] = None) -> Claim:
+        """Create a client, owned by ``server_id``; its first session.
+
+        ``secret_hash``: the hash of its credential's secret (None: a bare-id client).
+        """
 
     @abc.abstractmethod
-    def claim_client(self, client_id: int, server_id: Optional[int] = None) -> Optional[Claim]:
-        """Start a new session of an existing client on ``server_id``; None when unknown."""
+    def claim_client(self, client_id: int, server_id: Optional[int] = None,
+                     accept: Optional[Callable[[Optional[bytes]], bool]] = None) -> Optional[Claim]:
+        """Start a new session of an existing client on ``server_id``.
+
+        None when it is unknown, or when ``accept`` (given the stored secret hash,
+        under the client row's lock) refuses: then nothing about the client changes.
+        """
 
     @abc.abstractmethod
     def release_client(self, client_id: int, session: int, server_id: int) -> None:
@@ -215,6 +224,21 @@ class SqlStorage(Storage):
     # Driver exceptions that mean "the database is not usable now".
     unavailable_errors: Tuple[type, ...] = ()
 
+    # Columns added to a table after its first release, as (table, column, type):
+    # a database created by an older version gets them at the server's start.
+    added_columns: Tuple[Tuple[str, str, str], ...] = ()
+
+    @abc.abstractmethod
+    def _column_names(self, tx: Tx, table: str) -> List[str]:
+        """The columns ``table`` has now."""
+
+    def _add_missing_columns(self, tx: Tx) -> None:
+        """The only upgrade step there is: add what an older schema lacks."""
+        for table, column, sql_type in self.added_columns:
+            if column not in self._column_names(tx, table):
+                log.warning("upgrading the schema: adding %s.%s", table, column)
+                tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+
     @abc.abstractmethod
     def _borrow(self) -> contextlib.AbstractContextManager:
         """A pooled connection, returned to the pool on exit."""
@@ -281,22 +305,28 @@ class SqlStorage(Storage):
 
     # --- clients ---
 
-    def new_client(self, server_id: Optional[int] = None) -> Claim:
+    def new_client(self, server_id: Optional[int] = None,
+                   secret_hash: Optional[bytes] = None) -> Claim:
         with self.transaction() as tx:
             tx.execute(
-                "INSERT INTO clients (session, owner_server_id, created_at, last_seen_at) "
-                f"VALUES (1, %s, {self.now_sql}, {self.now_sql})",
-                (server_id,),
+                "INSERT INTO clients (session, owner_server_id, secret_hash, created_at, last_seen_at) "
+                f"VALUES (1, %s, %s, {self.now_sql}, {self.now_sql})",
+                (server_id, secret_hash),
             )
             return Claim(tx.lastrowid, 1)
 
-    def claim_client(self, client_id: int, server_id: Optional[int] = None) -> Optional[Claim]:
+    def claim_client(self, client_id: int, server_id: Optional[int] = None,
+                     accept: Optional[Callable[[Optional[bytes]], bool]] = None) -> Optional[Claim]:
         with self.transaction() as tx:
             rows = tx.fetchall(
-                f"SELECT session, owner_server_id FROM clients WHERE id = %s {self.lock_rows_sql}",
+                "SELECT session, owner_server_id, secret_hash FROM clients "
+                f"WHERE id = %s {self.lock_rows_sql}",
                 (client_id,),
             )
             if not rows:
+                return None
+            stored_hash = None if rows[0][2] is None else bytes(rows[0][2])
+            if accept is not None and not accept(stored_hash):
                 return None
             session, previous = int(rows[0][0]) + 1, rows[0][1]
             tx.execute(

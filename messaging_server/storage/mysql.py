@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 from importlib import resources
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, List
 
 import pymysql
 import pymysql.constants
 from dbutils.pooled_db import PooledDB
 
-from .base import SqlStorage, split_sql_script
+from .base import SqlStorage, Tx, split_sql_script
 
 CONNECT_TIMEOUT_S = 5
 # Longer than innodb_lock_wait_timeout (50 s by default), so a lock wait ends
@@ -39,6 +39,7 @@ class MysqlStorage(SqlStorage):
     micros_ahead_sql = "(NOW(6) + INTERVAL %s MICROSECOND)"
     lock_rows_sql = "FOR UPDATE"
     unavailable_errors = (pymysql.err.MySQLError,)
+    added_columns = (("clients", "secret_hash", "BINARY(32) NULL AFTER delivery_lease_until"),)
 
     def __init__(self, host: str, port: int, user: str, password: str, database: str,
                  pool_size: int = 8) -> None:
@@ -93,6 +94,15 @@ class MysqlStorage(SqlStorage):
         with self.transaction() as tx:
             for statement in split_sql_script(script):
                 tx.execute(statement)
+            self._add_missing_columns(tx)
+
+    def _column_names(self, tx: Tx, table: str) -> List[str]:
+        rows = tx.fetchall(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = DATABASE() AND table_name = %s",
+            (table,),
+        )
+        return [str(row[0]) for row in rows]
 
     def close(self) -> None:
         self._pool.close()

@@ -6,6 +6,7 @@ CREATE TABLE IF NOT EXISTS clients (
     session       INTEGER NOT NULL DEFAULT 0,   -- bumped on each identification
     owner_server_id INTEGER,                    -- servers.id holding its connection; NULL: offline
     delivery_lease_until TEXT,                  -- a delivery writing outside a transaction holds it
+    secret_hash   BLOB,                         -- sha256 of its credential's secret; NULL: bare id
     created_at    TEXT    NOT NULL,
     last_seen_at  TEXT
 );

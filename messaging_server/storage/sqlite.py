@@ -18,10 +18,10 @@ import sqlite3
 import threading
 import time
 from importlib import resources
-from typing import Iterator
+from typing import Iterator, List
 from urllib.request import pathname2url
 
-from .base import SqlStorage, split_sql_script
+from .base import SqlStorage, Tx, split_sql_script
 
 # How long a writer waits for another process's write lock before giving up.
 # Longer than the server's socket write timeout, which bounds how long a
@@ -36,6 +36,7 @@ class SqliteStorage(SqlStorage):
     lock_rows_sql = ""  # BEGIN IMMEDIATE already holds the write lock
     lock_while_writing = False  # the write lock is the whole database's
     unavailable_errors = (sqlite3.Error,)
+    added_columns = (("clients", "secret_hash", "BLOB"),)
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
         self.path = path
@@ -91,6 +92,10 @@ class SqliteStorage(SqlStorage):
         with self.transaction() as tx:
             for statement in split_sql_script(script):
                 tx.execute(statement)
+            self._add_missing_columns(tx)
+
+    def _column_names(self, tx: Tx, table: str) -> List[str]:
+        return [str(row[1]) for row in tx.fetchall(f"PRAGMA table_info({table})")]
 
     def close(self) -> None:
         with self._lock:
