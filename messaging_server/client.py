@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import socket
+import ssl
 import time
 from typing import Deque, Iterator, List, Optional, Union
 
@@ -42,8 +43,10 @@ class ClientError(NikiError):
 class Client:
     def __init__(self, host: str, port: int = 8000,
                  client_id: Optional[Union[int, str]] = None, timeout: float = 10.0,
-                 ack: bool = False, auto_ack: bool = True) -> None:
+                 ack: bool = False, auto_ack: bool = True,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
         self.host = host
+        self.ssl_context = ssl_context  # a server with --tls-cert: e.g. ssl.create_default_context()
         self.port = port
         self.requested_id = client_id
         self.timeout = timeout
@@ -63,6 +66,8 @@ class Client:
         """Connect and identify; return the client id to store for next time."""
         self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            self._sock = self.ssl_context.wrap_socket(self._sock, server_hostname=self.host)
         first = self._next_event(self.timeout)
         if not isinstance(first, IdRequested):
             raise ClientError(f"expected GET_CLIENT_ID, got {first!r}")

@@ -30,10 +30,6 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-# Read size per ready socket: enough for many command lines at once.
-READ_CHUNK = 4096
-
-
 def handle_events(conn: ClientConnection, events: Iterable[ServerEvent]) -> None:
     """Act on what a client said after its handshake: post replies to its handler thread.
 
@@ -126,12 +122,9 @@ class CommandListener(threading.Thread):
             self._selector.register(conn.sock, selectors.EVENT_READ, conn)
 
     def _read(self, conn: ClientConnection) -> None:
-        try:
-            data = conn.sock.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError, socket.timeout):
+        data = conn.receive()
+        if data is None:  # nothing yet (a partial TLS record)
             return
-        except OSError:
-            data = b""
         if conn.closed:
             self._release(conn)
             return

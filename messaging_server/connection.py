@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,13 @@ log = logging.getLogger(__name__)
 # make the server hold them without bound; past this it is disconnected.
 MAX_UNWRITTEN_REPLIES = 64 * 1024
 
+# Bytes taken per read: enough for many command lines at once.
+READ_CHUNK = 4096
+
+# TLS writes go out one record (16 KiB) at a time, so that after a failed write
+# the count of bytes sent, and of messages written whole, is exact to a record.
+TLS_RECORD = 16 * 1024
+
 
 @dataclass
 class Work:
@@ -47,7 +56,14 @@ class Work:
 class ClientConnection:
     def __init__(self, sock: socket.socket, peer: str, write_timeout: float = 10.0,
                  max_inflight: int = 100) -> None:
+        # Non-blocking: every wait is an explicit poll with a deadline.  The
+        # handler thread writes while the command listener reads, so each call
+        # into the socket holds _io_lock (a TLS session must not be used by two
+        # threads at once); no one holds it while waiting.
+        sock.setblocking(False)
         self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._io_lock = threading.Lock()
         self.peer = peer
         self.write_timeout = write_timeout
         self.protocol = ServerConnection()
@@ -146,17 +162,69 @@ class ClientConnection:
         # One deadline for the whole write, however many send() calls it
         # takes: a client that reads slowly cannot stretch it.
         deadline = time.monotonic() + self.write_timeout
+        step = TLS_RECORD if self.tls else len(data)
         try:
             while sent < len(data):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout("write timed out")
-                self.sock.settimeout(remaining)
-                sent += self.sock.send(view[sent:])
+                try:
+                    with self._io_lock:
+                        sent += self.sock.send(view[sent:sent + step])
+                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    if not self._wait(select.POLLOUT, deadline):
+                        raise socket.timeout("write timed out") from None
         except OSError as exc:  # includes the write timeout
             why = "write timed out" if isinstance(exc, socket.timeout) else f"write failed: {exc}"
             self.close(why)
         return sent
+
+    # --- reading (the handler thread during the handshake, then the command listener) ---
+
+    def receive(self, timeout: float = 0.0) -> Optional[bytes]:
+        """What the client sent: b"" at its end (or a read error); None if nothing
+        arrived within ``timeout`` seconds (0: do not wait)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            data = self._receive_now()
+            if data is not None or not self._wait(select.POLLIN, deadline):
+                return data
+
+    def _receive_now(self) -> Optional[bytes]:
+        try:
+            with self._io_lock:
+                data = self.sock.recv(READ_CHUNK)
+                # TLS: bytes already decrypted do not make the socket readable
+                # again, so take them now or the selector would never report them.
+                while data and self.tls and self.sock.pending():
+                    data += self.sock.recv(self.sock.pending())
+                return data
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except OSError:  # reset, TLS failure: the end of this client, as the protocol sees it
+            return b""
+
+    def tls_handshake(self, timeout: float) -> str:
+        """Do the TLS handshake within ``timeout``; "" when done, else why it failed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.do_handshake()
+                return ""
+            except ssl.SSLWantReadError:
+                ready = self._wait(select.POLLIN, deadline)
+            except ssl.SSLWantWriteError:
+                ready = self._wait(select.POLLOUT, deadline)
+            except (ssl.SSLError, OSError) as exc:
+                return f"TLS handshake failed: {exc}"
+            if not ready:
+                return f"no TLS handshake within {timeout:g} s"
+
+    def _wait(self, event: int, deadline: float) -> bool:
+        """Wait until the socket is ready for ``event`` (or fails); False at the deadline."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or self.closed:
+            return False
+        poller = select.poll()  # not select(): descriptors past 1024 are normal here
+        poller.register(self.sock, event)
+        return bool(poller.poll(max(1, int(remaining * 1000))))
 
     def close(self, reason: str) -> None:
         """Shut the connection down (idempotent); the first reason given is kept."""
@@ -164,7 +232,12 @@ class ClientConnection:
             return
         self.close_reason = self.close_reason or reason
         self._closed.set()
+        if self.tls:  # say goodbye properly (close_notify), without waiting for an answer
+            with self._io_lock, contextlib.suppress(OSError, ValueError):
+                self.sock.unwrap()
         with contextlib.suppress(OSError):  # already gone
-            self.sock.shutdown(socket.SHUT_RDWR)
+            # The plain socket's shutdown, also for TLS: SSLSocket.shutdown() would
+            # drop the TLS state under a thread that may be reading or writing.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         with self._cond:
             self._cond.notify()

@@ -24,6 +24,7 @@ which the write timeout bounds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,15 +34,17 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from .admission import Admission, connection_cap
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection
 from .credentials import Credential, accepts, hash_secret, new_secret
 from .delivery import DeliveryThread, acknowledge, deliver, unfinished_marks
 from .errors import StorageUnavailable
-from .protocol import ConnectionClosed, Identify, LineTooLong, ServerEvent
+from .protocol import ConnectionClosed, Identify, LineTooLong, ServerConnection, ServerEvent
 from .settings import PURGE_BATCH, ServerSettings
 from .storage import Storage
 from .sweeper import Heartbeat, Purger, Sweeper
+from .tls import server_context
 from .wakeup import WakeupListener, WakeupSender
 
 log = logging.getLogger("messaging_server")
@@ -49,6 +52,8 @@ log = logging.getLogger("messaging_server")
 # Connections waiting to be accepted.  A reconnect storm after a network blip
 # arrives all at once; the kernel caps this at net.core.somaxconn anyway.
 LISTEN_BACKLOG = 1024
+# A flood of refused connections logs one line per this many seconds.
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 class UnfinishedMarks:
@@ -127,10 +132,18 @@ class ClientHandler(socketserver.BaseRequestHandler):
 
     server: NikiServer
 
+    def finish(self) -> None:
+        self.server.admission.leave(self.client_address[0])
+
     def handle(self) -> None:
         peer = _format_peer(self.client_address)
         settings = self.server.settings
-        conn = ClientConnection(self.request, peer, settings.write_timeout, settings.max_inflight)
+        try:
+            sock = self.server.secure(self.request)
+        except OSError as exc:
+            log.info("connection from %s closed before TLS began: %s", peer, exc)
+            return
+        conn = ClientConnection(sock, peer, settings.write_timeout, settings.max_inflight)
         self.server.track(conn)
         try:
             self._serve(conn)
@@ -139,6 +152,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
             self.server.registry.unregister(conn)
             self.server.untrack(conn)
             self.server.release(conn)
+            sock.close()  # a TLS socket took the descriptor over from self.request
             who = f"client {conn.client_id}" if conn.client_id is not None else "unidentified client"
             log.info("%s disconnected from %s (%s)", who, peer, conn.close_reason)
 
@@ -148,10 +162,17 @@ class ClientHandler(socketserver.BaseRequestHandler):
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_keepalive(conn.sock, settings.keepalive_idle, settings.keepalive_interval,
                       settings.keepalive_count)
-        conn.sock.settimeout(settings.write_timeout)
+        # One deadline for the TLS handshake and the client's id together.
+        deadline = time.monotonic() + settings.handshake_timeout
+        if conn.tls:
+            failure = conn.tls_handshake(settings.handshake_timeout)
+            if failure:
+                log.info("%s: %s", conn.peer, failure)
+                conn.close(failure)
+                return
         if not conn.send(conn.protocol.greeting()):
             return
-        events = self._read_identify(conn, settings.handshake_timeout)
+        events = self._read_identify(conn, deadline, settings.handshake_timeout)
         if not events:
             return
         identify, rest = events[0], events[1:]
@@ -163,7 +184,6 @@ class ClientHandler(socketserver.BaseRequestHandler):
             conn.send(conn.protocol.error("database unavailable, try again later"))
             conn.close("database unavailable")
             return
-        conn.sock.settimeout(settings.write_timeout)
         previous = self.server.registry.register(conn)
         if previous is not None and previous is not conn:
             log.info("client %s: closing %s, taken over by %s", conn.client_id,
@@ -209,22 +229,18 @@ class ClientHandler(socketserver.BaseRequestHandler):
         if last.acks:
             acknowledge(storage, conn, last.acks)
 
-    def _read_identify(self, conn: ClientConnection, timeout: float) -> List[ServerEvent]:
+    def _read_identify(self, conn: ClientConnection, deadline: float,
+                       timeout: float) -> List[ServerEvent]:
         """Read until the client's id line; [] when it closed, timed out or sent junk."""
-        deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 conn.send(conn.protocol.error(f"no client id within {timeout:g} s"))
                 conn.close("handshake timed out")
                 return []
-            conn.sock.settimeout(remaining)
-            try:
-                data = conn.sock.recv(4096)
-            except socket.timeout:
+            data = conn.receive(remaining)
+            if data is None:
                 continue
-            except OSError:
-                data = b""
             events = conn.protocol.receive_data(data)
             if not events:
                 continue
@@ -286,6 +302,13 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.storage = storage
         self.registry = ConnectionRegistry()
         self.marks = UnfinishedMarks()
+        self.tls_context = server_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+        cap = connection_cap(settings.max_connections)
+        if cap < settings.max_connections:
+            log.warning("at most %d client connections: the open-file limit allows no more "
+                        "(--max-connections %d)", cap, settings.max_connections)
+        self.admission = Admission(cap, settings.max_connections_per_address)
+        self._last_refusal_log = 0.0
         self._connections: set = set()
         self._connections_lock = threading.Lock()
         host = settings.host
@@ -314,6 +337,41 @@ class NikiServer(socketserver.ThreadingTCPServer):
     @property
     def port(self) -> int:
         return self.server_address[1]
+
+    def verify_request(self, request: socket.socket, client_address: Tuple) -> bool:  # type: ignore[override]
+        """Admit the connection, or answer ``ERROR: server busy`` and close it at once.
+
+        Runs on the accepting thread, before any thread exists for the connection;
+        it never blocks there (the line goes into an empty send buffer).  On a TLS
+        port there is no session yet to carry the line: the connection is just closed.
+        """
+        refusal = self.admission.enter(client_address[0])
+        if not refusal:
+            return True
+        now = time.monotonic()
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL_S:  # a flood logs a line, not a flood
+            self._last_refusal_log = now
+            log.warning("refused %s: %s (%d connections; %d refused since start)",
+                        _format_peer(client_address), refusal, self.admission.active,
+                        self.admission.refused)
+        if self.tls_context is None:
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(ServerConnection.error(refusal))
+        return False
+
+    def process_request(self, request: socket.socket, client_address: Tuple) -> None:  # type: ignore[override]
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread for it (thread limit): it never ran, so never left
+            self.admission.leave(client_address[0])
+            raise
+
+    def secure(self, sock: socket.socket) -> socket.socket:
+        """The connection's socket, wrapped in TLS if the port has it (handshake not yet done)."""
+        if self.tls_context is None:
+            return sock
+        return self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
     def track(self, conn: ClientConnection) -> None:
         with self._connections_lock:
@@ -453,6 +511,12 @@ def run(settings: ServerSettings, storage: Storage) -> None:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     log.info("listening on %s port %d (clients, TCP) and port %d (wake-ups, UDP)",
              settings.host or "all interfaces", server.port, server.wakeups.port)
+    log.info("clients: %s, %s ids, at most %d connections%s",
+             "TLS" if server.tls_context else "plain TCP (no TLS)",
+             "bare numeric (--legacy-ids)" if settings.legacy_ids else "secret-bearing",
+             server.admission.max_total,
+             f", {settings.max_connections_per_address} per address"
+             if settings.max_connections_per_address else "")
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
