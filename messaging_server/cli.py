@@ -45,7 +45,8 @@ def enqueue_parser() -> argparse.ArgumentParser:
         "ignored), 4 queue full, 2 bad input, 1 database or other error.",
     )
     p.add_argument("client_id", metavar="CLIENT_ID",
-                   help="the id the server sent after SET_CLIENT_ID:")
+                   help="the client id: the number before the dot in what the server sent "
+                   "after SET_CLIENT_ID: (the whole credential works too)")
     p.add_argument("message", metavar="MESSAGE",
                    help="the message text (one line, at most 4096 bytes of UTF-8), "
                    "or - to read one message per line from stdin")
@@ -79,6 +80,11 @@ def enqueue_main(argv: Optional[List[str]] = None, stdin: Optional[TextIO] = Non
         return _enqueue_one(enqueuer, args.client_id, args.message, args.quiet, args.ttl)
 
 
+def _shown(client_id: str) -> str:
+    """The id to print: never the secret of a credential (outputs end up in logs)."""
+    return client_id.partition(".")[0]
+
+
 def _enqueue_one(enqueuer: Enqueuer, client_id: str, body: str, quiet: bool,
                  ttl: Optional[float]) -> int:
     try:
@@ -91,9 +97,9 @@ def _enqueue_one(enqueuer: Enqueuer, client_id: str, body: str, quiet: bool,
         return _fail(EXIT_ERROR, str(exc))
     if not queued:
         return _fail(EXIT_DUPLICATE, f"duplicate: the same message was queued for client "
-                     f"{client_id} less than {settings.DUPLICATE_WINDOW_S:g} s ago; ignored")
+                     f"{_shown(client_id)} less than {settings.DUPLICATE_WINDOW_S:g} s ago; ignored")
     if not quiet:
-        print(f"queued for client {client_id}")
+        print(f"queued for client {_shown(client_id)}")
     return EXIT_QUEUED
 
 
