@@ -18,6 +18,16 @@ import pymysql
 
 LISTENING_RE = re.compile(r"port (\d+) \(clients, TCP\) and port (\d+) \(wake-ups, UDP\)")
 DEFAULT_TIMEOUT = 10.0
+# What SET_CLIENT_ID: hands out by default: the id, a dot, 24 URL-safe characters (144 bits).
+CREDENTIAL = r"[1-9][0-9]*\.[A-Za-z0-9_-]{24}"
+CREDENTIAL_RE = re.compile(CREDENTIAL)
+
+
+def numeric_id(credential: str) -> int:
+    """The client id in ``credential`` (``<id>.<secret>`` or a bare ``<id>``), for SQL and storage calls."""
+    head = str(credential).partition(".")[0]
+    assert head.isascii() and head.isdigit(), f"not a credential: {credential!r}"
+    return int(head)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = DEFAULT_TIMEOUT,

@@ -41,7 +41,7 @@ import pytest
 
 from messaging_server import Enqueuer, StorageUnavailable
 from messaging_server.client import Client
-from tests.helpers import RawClient, ServerProcess, query, wait_until
+from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, query, wait_until
 
 SWEEP = 0.3  # --sweep-interval of every server here
 MARGIN = 1.5  # scheduling slack on a loaded 2-core box, on top of a sweep interval
@@ -49,7 +49,7 @@ SILENCE = 0.3  # after a marker: long enough for a stray (re)delivery to show on
 # After a marker, in ACK mode: two sweeps happen meanwhile, each asking for a
 # delivery pass while unacknowledged messages are pending.
 SWEEP_SILENCE = 2 * SWEEP + SILENCE
-ID_LINE = re.compile(r"SET_CLIENT_ID: ([1-9][0-9]*)")
+ID_LINE = re.compile(rf"SET_CLIENT_ID: ({CREDENTIAL})")
 ACK_MESSAGE = re.compile(r"MESSAGE ([1-9][0-9]*): (.*)")
 DB_DOWN = "ERROR: database unavailable, try again later"
 BIG = "x" * 4000  # with a short prefix, just under the 4096-byte body limit
@@ -100,12 +100,12 @@ def enqueuer(stack: contextlib.ExitStack, db_url: str) -> Callable[..., bool]:
 
 
 def identify(client: RawClient, answer: str = "NONE") -> str:
-    """The handshake, transcript checked: GET_CLIENT_ID, ``answer``, SET_CLIENT_ID: <id>."""
+    """The handshake, transcript checked: GET_CLIENT_ID, ``answer``, SET_CLIENT_ID: <credential>."""
     assert client.read_line() == "GET_CLIENT_ID"
     client.send_line(answer)
     line = client.read_line() or ""
     match = ID_LINE.fullmatch(line)
-    assert match, f"expected SET_CLIENT_ID: <id>, got {line!r}"
+    assert match, f"expected SET_CLIENT_ID: <id>.<secret>, got {line!r}"
     return match.group(1)
 
 
@@ -122,7 +122,7 @@ def read_acked(client: RawClient, count: int, timeout: Optional[float] = None) -
 def message_rows(db_url: str, client_id: str) -> List[Tuple[int, str, str]]:
     """(id, body, status) of every message of ``client_id``, oldest first."""
     rows = query(db_url, "SELECT id, body, status FROM messages WHERE client_id = %s ORDER BY id",
-                 (int(client_id),))
+                 (numeric_id(client_id),))
     return [(int(i), str(b), str(s)) for i, b, s in rows]
 
 
@@ -145,7 +145,7 @@ def queue_backlog(db_url: str, client_id: str, bodies: Sequence[str]) -> None:
     Set-up only: thousands of 4 KB enqueues, one fsync each, take seconds on MariaDB;
     every message a test is about goes through enqueue().
     """
-    rows = [(int(client_id), body, hashlib.sha256(body.encode("utf-8")).digest()) for body in bodies]
+    rows = [(numeric_id(client_id), body, hashlib.sha256(body.encode("utf-8")).digest()) for body in bodies]
     sql = ("INSERT INTO messages (client_id, body, body_hash, status, created_at) "
            "VALUES (%s, %s, %s, 'pending', {now})")
     if db_url.startswith("sqlite:"):
@@ -172,7 +172,7 @@ def queue_backlog(db_url: str, client_id: str, bodies: Sequence[str]) -> None:
 
 def disconnected(server: ServerProcess, client_id: str, times: int = 1) -> Callable[[], bool]:
     """True once ``client_id``'s handler has logged the end of ``times`` connections."""
-    pattern = re.compile(rf"client {client_id} disconnected from ")
+    pattern = re.compile(rf"client {numeric_id(client_id)} disconnected from ")
     return lambda: len(pattern.findall(server.log)) >= times
 
 
@@ -616,8 +616,9 @@ def test_slow_client_blocks_nobody_and_loses_nothing(db_url: str, launch, stack)
     stack.callback(stalled.close)
     started = time.monotonic()
     assert identify(stalled, sid) == sid  # then it reads nothing more
-    wait_until(lambda: re.search(rf"client {sid} disconnected from .*\(write timed out\)", server.log),
-               10, "the stalled client to be disconnected for its write timeout")
+    timed_out = re.compile(rf"client {numeric_id(sid)} disconnected from .*\(write timed out\)")
+    wait_until(lambda: timed_out.search(server.log), 10,
+               "the stalled client to be disconnected for its write timeout")
     dropped_after = time.monotonic() - started
     mark = len(sent_at)
     wait_until(lambda: len(sent_at) >= mark + 10, 5, "a few more fast messages")
@@ -909,7 +910,7 @@ def test_database_cut_between_write_and_mark(mysql_url: str, then: str, proxy: C
             continue
         proxy.cut()
         cut_at = time.monotonic()
-        postponed = f"delivery to client {cid} postponed: database unavailable"
+        postponed = f"delivery to client {numeric_id(cid)} postponed: database unavailable"
         more: List[str] = []
         while not server.log_contains(postponed):
             assert time.monotonic() - cut_at < 15, "the failed mark was never logged"
@@ -988,7 +989,8 @@ def test_ack_taken_during_outage_is_not_resent(mysql_url: str, proxy: CuttablePr
     [(acked, _), (unacked, _)] = read_acked(client, 2)
     proxy.cut()
     client.send_line(f"ACK {acked}")
-    wait_until(lambda: server.log_contains(f"client {cid}: 1 delivered message(s) not yet marked"), 5,
+    unmarked = f"client {numeric_id(cid)}: 1 delivered message(s) not yet marked"
+    wait_until(lambda: server.log_contains(unmarked), 5,
                "the server to take the ACK and fail to record it")
     client.send_line("DISCONNECT")
     assert client.wait_closed() == []

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 import pytest
 
 from messaging_server import Enqueuer
-from tests.helpers import RawClient, ServerProcess, query, wait_until
+from tests.helpers import RawClient, ServerProcess, numeric_id, query, wait_until
 
 SWEEP = 0.5  # --sweep-interval of the servers whose sweep is under test
 MARGIN = 0.5  # scheduling slack on a loaded 2-core box, on top of a sweep interval
@@ -83,7 +83,7 @@ def server_id(proc: ServerProcess) -> int:
 
 
 def owner_of(db_url: str, client_id: str) -> Optional[int]:
-    rows = query(db_url, "SELECT owner_server_id FROM clients WHERE id = %s", (int(client_id),))
+    rows = query(db_url, "SELECT owner_server_id FROM clients WHERE id = %s", (numeric_id(client_id),))
     assert rows, f"no client {client_id}"
     return None if rows[0][0] is None else int(rows[0][0])
 
@@ -252,8 +252,9 @@ def test_three_servers_routed_wakeups(db_url: str) -> None:
         ids = list(clients)
         sids = {proc.port: server_id(proc) for proc in servers}
         owners = dict(query(db_url, "SELECT id, owner_server_id FROM clients"))
-        assert {str(cid): owner for cid, owner in owners.items()} == \
-            {cid: sids[home[cid].port] for cid in ids}, "each client is owned by the server it identified on"
+        assert {int(cid): owner for cid, owner in owners.items()} == \
+            {numeric_id(cid): sids[home[cid].port] for cid in ids}, \
+            "each client is owned by the server it identified on"
 
         # Interleaved over every client of every server.
         for i in range(per_client):
@@ -273,7 +274,7 @@ def test_three_servers_routed_wakeups(db_url: str) -> None:
         assert dict(rows) == {"delivered": (per_client + 1) * len(ids)}
 
         for proc in servers:
-            own = {int(cid) for cid in ids if home[cid] is proc}
+            own = {numeric_id(cid) for cid in ids if home[cid] is proc}
             wait_until(lambda p=proc, o=own: woken(p) >= o, message=f"server :{proc.port} woken for {own}")
             assert woken(proc) == own, f"server :{proc.port} was woken for clients it does not hold"
             assert delivered_by(proc) == own, f"server :{proc.port} delivered to clients it does not hold"
@@ -313,10 +314,11 @@ def test_takeover_across_servers_closes_old_connection_within_a_second(db_url: s
         assert enq.enqueue(cid, "marker") is True
         assert old.read_line() == "MESSAGE: marker"
         old.assert_silent(SILENCE)
+        number = numeric_id(cid)
         for proc in (a, b):
-            assert f"client {cid}: closing " in proc.log and "taken over by a newer connection" in proc.log
+            assert f"client {number}: closing " in proc.log and "taken over by a newer connection" in proc.log
             assert "seen by sweep" not in proc.log, proc.log
-            assert f"client {cid} taken over from server" in proc.log
+            assert f"client {number} taken over from server" in proc.log
         print(f"\ntakeover across servers: old connection closed within {worst * 1000:.0f} ms (worst of 3)")
 
 
@@ -332,13 +334,14 @@ def test_missed_takeover_datagram_noticed_by_sweep(db_url: str) -> None:
         other = server_id(b)
         start = time.monotonic()
         query(db_url, "UPDATE clients SET session = session + 1, owner_server_id = %s WHERE id = %s",
-              (other, int(cid)))
+              (other, numeric_id(cid)))
         assert client.wait_closed(timeout=5) == [], "the old connection must get nothing"
         elapsed = time.monotonic() - start
         assert elapsed <= SWEEP + MARGIN, f"closed after {elapsed:.3f} s"
-        wait_until(lambda: f"client {cid}: closing " in a.log and "seen by sweep" in a.log,
+        number = numeric_id(cid)
+        wait_until(lambda: f"client {number}: closing " in a.log and "seen by sweep" in a.log,
                    message="A to log the takeover its sweep saw")
-        wait_until(lambda: re.search(rf"client {cid} disconnected from ", a.log),
+        wait_until(lambda: re.search(rf"client {number} disconnected from ", a.log),
                    message="A's handler to end")
         assert owner_of(db_url, cid) == other, "closing the old connection must not release the new owner"
         print(f"\nmissed takeover datagram: A closed the connection after {elapsed * 1000:.0f} ms "
@@ -455,7 +458,7 @@ def test_sigkill_during_enqueue_loses_nothing(db_url: str) -> None:
             figures = dict(queued=total, received=0, pending=0, lost=0, duplicates=0,
                            received_and_pending=0)
             for r in clients:
-                got, waiting = r.bodies(), set(pending.get(int(r.client_id), []))
+                got, waiting = r.bodies(), set(pending.get(numeric_id(r.client_id), []))
                 figures["received"] += len(got)
                 figures["duplicates"] += len(got) - len(set(got))
                 figures["pending"] += len(waiting)
@@ -563,7 +566,7 @@ def test_stale_owner_gets_no_datagram(db_url: str) -> None:
             # Heartbeat still fresh: the dead owner looks alive and is woken (a control).
             assert enq.enqueue(cid, "owner looks alive") is True
             assert enq.datagrams_sent == 1
-            assert drain(sink, wait=5) == [f"NIKI1 {cid}".encode()]
+            assert drain(sink, wait=5) == [f"NIKI1 {numeric_id(cid)}".encode()]
 
             backend = "sqlite" if db_url.startswith("sqlite:") else "mysql"
             query(db_url, STALE_HEARTBEAT[backend], (a_id,))
@@ -586,14 +589,15 @@ def test_stale_owner_gets_no_datagram(db_url: str) -> None:
                 assert back.read_line() == "MESSAGE: marker"
                 back.assert_silent(SILENCE)
             assert drain(sink) == []
-            assert f"client {cid} taken over from server" not in b.log
+            assert f"client {numeric_id(cid)} taken over from server" not in b.log
 
 
 # --- ownership follows the connection -------------------------------------------------
 
 
 def disconnected(proc: ServerProcess, client_id: str) -> Callable[[], bool]:
-    return lambda: re.search(rf"client {client_id} disconnected from ", proc.log) is not None
+    number = numeric_id(client_id)
+    return lambda: re.search(rf"client {number} disconnected from ", proc.log) is not None
 
 
 def test_disconnect_clears_owner_and_one_datagram_per_message(db_url: str) -> None:
@@ -636,4 +640,4 @@ def test_disconnect_clears_owner_and_one_datagram_per_message(db_url: str) -> No
             back.assert_silent(SILENCE)
         assert len(WAKEUP_RE.findall(proc.log)) <= lines_before + 1
         assert query(db_url, "SELECT COUNT(*) FROM messages WHERE client_id = %s AND status = 'pending'",
-                     (int(ids[1]),)) == [(1,)]
+                     (numeric_id(ids[1]),)) == [(1,)]

@@ -67,7 +67,9 @@ def counter() -> Iterator[DatagramCounter]:
 @pytest.mark.parametrize(
     ("given", "expected"),
     [(5, 5), ("5", 5), (" 5 ", 5), ("5\n", 5), ("0005", 5), (3000, 3000),
-     (MAX_CLIENT_ID, MAX_CLIENT_ID), (str(MAX_CLIENT_ID), MAX_CLIENT_ID)],
+     (MAX_CLIENT_ID, MAX_CLIENT_ID), (str(MAX_CLIENT_ID), MAX_CLIENT_ID),
+     # The credential SET_CLIENT_ID: handed out: only its id counts on the trusted side.
+     ("5.AbCdEfGhIjKlMnOpQrStUvWx", 5), (" 5.AbCdEfGhIjKlMnOpQrStUvWx\n", 5), ("5.phone", 5)],
 )
 def test_client_id_of(given, expected):
     assert client_id_of(given) == expected
@@ -75,7 +77,8 @@ def test_client_id_of(given, expected):
 
 @pytest.mark.parametrize(
     "given",
-    [0, -1, True, False, None, 5.0, b"5", [5], "", " ", "abc", "0", "-5", "+5", "5 6", "5x", ".5", "5.phone",
+    [0, -1, True, False, None, 5.0, b"5", [5], "", " ", "abc", "0", "-5", "+5", "5 6", "5x", ".5",
+     "5.", "5.a b", "5.a.b", ".abc", "5." + "a" * 200, "0.abc", "x.abc",
      "\u0665", pytest.param(str(MAX_CLIENT_ID + 1), id="str-2**63"),
      pytest.param(MAX_CLIENT_ID + 1, id="int-2**63")],
 )

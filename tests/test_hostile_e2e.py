@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from messaging_server import Enqueuer
-from tests.helpers import RawClient, ServerProcess, wait_until
+from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, wait_until
 
 MiB = 1024 * 1024
 LIMIT = 1024  # protocol.MAX_CLIENT_LINE, restated: the wire contract under test
@@ -61,7 +61,7 @@ BIG_LINE_GROWTH_LIMIT = 5 * MiB
 SETTLE_TIMEOUT = 15.0
 READ_TIMEOUT = 10.0
 TCP_LISTEN = 0x0A
-ID_RE = re.compile(rb"SET_CLIENT_ID: ([1-9][0-9]*)")
+ID_RE = re.compile(rf"SET_CLIENT_ID: ({CREDENTIAL})".encode())
 TRACEBACK_RE = re.compile(r"Traceback|Exception occurred|^\S+ \S+ (?:ERROR|CRITICAL) ", re.M)
 
 
@@ -374,7 +374,7 @@ class Harness:
         self.assert_alive()
         with self.server.connect() as fresh:
             cid = fresh.handshake()
-            assert cid != self.canary.client_id
+            assert numeric_id(cid) != numeric_id(self.canary.client_id)
             sent = time.monotonic()
             assert self.enqueuer.enqueue(cid, "fresh client after the attack") is True
             assert fresh.read_line() == "MESSAGE: fresh client after the attack"
@@ -577,8 +577,9 @@ def mismatch(lines: List[bytes], expected: List[Optional[bytes]]) -> Optional[st
 
 
 def random_payload(size: int) -> bytes:
-    """os.urandom bytes whose first line does not name a client id (which would take that
-    client over, by design) nor ask for ACK mode: any other first line gets a new client."""
+    """os.urandom bytes whose first line does not name a client id (with --legacy-ids that
+    would take the client over, by design) nor ask for ACK mode: any other first line gets a
+    new client."""
     while True:
         data = os.urandom(size)
         words = data.split(b"\n", 1)[0].decode("utf-8", errors="replace").split()
@@ -645,9 +646,10 @@ def _malformed_conversation(harness: Harness, id_line: bytes, commands: List[byt
         match = ID_RE.fullmatch(line or b"")
         assert match, f"id line {id_line!r}: got {line!r}"
         cid = match.group(1).decode()
-        assert cid != harness.canary.client_id, f"id line {id_line!r} took the canary's id over"
-        assert cid not in seen, f"id line {id_line!r} got id {cid}, handed out before"
-        seen.add(cid)
+        assert numeric_id(cid) != numeric_id(harness.canary.client_id), \
+            f"id line {id_line!r} took the canary's id over"
+        assert numeric_id(cid) not in seen, f"id line {id_line!r} got id {cid}, handed out before"
+        seen.add(numeric_id(cid))
         sock.sendall(b"".join(c + b"\n" for c in commands))
         for command in commands:
             want = b"Invalid command: " + command.decode("utf-8", errors="replace").encode("utf-8")
@@ -949,8 +951,10 @@ def test_commands_before_handshake(harness: Harness) -> None:
         match = ID_RE.fullmatch(line or b"")
         assert match, f"id line {sent!r}: got {line!r}"
         cid = match.group(1).decode()
-        assert cid != harness.canary.client_id and cid not in seen, f"id line {sent!r}: id {cid}"
-        seen.add(cid)
+        number = numeric_id(cid)
+        assert number != numeric_id(harness.canary.client_id) and number not in seen, \
+            f"id line {sent!r}: id {cid}"
+        seen.add(number)
         return cid
 
     def attack(round_no: int) -> None:
@@ -1012,7 +1016,7 @@ def test_garbage_datagrams(harness: Harness) -> None:
     digits, oversized ones, plus forged but valid wake-ups (for the canary and for unknown ids).
     Each is ignored or costs a delivery check; the canary sees no gap and no duplicate."""
     pid, event_port = harness.pid, harness.server.event_port
-    canary = harness.canary.client_id.encode()
+    canary = str(numeric_id(harness.canary.client_id)).encode()  # wake-ups name bare ids
     fixed = _garbage_datagrams(canary)
     forged = [b"NIKI1 " + canary, b"NIKI1 " + canary + b"," + canary, b"NIKI1 999999999,1,2,3"]
     counts = {"sent": 0, "send failed": 0}

@@ -121,17 +121,54 @@ def test_stored_id(line, client_id):
         "\u0663",  # ARABIC-INDIC DIGIT THREE: a digit, but not an ASCII one
         "\uff15",  # FULLWIDTH DIGIT FIVE
         "NONE.x",
-        # docs/PROTOCOL.md section 4: anything but digits in the first word makes it malformed.
-        "42.abc",
+        # docs/PROTOCOL.md section 4: the first word is <id> or <id>.<secret>, the secret
+        # 1 to 128 URL-safe characters; anything else makes it malformed.
         "42.",
         "42.x.y",
+        "42.a.b",
+        ".abc",
+        "42..abc",
+        "42.abc+",
+        "42.ab/c",
+        "42.ab=",
+        "42.\u00e9",
+        "42." + "a" * 129,
+        "42." + "a" * 200,
+        "0.abc",
+        "-1.abc",
+        str(MAX_CLIENT_ID + 1) + ".abc",
     ],
+    ids=lambda line: line if len(line) < 40 else f"{line[:12]}...({len(line)} chars)",
 )
 def test_malformed_id(line):
     conn = ServerConnection()
     events = conn.receive_data(line.encode() + b"\n")
     assert events == [Identify(None, line, malformed=True)]
     # A malformed id still ends the handshake (the server issues a new id).
+    assert conn.state is State.IDENTIFIED
+
+
+@pytest.mark.parametrize(
+    ("line", "client_id", "secret", "capabilities"),
+    [
+        ("42.abc", 42, "abc", ()),
+        ("0042.abc", 42, "abc", ()),
+        ("42.a", 42, "a", ()),
+        ("42.Ab-_9zZ", 42, "Ab-_9zZ", ()),
+        ("42." + "a" * 128, 42, "a" * 128, ()),
+        ("  7.AbCdEfGhIjKlMnOpQrStUvWx  ", 7, "AbCdEfGhIjKlMnOpQrStUvWx", ()),
+        ("7.AbCdEfGhIjKlMnOpQrStUvWx ACK", 7, "AbCdEfGhIjKlMnOpQrStUvWx", ("ACK",)),
+        # Words after the first are capabilities: the secret is the first word's tail only.
+        ("42.a b", 42, "a", ("b",)),
+        (f"{MAX_CLIENT_ID}.x", MAX_CLIENT_ID, "x", ()),
+    ],
+    ids=lambda v: v if not isinstance(v, str) or len(v) < 40 else f"{v[:12]}...({len(v)} chars)",
+)
+def test_credential_id_line(line, client_id, secret, capabilities):
+    """``<id>.<secret>``: the protocol hands id and secret to the server, which checks the secret."""
+    conn = ServerConnection()
+    events = conn.receive_data(line.encode() + b"\r\n")
+    assert events == [Identify(client_id, line, capabilities=capabilities, secret=secret)]
     assert conn.state is State.IDENTIFIED
 
 

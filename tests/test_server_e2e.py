@@ -2,7 +2,7 @@
 
 Every test speaks the wire protocol byte for byte (``RawClient``) and asserts
 the exact transcript the seed README's telnet walkthrough promises:
-``GET_CLIENT_ID`` / ``NONE`` / ``SET_CLIENT_ID: <id>`` / ``MESSAGE: <body>`` /
+``GET_CLIENT_ID`` / ``NONE`` / ``SET_CLIENT_ID: <id>.<secret>`` / ``MESSAGE: <body>`` /
 ``Invalid command: <line>`` / ``DISCONNECT``.  Silence is only ever asserted
 after a positive marker message arrived, so "nothing more" means something.
 """
@@ -25,9 +25,9 @@ import pytest
 from messaging_server import Enqueuer, UnknownClient
 from messaging_server.client import Client
 from messaging_server.storage import open_storage
-from tests.helpers import RawClient, ServerProcess, wait_until
+from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, wait_until
 
-ID_LINE = re.compile(r"SET_CLIENT_ID: ([1-9][0-9]*)")
+ID_LINE = re.compile(rf"SET_CLIENT_ID: ({CREDENTIAL})")
 SILENCE = 0.3  # after a marker: long enough for a stray redelivery to show up on loopback
 
 Put = Callable[..., bool]
@@ -41,13 +41,13 @@ def put(server: ServerProcess) -> Iterator[Put]:
 
 
 def identify(client: RawClient, answer: str = "NONE") -> str:
-    """The handshake, transcript checked: GET_CLIENT_ID, ``answer``, SET_CLIENT_ID: <id>."""
+    """The handshake, transcript checked: GET_CLIENT_ID, ``answer``, SET_CLIENT_ID: <credential>."""
     assert client.read_line() == "GET_CLIENT_ID"
     client.send_line(answer)
     line = client.read_line()
     assert line is not None
     match = ID_LINE.fullmatch(line)
-    assert match, f"expected SET_CLIENT_ID: <id>, got {line!r}"
+    assert match, f"expected SET_CLIENT_ID: <id>.<secret>, got {line!r}"
     return match.group(1)
 
 
@@ -65,7 +65,8 @@ def disconnected(server: ServerProcess, client_id: str) -> Callable[[], bool]:
     to its socket still succeeds locally; tests queue "while away" messages only
     after the server has noticed, which is when the contract starts to apply.
     """
-    return lambda: re.search(rf"client {client_id} disconnected from ", server.log) is not None
+    number = numeric_id(client_id)
+    return lambda: re.search(rf"client {number} disconnected from ", server.log) is not None
 
 
 def run_cli(*args: str, env: Optional[Dict[str, str]] = None,
@@ -94,13 +95,16 @@ def test_handshake_ids(server: ServerProcess, put: Put) -> None:
         again.send_line("DISCONNECT")
         assert again.wait_closed() == []
 
-    # Unknown and malformed ids get a new client, distinct from every other one.
-    seen = {a, b}
-    for answer in ["999999", "abc", "-5", "0", "12abc", "", "99999999999999999999999999"]:
+    # Unknown and malformed ids get a new client, distinct from every other one; so do
+    # a's bare id and a's id with a wrong secret (knowing an id is not enough).
+    seen = {numeric_id(a), numeric_id(b)}
+    wrong_secret = f"{numeric_id(a)}.{'A' * 24}"
+    for answer in ["999999", "abc", "-5", "0", "12abc", "", "99999999999999999999999999",
+                   str(numeric_id(a)), wrong_secret]:
         with server.connect() as client:
             new = identify(client, answer)
-            assert new not in seen, f"answer {answer!r} got an id already handed out"
-            seen.add(new)
+            assert numeric_id(new) not in seen, f"answer {answer!r} got an id already handed out"
+            seen.add(numeric_id(new))
             assert_drained(client, put, new, f"to the client made for {answer!r}")
     with pytest.raises(UnknownClient):
         put("999999", "no such client was created")
@@ -361,8 +365,8 @@ def test_client_vanishes_without_disconnect(server: ServerProcess, put: Put) -> 
         assert put(cid, "while away 1") is True
         assert put(cid, "while away 2") is True
     with open_storage(server.db_url) as storage:
-        assert storage.pending_count(int(fin_id)) == 2
-        assert storage.pending_count(int(rst_id)) == 2
+        assert storage.pending_count(numeric_id(fin_id)) == 2
+        assert storage.pending_count(numeric_id(rst_id)) == 2
 
     # The server survived: a new client is served.
     with server.connect() as other:

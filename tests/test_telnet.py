@@ -22,7 +22,7 @@ from typing import Iterator, List
 import pytest
 
 from messaging_server import Enqueuer
-from tests.helpers import ServerProcess, wait_until
+from tests.helpers import CREDENTIAL, ServerProcess, numeric_id, wait_until
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TELNET = "/usr/bin/telnet" if os.access("/usr/bin/telnet", os.X_OK) else shutil.which("telnet")
@@ -156,11 +156,11 @@ def assert_transcript(session: TelnetSession, server_lines: List[str]) -> None:
 def test_readme_walkthrough(server: ServerProcess, telnet: str, sessions: list) -> None:
     host = socket.gethostname()
     with Enqueuer(server.db_url, server.peers) as enq:
-        # Initial handshake: GET_CLIENT_ID, answer NONE, store the id.
+        # Initial handshake: GET_CLIENT_ID, answer NONE, store the credential (<id>.<secret>).
         first = open_session(sessions, telnet, host, server.port)
         first.expect_line("GET_CLIENT_ID")
         first.type("NONE")
-        client_id = first.expect_line(r"SET_CLIENT_ID: ([1-9][0-9]*)").group(1)
+        client_id = first.expect_line(rf"SET_CLIENT_ID: ({CREDENTIAL})").group(1)
 
         # Enqueue from the application side, as the README does from irb.
         assert enq.enqueue(client_id, "hello client") is True
@@ -171,13 +171,14 @@ def test_readme_walkthrough(server: ServerProcess, telnet: str, sessions: list) 
         assert_transcript(first, ["GET_CLIENT_ID", f"SET_CLIENT_ID: {client_id}",
                                   "MESSAGE: hello client", "Invalid command: FOO"])
 
-        # Queued while the client is away: delivered, in order, when it comes back with its id.
+        # Queued while the client is away: delivered, in order, when the user pastes back the
+        # whole credential.
         assert enq.enqueue(client_id, "while away 1") is True
         assert enq.enqueue(client_id, "while away 2") is True
         second = open_session(sessions, telnet, host, server.port)
         second.expect_line("GET_CLIENT_ID")
         second.type(client_id)
-        second.expect_line(f"SET_CLIENT_ID: {client_id}")
+        second.expect_line(re.escape(f"SET_CLIENT_ID: {client_id}"))
         second.expect_line("MESSAGE: while away 1")
         second.expect_line("MESSAGE: while away 2")
         close_with_disconnect(second)
@@ -189,7 +190,7 @@ def test_readme_walkthrough(server: ServerProcess, telnet: str, sessions: list) 
         third = open_session(sessions, telnet, "localhost", server.port)
         third.expect_line("GET_CLIENT_ID")
         third.type(client_id)
-        third.expect_line(f"SET_CLIENT_ID: {client_id}")
+        third.expect_line(re.escape(f"SET_CLIENT_ID: {client_id}"))
         third.expect_line("MESSAGE: via localhost")
         # Nothing from the earlier sessions comes again: the next line is this live one.
         assert enq.enqueue(client_id, "live marker") is True
@@ -207,20 +208,20 @@ def test_telnet_escape_quit_leaves_messages_pending(server: ServerProcess, telne
         session = open_session(sessions, telnet, host, server.port)
         session.expect_line("GET_CLIENT_ID")
         session.type("NONE")
-        client_id = session.expect_line(r"SET_CLIENT_ID: ([1-9][0-9]*)").group(1)
+        client_id = session.expect_line(rf"SET_CLIENT_ID: ({CREDENTIAL})").group(1)
         # Ctrl-] then "quit": telnet closes the connection itself, no DISCONNECT sent.
         os.write(session.master, b"\x1d")
         session.type("quit")
         assert session.wait_exit() >= 0
         assert "Connection closed." in session.text, session.text
-        wait_until(lambda: f"client {client_id} disconnected from " in server.log,
+        wait_until(lambda: f"client {numeric_id(client_id)} disconnected from " in server.log,
                    message="the server to see telnet leave")
         assert enq.enqueue(client_id, "after quit") is True
 
         back = open_session(sessions, telnet, host, server.port)
         back.expect_line("GET_CLIENT_ID")
         back.type(client_id)
-        back.expect_line(f"SET_CLIENT_ID: {client_id}")
+        back.expect_line(re.escape(f"SET_CLIENT_ID: {client_id}"))
         back.expect_line("MESSAGE: after quit")
         close_with_disconnect(back)
         assert_transcript(back, ["GET_CLIENT_ID", f"SET_CLIENT_ID: {client_id}", "MESSAGE: after quit"])
