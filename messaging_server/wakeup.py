@@ -149,6 +149,11 @@ class WakeupSender:
         self.close()
 
 
+# Datagrams coalesced into one set per receive(): plenty for a burst of real
+# wake-ups, and a bound on the time and memory one call takes under a flood.
+MAX_DATAGRAMS_PER_RECEIVE = 256
+
+
 class WakeupListener:
     """A bound UDP socket that yields the client ids of waiting wake-ups."""
 
@@ -168,7 +173,14 @@ class WakeupListener:
         return self._sock.getsockname()[1]
 
     def receive(self, timeout: Optional[float]) -> Set[int]:
-        """Wait up to ``timeout`` for a datagram, then drain all that are waiting."""
+        """Wait up to ``timeout`` for a datagram, then take those waiting, up to
+        MAX_DATAGRAMS_PER_RECEIVE.
+
+        The bound matters under a flood (forged datagrams, which anyone who can
+        reach the port may send): draining until the socket is empty would never
+        return, and the set of ids would grow without limit.  The kernel drops
+        what its receive buffer cannot hold; the sweep covers a lost wake-up.
+        """
         ids: Set[int] = set()
         self._sock.settimeout(timeout)
         try:
@@ -176,12 +188,14 @@ class WakeupListener:
         except (socket.timeout, OSError):
             return ids
         self._sock.setblocking(False)
-        while True:
+        for _ in range(MAX_DATAGRAMS_PER_RECEIVE - 1):
             self._add(ids, data)
             try:
                 data = self._sock.recv(MAX_DATAGRAM + 1)
             except OSError:  # BlockingIOError: nothing more waiting
                 return ids
+        self._add(ids, data)
+        return ids
 
     @staticmethod
     def _add(ids: Set[int], data: bytes) -> None:

@@ -245,13 +245,8 @@ def proc_status(pid: int, key: str) -> int:
     raise AssertionError(f"no {key}: line")
 
 
-# Known server bug (reported, not yet fixed): WakeupListener.receive() keeps draining
-# while datagrams keep arriving, so under a sustained flood the delivery thread stays in
-# one receive() call for seconds (indefinitely when the flood outpaces decoding) and acts
-# on no wake-up, forged or real, meanwhile; delivery falls back to the sweep.  Until the
-# drain is bounded, a delay past WAKEUP_BOUND_S makes this test xfail rather than fail.
-# Set to False once receive() returns after a bounded number of datagrams.
-KNOWN_UNBOUNDED_DRAIN = True
+# The delivery thread takes at most MAX_DATAGRAMS_PER_RECEIVE datagrams per call, so a
+# flood cannot keep it from acting on wake-ups: a real message beats the sweep by far.
 WAKEUP_BOUND_S = 2.0
 
 
@@ -328,9 +323,6 @@ def test_wakeup_flood_does_not_starve_delivery(db: str) -> None:
                                      "AND status = 'delivered'", (numeric(credential),))[0][0]
                        == len(expected), timeout=5, message="every message marked delivered")
 
-            if late and KNOWN_UNBOUNDED_DRAIN:
-                pytest.xfail(f"a real message took over {WAKEUP_BOUND_S} s under the flood: wake-ups "
-                             "starved by the unbounded drain in WakeupListener.receive()")
             assert not late, f"a real message took over {WAKEUP_BOUND_S} s under the flood"
             assert len(delays) == len(sent) == 5
         finally:

@@ -14,6 +14,7 @@ from messaging_server.protocol import MAX_CLIENT_ID
 from messaging_server.wakeup import (
     MAGIC,
     MAX_DATAGRAM,
+    MAX_DATAGRAMS_PER_RECEIVE,
     WakeupListener,
     WakeupSender,
     decode,
@@ -206,6 +207,17 @@ def test_datagrams_are_coalesced_by_one_receive(listener, raw_sender):
     # single receive() must drain every waiting datagram.
     assert listener.receive(5.0) == {1, 2, 3, 40, 50}
     assert listener.receive(0.05) == set()
+
+
+def test_one_receive_takes_a_bounded_number_of_datagrams(listener, raw_sender):
+    """A flood cannot keep receive() from returning: past the bound, the rest waits."""
+    address = ("127.0.0.1", listener.port)
+    extra = 40
+    for client_id in range(1, MAX_DATAGRAMS_PER_RECEIVE + extra + 1):
+        raw_sender.sendto(encode([client_id])[0], address)
+    assert listener.receive(5.0) == set(range(1, MAX_DATAGRAMS_PER_RECEIVE + 1))
+    assert listener.receive(5.0) == set(range(MAX_DATAGRAMS_PER_RECEIVE + 1,
+                                              MAX_DATAGRAMS_PER_RECEIVE + extra + 1))
 
 
 def test_garbage_ignored_valid_in_same_burst_counts(listener, raw_sender):
