@@ -157,7 +157,9 @@ MAX_DATAGRAMS_PER_RECEIVE = 256
 class WakeupListener:
     """A bound UDP socket that yields the client ids of waiting wake-ups."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int,
+                 max_per_receive: int = MAX_DATAGRAMS_PER_RECEIVE) -> None:
+        self.max_per_receive = max_per_receive
         """Bind ``host`` ("" = every interface, IPv4 and IPv6 where possible)."""
         if not host and socket.has_dualstack_ipv6():
             self._sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -174,7 +176,7 @@ class WakeupListener:
 
     def receive(self, timeout: Optional[float]) -> Set[int]:
         """Wait up to ``timeout`` for a datagram, then take those waiting, up to
-        MAX_DATAGRAMS_PER_RECEIVE.
+        ``max_per_receive``.
 
         The bound matters under a flood (forged datagrams, which anyone who can
         reach the port may send): draining until the socket is empty would never
@@ -188,7 +190,7 @@ class WakeupListener:
         except (socket.timeout, OSError):
             return ids
         self._sock.setblocking(False)
-        for _ in range(MAX_DATAGRAMS_PER_RECEIVE - 1):
+        for _ in range(self.max_per_receive - 1):
             self._add(ids, data)
             try:
                 data = self._sock.recv(MAX_DATAGRAM + 1)
