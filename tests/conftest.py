@@ -4,11 +4,18 @@ MariaDB/MySQL is found at NIKI_TEST_MYSQL_URL (default
 mysql://root@127.0.0.1:3306/niki_test); each test gets its own database named
 after that one, dropped afterwards.  When the server cannot be reached the
 MySQL tests are skipped, except with CI=true, where they fail.
+
+The suite runs on two workers (pytest-xdist, see setup.cfg).  A test that
+restarts MariaDB (marked ``exclusive_mariadb``) takes an exclusive file lock;
+every other MariaDB test holds it shared, so none runs during a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
 import uuid
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -44,9 +51,28 @@ def mysql_available() -> None:
         pytest.skip(reason)
 
 
+MARIADB_LOCK = os.path.join(tempfile.gettempdir(), "niki-tests-mariadb.lock")
+
+
+@contextlib.contextmanager
+def mariadb_lock(exclusive: bool) -> Iterator[None]:
+    """Shared: this test uses MariaDB; exclusive: this test stops and starts it."""
+    with open(MARIADB_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture
-def mysql_url(mysql_available: None) -> Iterator[str]:
+def mysql_url(mysql_available: None, request) -> Iterator[str]:
     """A URL to a database that does not exist yet (the code under test creates it)."""
+    with mariadb_lock(exclusive=request.node.get_closest_marker("exclusive_mariadb") is not None):
+        yield from _fresh_mysql_url()
+
+
+def _fresh_mysql_url() -> Iterator[str]:
     base = urlsplit(MYSQL_URL)
     name = f"{base.path.lstrip('/') or 'niki_test'}_{uuid.uuid4().hex[:10]}"
     yield base._replace(path=f"/{name}").geturl()

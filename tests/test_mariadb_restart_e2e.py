@@ -92,6 +92,7 @@ class Receiver(threading.Thread):
                 time.sleep(0.2)
 
 
+@pytest.mark.exclusive_mariadb
 def test_mariadb_restart_loses_and_duplicates_nothing(restartable: str, monkeypatch) -> None:
     db_url = restartable
     monkeypatch.delenv("NIKI_PEERS", raising=False)  # routed wake-ups, for the server too
