@@ -66,6 +66,13 @@ def parse_credential(text: str, max_client_id: int) -> Optional[Credential]:
     return Credential(client_id, secret)
 
 
+def redact(text: str) -> str:
+    """``text`` with whatever follows the first dot hidden: fit for logs and error
+    messages, even when it is a real credential with a stray character."""
+    head, dot, _ = text.partition(SEPARATOR)
+    return f"{head}{dot}***" if dot else text
+
+
 def accepts(presented: Optional[str], stored_hash: Optional[bytes], legacy_ids: bool) -> bool:
     """May a client presenting ``presented`` (None: a bare id) take this client over?
 

@@ -13,7 +13,7 @@ import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from . import settings
-from .credentials import parse_credential
+from .credentials import parse_credential, redact
 from .errors import BodyRejected, ConfigurationError, UnknownClient
 from .protocol import MAX_CLIENT_ID
 from .storage import Storage, open_storage
@@ -43,7 +43,8 @@ def client_id_of(client_id: ClientId) -> int:
     else:
         value = None
     if value is None:
-        raise UnknownClient(f"{client_id!r} is not a client id")
+        shown = redact(client_id) if isinstance(client_id, str) else client_id
+        raise UnknownClient(f"{shown!r} is not a client id")
     return value
 
 

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 from .admission import Admission, connection_cap
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection
-from .credentials import Credential, accepts, hash_secret, new_secret
+from .credentials import Credential, accepts, hash_secret, new_secret, redact
 from .delivery import DeliveryThread, acknowledge, deliver, unfinished_marks
 from .errors import StorageUnavailable
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerConnection, ServerEvent
@@ -272,7 +272,10 @@ class ClientHandler(socketserver.BaseRequestHandler):
                             "no secret" if identify.secret is None else "a secret")
             else:
                 conn.client_id, conn.session = claim.client_id, claim.session
-                conn.credential = str(Credential(claim.client_id, identify.secret))
+                # Hand back only a secret that was checked: a --legacy-ids client
+                # without one keeps its bare id, whatever it appended.
+                secret = identify.secret if claim.has_secret else None
+                conn.credential = str(Credential(claim.client_id, secret))
                 log.info("client %s identified from %s", conn.client_id, conn.peer)
                 if claim.previous_owner is not None:
                     # Tell the server holding the older connection to close it
@@ -284,7 +287,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 return
         elif identify.malformed:
             log.warning("%s presented malformed client id %r: issuing a new client",
-                        conn.peer, identify.raw[:80])
+                        conn.peer, redact(identify.raw[:80]))
         secret = None if legacy_ids else new_secret()
         claim = storage.new_client(server_id, None if secret is None else hash_secret(secret))
         conn.client_id, conn.session = claim.client_id, claim.session

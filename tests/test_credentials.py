@@ -22,6 +22,7 @@ from messaging_server.credentials import (
     hash_secret,
     new_secret,
     parse_credential,
+    redact,
 )
 from messaging_server.protocol import MAX_CLIENT_ID
 
@@ -174,3 +175,15 @@ def test_accepts_a_fresh_secret_against_its_own_hash_only() -> None:
     assert accepts(mine, hash_secret(mine), legacy_ids=False) is True
     assert accepts(other, hash_secret(mine), legacy_ids=False) is False
     assert accepts(other, hash_secret(mine), legacy_ids=True) is False
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("5.abcdefghijklmnopqrstuvwx", "5.***"),
+    ("5.abcdefghijklmnopqrstuvwx'", "5.***"),
+    ("\ufeff5.secret", "\ufeff5.***"),
+    ("42", "42"),
+    ("NONE", "NONE"),
+    (".secret", ".***"),
+])
+def test_redact_hides_everything_after_the_first_dot(text: str, shown: str) -> None:
+    assert redact(text) == shown

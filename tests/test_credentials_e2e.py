@@ -33,6 +33,7 @@ import pytest
 
 import messaging_server
 from messaging_server import Enqueuer
+from messaging_server.credentials import redact
 from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, query, wait_until
 
 SILENCE = 0.3  # after a marker: long enough for a stray delivery to show up on loopback
@@ -448,7 +449,7 @@ def test_sql_in_id_lines_and_bodies_is_only_data(db_url: str, launch: Launch,
         if line == "1 OR 1=1":  # a bare id 1 followed by ignored words: refused like a guess
             logged = f"{peer(attacker)} presented client id 1 with no secret"
         else:
-            logged = f"{peer(attacker)} presented malformed client id {line!r}"
+            logged = f"{peer(attacker)} presented malformed client id {redact(line)!r}"
         wait_until(lambda w=logged: w in server.log, 5, f"the log line {logged!r}")
     assert client_row(db_url, 1) == row_before
 

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from messaging_server import Enqueuer
+from messaging_server.credentials import redact
 from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, wait_until
 
 MiB = 1024 * 1024
@@ -988,8 +989,9 @@ def test_commands_before_handshake(harness: Harness) -> None:
 
     harness.two_rounds(attack, "commands before the handshake")
     log = harness.server.log
-    for raw in ["DISCONNECT", "PING", "ACK 1", f"SET_CLIENT_ID: {harness.canary.client_id}"]:
+    for raw in ["DISCONNECT", "PING", "ACK 1", f"SET_CLIENT_ID: {redact(harness.canary.client_id)}"]:
         assert f"presented malformed client id {raw!r}" in log, raw
+    assert harness.canary.client_id not in log  # the secret never reaches the log
     harness.note(f"{len(seen)} commands in place of the id -> {len(seen)} new distinct ids")
     harness.finish()
 

@@ -82,6 +82,7 @@ class Claim:
     # The live server that owned the client until now, if another one: it must
     # be told to close its connection.
     previous_owner: Optional[ServerAddress] = None
+    has_secret: bool = False  # a secret hash is stored for it (not a --legacy-ids client)
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,10 @@ class SqlStorage(Storage):
         for table, column, sql_type in self.added_columns:
             if column not in self._column_names(tx, table):
                 log.warning("upgrading the schema: adding %s.%s", table, column)
-                tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+                self._add_column(tx, table, column, sql_type)
+
+    def _add_column(self, tx: Tx, table: str, column: str, sql_type: str) -> None:
+        tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
     @abc.abstractmethod
     def _borrow(self) -> contextlib.AbstractContextManager:
@@ -313,7 +317,7 @@ class SqlStorage(Storage):
                 f"VALUES (1, %s, %s, {self.now_sql}, {self.now_sql})",
                 (server_id, secret_hash),
             )
-            return Claim(tx.lastrowid, 1)
+            return Claim(tx.lastrowid, 1, has_secret=secret_hash is not None)
 
     def claim_client(self, client_id: int, server_id: Optional[int] = None,
                      accept: Optional[Callable[[Optional[bytes]], bool]] = None) -> Optional[Claim]:
@@ -335,7 +339,7 @@ class SqlStorage(Storage):
                 (session, server_id, client_id),
             )
             owner = None if previous == server_id else self._live_server(tx, previous)
-            return Claim(client_id, session, owner)
+            return Claim(client_id, session, owner, has_secret=stored_hash is not None)
 
     def release_client(self, client_id: int, session: int, server_id: int) -> None:
         with self.transaction() as tx:

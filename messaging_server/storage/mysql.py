@@ -33,6 +33,10 @@ READ_TIMEOUT_S = 60
 WRITE_TIMEOUT_S = 60
 
 
+# MySQL error code: "Duplicate column name".
+DUPLICATE_COLUMN = 1060
+
+
 class MysqlStorage(SqlStorage):
     now_sql = "NOW(6)"
     micros_ago_sql = "(NOW(6) - INTERVAL %s MICROSECOND)"
@@ -95,6 +99,15 @@ class MysqlStorage(SqlStorage):
             for statement in split_sql_script(script):
                 tx.execute(statement)
             self._add_missing_columns(tx)
+
+    def _add_column(self, tx: Tx, table: str, column: str, sql_type: str) -> None:
+        # ALTER commits on its own, so the check before it is no lock: a server
+        # starting at the same moment may have added the column already.
+        try:
+            super()._add_column(tx, table, column, sql_type)
+        except pymysql.err.OperationalError as exc:
+            if exc.args[0] != DUPLICATE_COLUMN:
+                raise
 
     def _column_names(self, tx: Tx, table: str) -> List[str]:
         rows = tx.fetchall(
