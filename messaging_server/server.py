@@ -52,6 +52,8 @@ log = logging.getLogger("messaging_server")
 # Connections waiting to be accepted.  A reconnect storm after a network blip
 # arrives all at once; the kernel caps this at net.core.somaxconn anyway.
 LISTEN_BACKLOG = 1024
+# How long an idle connection's thread sleeps before looking at it again unasked.
+IDLE_WAIT_S = 60.0
 # A flood of refused connections logs one line per this many seconds.
 REFUSAL_LOG_INTERVAL_S = 10.0
 
@@ -218,7 +220,10 @@ class ClientHandler(socketserver.BaseRequestHandler):
         """
         storage, batch = self.server.storage, self.server.settings.delivery_batch
         while not conn.closed:
-            work = conn.take_work(timeout=1.0)
+            # Posting work and close() both notify, so an idle connection's thread
+            # sleeps until there is something to do: thousands of idle clients
+            # cost no wake-ups.  The timeout is only a safety net.
+            work = conn.take_work(timeout=IDLE_WAIT_S)
             if work.acks:  # first: what the client confirmed counts even if it then left
                 acknowledge(storage, conn, work.acks)
             _write_replies(conn, work.replies)
