@@ -8,7 +8,7 @@ connection to a server receive them at once, or as soon as they reconnect.
     True
 """
 
-from .enqueue import Enqueuer, enqueue
+from .enqueue import Enqueuer, enqueue, enqueue_many
 from .errors import (
     BodyRejected,
     ConfigurationError,
@@ -30,4 +30,5 @@ __all__ = [
     "UnknownClient",
     "__version__",
     "enqueue",
+    "enqueue_many",
 ]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import settings
 from .credentials import parse_credential, redact
-from .errors import BodyRejected, ConfigurationError, UnknownClient
+from .errors import BodyRejected, ConfigurationError, NikiError, UnknownClient
 from .protocol import MAX_CLIENT_ID
 from .storage import Storage, open_storage
 from .wakeup import Address, WakeupSender, parse_peers
@@ -25,6 +25,9 @@ ClientId = Union[int, str]
 MAX_TTL_S = 10 * 366 * 86400
 # An application rarely needs more: enqueue is one short transaction.
 ENQUEUE_POOL_SIZE = 4
+# Items per enqueue_many call: one transaction, and SQL statements of bounded
+# size (4 KiB bodies x 1000 stay well inside MySQL's default max_allowed_packet).
+MAX_BATCH = 1000
 
 
 def client_id_of(client_id: ClientId) -> int:
@@ -150,6 +153,54 @@ class Enqueuer:
             self.datagrams_sent += sent
         return True
 
+    def enqueue_many(self, items: Iterable[Tuple[ClientId, Union[str, bytes]]], *,
+                     ttl: Optional[float] = None) -> List[Union[bool, NikiError]]:
+        """Queue many messages in one transaction; one result per item, in order.
+
+        A result is True (queued), False (a duplicate, also of an earlier item
+        in the same call) or the error that refused that item alone:
+        UnknownClient, BodyRejected or QueueFull (as with
+        ``asyncio.gather(return_exceptions=True)``).  Messages for one client
+        keep the order given.  Each server is woken once, with a datagram naming
+        all its clients.  At most MAX_BATCH items per call (ValueError beyond);
+        StorageUnavailable means nothing of the call was stored.
+        """
+        items = list(items)
+        if len(items) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} messages per enqueue_many call, not {len(items)}")
+        check_ttl(ttl)
+        results: List[Union[bool, NikiError]] = [False] * len(items)
+        valid: List[Tuple[int, str]] = []
+        positions: List[int] = []
+        for position, (client_id, body) in enumerate(items):
+            try:
+                valid.append((client_id_of(client_id), check_body(body, self.max_body_bytes)))
+                positions.append(position)
+            except NikiError as exc:
+                results[position] = exc
+        stored = self._storage.enqueue_many(valid, settings.DUPLICATE_WINDOW_S, ttl=ttl,
+                                            max_pending=self.max_pending,
+                                            find_owner=self.peers is None)
+        woken: Dict[Tuple[str, int], List[int]] = {}
+        queued_ids: List[int] = []
+        for position, (client_id, _), outcome in zip(positions, valid, stored):
+            if isinstance(outcome, NikiError):
+                results[position] = outcome
+                continue
+            results[position] = outcome.message_id is not None
+            if outcome.message_id is None:
+                continue
+            queued_ids.append(client_id)
+            if outcome.owner is not None:
+                woken.setdefault((outcome.owner.host, outcome.owner.port), []).append(client_id)
+        if self.peers is not None:
+            sent = self._sender.broadcast(sorted(set(queued_ids))) if queued_ids else 0
+        else:
+            sent = sum(self._sender.send(address, sorted(set(ids))) for address, ids in woken.items())
+        with self._count_lock:
+            self.datagrams_sent += sent
+        return results
+
     def close(self) -> None:
         self._sender.close()
         self._storage.close()
@@ -192,6 +243,14 @@ def enqueue(client_id: ClientId, body: Union[str, bytes], *, db: Optional[str] =
     for a malformed ``db`` or ``peers`` (all NikiError).
     """
     return _shared_enqueuer(db, peers).enqueue(client_id, body, ttl=ttl)
+
+
+def enqueue_many(items: Iterable[Tuple[ClientId, Union[str, bytes]]], *, db: Optional[str] = None,
+                 peers: Optional[Union[str, Sequence[Address]]] = None,
+                 ttl: Optional[float] = None) -> List[Union[bool, NikiError]]:
+    """Queue many ``(client_id, body)`` messages in one transaction; see
+    :meth:`Enqueuer.enqueue_many` for the results."""
+    return _shared_enqueuer(db, peers).enqueue_many(items, ttl=ttl)
 
 
 @atexit.register

@@ -37,9 +37,9 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ..errors import QueueFull, StorageUnavailable, UnknownClient
+from ..errors import NikiError, QueueFull, StorageUnavailable, UnknownClient
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,18 @@ class Storage(abc.ABC):
 
         ``ttl``: seconds after which it is never sent.  Raises UnknownClient when
         no such client exists, QueueFull when it has ``max_pending`` pending.
+        """
+
+    @abc.abstractmethod
+    def enqueue_many(self, items: Sequence[Tuple[int, str]], duplicate_window: float,
+                     ttl: Optional[float] = None, max_pending: Optional[int] = None,
+                     find_owner: bool = True) -> List[Union[Queued, NikiError]]:
+        """Store many messages in one transaction: one result per item, in order.
+
+        Each result is what :meth:`enqueue` would have returned for the item
+        (a Queued; message_id None for a duplicate, also of an earlier item of
+        the batch) or the UnknownClient / QueueFull it would have raised.
+        Messages of one client are stored in the order given.
         """
 
     @abc.abstractmethod
@@ -390,6 +402,78 @@ class SqlStorage(Storage):
                 return Queued(None)
             owner = self._live_server(tx, rows[0][0]) if find_owner else None
             return Queued(tx.lastrowid, owner)
+
+    def enqueue_many(self, items: Sequence[Tuple[int, str]], duplicate_window: float,
+                     ttl: Optional[float] = None, max_pending: Optional[int] = None,
+                     find_owner: bool = True) -> List[Union[Queued, NikiError]]:
+        if not items:
+            return []
+        client_ids = sorted({client_id for client_id, _ in items})
+        digests = [body_hash(body) for _, body in items]
+        ids_in = ", ".join(["%s"] * len(client_ids))
+        with self.transaction() as tx:
+            # Client rows first, in id order: the same lock order as every other
+            # transaction, so batches and deliveries cannot deadlock.
+            owners = {int(row[0]): row[1] for row in tx.fetchall(
+                f"SELECT id, owner_server_id FROM clients WHERE id IN ({ids_in}) ORDER BY id "
+                f"{self.lock_rows_sql}", client_ids)}
+            pending: Dict[int, int] = {}
+            if max_pending is not None:
+                pending = {int(row[0]): int(row[1]) for row in tx.fetchall(
+                    f"SELECT client_id, COUNT(*) FROM messages WHERE client_id IN ({ids_in}) "
+                    f"AND status = '{PENDING}' AND {self._unexpired} GROUP BY client_id", client_ids)}
+            unique_digests = sorted(set(digests))
+            recent = {(int(row[0]), bytes(row[1])) for row in tx.fetchall(
+                f"SELECT client_id, body_hash FROM messages WHERE client_id IN ({ids_in}) "
+                f"AND body_hash IN ({', '.join(['%s'] * len(unique_digests))}) "
+                f"AND status IN ('{PENDING}', '{DELIVERED}') AND {self._unexpired} "
+                f"AND created_at > {self.micros_ago_sql}",
+                [*client_ids, *unique_digests, int(duplicate_window * 1_000_000)])}
+            results: List[Union[Queued, NikiError, int]] = []  # int: index into rows, for now
+            rows: List[Tuple[int, str, bytes, str]] = []
+            for (client_id, body), digest in zip(items, digests):
+                key = (client_id, digest)
+                if client_id not in owners:
+                    results.append(UnknownClient(f"no client with id {client_id}"))
+                elif key in recent:
+                    rows.append((client_id, body, digest, IGNORED))
+                    results.append(Queued(None))
+                elif max_pending is not None and pending.get(client_id, 0) >= max_pending:
+                    results.append(QueueFull(f"client {client_id} already has {max_pending} "
+                                             "pending messages"))
+                else:
+                    pending[client_id] = pending.get(client_id, 0) + 1
+                    recent.add(key)  # a later item with the same body duplicates this one
+                    results.append(len(rows))
+                    rows.append((client_id, body, digest, PENDING))
+            ids = self._insert_messages(tx, rows, ttl) if rows else []
+            live: Dict[Optional[int], Optional[ServerAddress]] = {}
+            if find_owner:
+                for server_id in {owners[client_id] for client_id, _, _, status in rows
+                                  if status == PENDING}:
+                    live[server_id] = self._live_server(tx, server_id)
+        return [Queued(ids[r], live.get(owners[rows[r][0]])) if isinstance(r, int) else r
+                for r in results]
+
+    # MySQL reports the first id of a multi-row INSERT, SQLite the last; either
+    # way the ids are consecutive (one writer on SQLite; InnoDB's auto-increment
+    # lock modes 0 and 1, MariaDB's default, for an INSERT of known row count).
+    lastrowid_is_first = True
+
+    def _insert_messages(self, tx: Tx, rows: Sequence[Tuple[int, str, bytes, str]],
+                         ttl: Optional[float]) -> List[int]:
+        """One multi-row INSERT; return the ids given to ``rows``, in order."""
+        expires = "NULL" if ttl is None else self.micros_ahead_sql
+        values = f"(%s, %s, %s, %s, {self.now_sql}, {expires})"
+        params: List[Any] = []
+        for row in rows:
+            params.extend(row)
+            if ttl is not None:
+                params.append(int(ttl * 1_000_000))
+        tx.execute("INSERT INTO messages (client_id, body, body_hash, status, created_at, expires_at) "
+                   f"VALUES {', '.join([values] * len(rows))}", params)
+        first = tx.lastrowid if self.lastrowid_is_first else tx.lastrowid - len(rows) + 1
+        return list(range(first, first + len(rows)))
 
     # Whether a delivery keeps its transaction (and locks) open while it writes
     # to the socket.  MySQL: yes, it holds only this client's row, and deliveries

@@ -36,6 +36,7 @@ class SqliteStorage(SqlStorage):
     lock_rows_sql = ""  # BEGIN IMMEDIATE already holds the write lock
     lock_while_writing = False  # the write lock is the whole database's
     unavailable_errors = (sqlite3.Error,)
+    lastrowid_is_first = False
     added_columns = (("clients", "secret_hash", "BLOB"),)
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
