@@ -69,6 +69,7 @@ class ClientConnection:
         self.protocol = ServerConnection()
         self.client_id: Optional[int] = None
         self.credential = ""  # what SET_CLIENT_ID told the client to present next time
+        self.new_client = False  # created by this connection's handshake
         self.session = 0
         self.released = threading.Event()
         self.ready = threading.Event()  # SET_CLIENT_ID sent: messages may follow

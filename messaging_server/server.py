@@ -52,6 +52,10 @@ log = logging.getLogger("messaging_server")
 # Connections waiting to be accepted.  A reconnect storm after a network blip
 # arrives all at once; the kernel caps this at net.core.somaxconn anyway.
 LISTEN_BACKLOG = 1024
+# Stack reserved per thread.  Handler threads run shallow Python code (the
+# interpreter keeps Python frames on the heap); C code under them (sqlite3,
+# OpenSSL, the socket module) needs far less than this.
+THREAD_STACK_BYTES = 512 * 1024
 # How long an idle connection's thread sleeps before looking at it again unasked.
 IDLE_WAIT_S = 60.0
 # A flood of refused connections logs one line per this many seconds.
@@ -205,7 +209,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 # Marks an earlier connection of this client could not commit:
                 # commit them before anything is sent, so those are not sent again.
                 conn.unmarked.extend(self.server.marks.take(conn.client_id))
-                deliver(self.server.storage, conn, settings.delivery_batch)  # the backlog
+                if not conn.new_client:  # a client created just now has no backlog
+                    deliver(self.server.storage, conn, settings.delivery_batch)
                 self._work_loop(conn)
         finally:
             if listened:
@@ -297,6 +302,10 @@ class ClientHandler(socketserver.BaseRequestHandler):
         claim = storage.new_client(server_id, None if secret is None else hash_secret(secret))
         conn.client_id, conn.session = claim.client_id, claim.session
         conn.credential = str(Credential(claim.client_id, secret))
+        # Nobody can have queued for it yet: its id reaches the application only
+        # through the client, after SET_CLIENT_ID.  (A wake-up or the sweep would
+        # deliver anything that came earlier anyway.)
+        conn.new_client = True
         log.info("new client %s from %s", conn.client_id, conn.peer)
 
 
@@ -507,6 +516,9 @@ def _format_peer(address: Tuple) -> str:
 
 def run(settings: ServerSettings, storage: Storage) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    # Every thread started from here on, one per client among them, reserves
+    # this much address space for its stack instead of the default 8 MiB.
+    threading.stack_size(THREAD_STACK_BYTES)
     server = NikiServer(settings, storage)
     server.start()
 
