@@ -565,3 +565,14 @@ def run_end_to_end(server: ServerProcess, count: int, per_call: int) -> None:
     finally:
         for c in clients:
             c.close()
+
+
+def test_duplicate_on_a_full_queue_is_refused_as_by_single_enqueue(storage: Storage) -> None:
+    """The batch checks in enqueue()'s order: a full queue wins over the duplicate rule."""
+    client = storage.new_client().client_id
+    storage.enqueue(client, "x", DUPLICATE_WINDOW_S, max_pending=2)
+    storage.enqueue(client, "y", DUPLICATE_WINDOW_S, max_pending=2)
+    with pytest.raises(QueueFull):
+        storage.enqueue(client, "x", DUPLICATE_WINDOW_S, max_pending=2)
+    [result] = storage.enqueue_many([(client, "x")], DUPLICATE_WINDOW_S, max_pending=2)
+    assert isinstance(result, QueueFull)

@@ -433,14 +433,15 @@ class SqlStorage(Storage):
             rows: List[Tuple[int, str, bytes, str]] = []
             for (client_id, body), digest in zip(items, digests):
                 key = (client_id, digest)
+                # The checks in enqueue()'s order: unknown, queue full, duplicate.
                 if client_id not in owners:
                     results.append(UnknownClient(f"no client with id {client_id}"))
-                elif key in recent:
-                    rows.append((client_id, body, digest, IGNORED))
-                    results.append(Queued(None))
                 elif max_pending is not None and pending.get(client_id, 0) >= max_pending:
                     results.append(QueueFull(f"client {client_id} already has {max_pending} "
                                              "pending messages"))
+                elif key in recent:
+                    rows.append((client_id, body, digest, IGNORED))
+                    results.append(Queued(None))
                 else:
                     pending[client_id] = pending.get(client_id, 0) + 1
                     recent.add(key)  # a later item with the same body duplicates this one
@@ -456,8 +457,9 @@ class SqlStorage(Storage):
                 for r in results]
 
     # MySQL reports the first id of a multi-row INSERT, SQLite the last; either
-    # way the ids are consecutive (one writer on SQLite; InnoDB's auto-increment
-    # lock modes 0 and 1, MariaDB's default, for an INSERT of known row count).
+    # way the ids follow each other by a fixed step (one writer on SQLite;
+    # InnoDB's auto-increment lock modes 0 and 1, MariaDB's default, for an
+    # INSERT of known row count).
     lastrowid_is_first = True
 
     def _insert_messages(self, tx: Tx, rows: Sequence[Tuple[int, str, bytes, str]],
@@ -470,10 +472,16 @@ class SqlStorage(Storage):
             params.extend(row)
             if ttl is not None:
                 params.append(int(ttl * 1_000_000))
+        step = self._id_step(tx)  # before the INSERT: any statement resets lastrowid
         tx.execute("INSERT INTO messages (client_id, body, body_hash, status, created_at, expires_at) "
                    f"VALUES {', '.join([values] * len(rows))}", params)
-        first = tx.lastrowid if self.lastrowid_is_first else tx.lastrowid - len(rows) + 1
-        return list(range(first, first + len(rows)))
+        first = tx.lastrowid if self.lastrowid_is_first else tx.lastrowid - (len(rows) - 1) * step
+        return list(range(first, first + len(rows) * step, step))
+
+    def _id_step(self, tx: Tx) -> int:
+        """The gap between consecutive auto-increment ids (a MariaDB Galera node: the
+        cluster's size)."""
+        return 1
 
     # Whether a delivery keeps its transaction (and locks) open while it writes
     # to the socket.  MySQL: yes, it holds only this client's row, and deliveries

@@ -112,6 +112,9 @@ class MysqlStorage(SqlStorage):
             if exc.args[0] != DUPLICATE_COLUMN:
                 raise
 
+    def _id_step(self, tx: Tx) -> int:
+        return int(tx.scalar("SELECT @@SESSION.auto_increment_increment"))
+
     def _column_names(self, tx: Tx, table: str) -> List[str]:
         rows = tx.fetchall(
             "SELECT column_name FROM information_schema.columns "
