@@ -381,7 +381,11 @@ class NikiSide:
 
     def _enqueue_batches(self, items: List[Tuple[int, str]], size: int,
                          refused: Dict[str, int]) -> List[bool]:
-        """The batch API, if the package has one: enqueue_many([(client_id, body), ...])."""
+        """The batch API, if the package has one: enqueue_many([(client_id, body), ...]).
+
+        One result per item: True (queued), False (a duplicate) or the error that
+        refused that item; a raised NikiError refuses the whole call.
+        """
         assert self.enqueuer is not None
         accepted: List[bool] = []
         many = self.enqueuer.enqueue_many  # type: ignore[attr-defined]
@@ -393,14 +397,13 @@ class NikiSide:
                 refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + len(chunk)
                 accepted += [False] * len(chunk)
                 continue
-            if isinstance(result, (list, tuple)) and len(result) == len(chunk):
-                flags = [r is True or (not isinstance(r, bool) and bool(r)) for r in result]
-            else:  # an int count or None: the API did not say which; assume all
-                flags = [True] * len(chunk)
-            refused_here = flags.count(False)
-            if refused_here:
-                refused["not accepted"] = refused.get("not accepted", 0) + refused_here
-            accepted += flags
+            if not isinstance(result, (list, tuple)) or len(result) != len(chunk):
+                raise BenchError(f"enqueue_many returned {type(result).__name__}, not one result per item")
+            for r in result:
+                if r is not True:
+                    why = "duplicate" if r is False else type(r).__name__
+                    refused[why] = refused.get(why, 0) + 1
+            accepted += [r is True for r in result]
         return accepted
 
     def b3(self, messages: int, run: int) -> Dict[str, Any]:
