@@ -247,12 +247,15 @@ def plot(path: str, results: Results, title: str) -> None:
         if samples:
             ys = [(i + 1) / len(samples) for i in range(len(samples))]
             left.step(samples, ys, where="post", label=f"{label} (n={len(samples)})", color=colors[system])
-    left.set_xscale("log")
-    left.set_xlabel("queueing call to arrival, ms (log)")
-    left.set_ylabel("fraction of messages")
     left.set_title("B1 latency CDF, one connected client")
-    left.grid(True, which="both", alpha=0.3)
-    left.legend()
+    if left.lines:
+        left.set_xscale("log")
+        left.set_xlabel("queueing call to arrival, ms (log)")
+        left.set_ylabel("fraction of messages")
+        left.grid(True, which="both", alpha=0.3)
+        left.legend()
+    else:
+        left.text(0.5, 0.5, "B1 not run", ha="center", va="center", transform=left.transAxes)
 
     groups = [s for s in results if family(s) in ("B2", "B3")]
     width = 0.27
