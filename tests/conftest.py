@@ -115,3 +115,19 @@ def listener() -> Iterator[WakeupListener]:
     lst = WakeupListener("127.0.0.1", 0)
     yield lst
     lst.close()
+
+
+@pytest.fixture
+def no_niki_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers started by the test see no NIKI_* setting of the caller (NIKI_PEERS would
+    switch to broadcast mode, NIKI_LEGACY_IDS to bare ids); NIKI_TEST_* stay."""
+    for name in list(os.environ):
+        if name.startswith("NIKI_") and not name.startswith("NIKI_TEST_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def stack() -> Iterator[contextlib.ExitStack]:
+    """Context managers entered by the test, all exited at its end."""
+    with contextlib.ExitStack() as st:
+        yield st

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import socket
 import sqlite3
@@ -56,17 +55,8 @@ BIG = "x" * 4000  # with a short prefix, just under the 4096-byte body limit
 
 
 @pytest.fixture(autouse=True)
-def _no_niki_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Routed mode needs NIKI_PEERS unset; no other NIKI_* setting may leak into the servers."""
-    for name in list(os.environ):
-        if name.startswith("NIKI_") and not name.startswith("NIKI_TEST_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def stack() -> Iterator[contextlib.ExitStack]:
-    with contextlib.ExitStack() as st:
-        yield st
+def _no_niki_environment(no_niki_environment: None) -> None:
+    """Routed mode needs NIKI_PEERS unset; no NIKI_* setting may leak into the servers."""
 
 
 @pytest.fixture

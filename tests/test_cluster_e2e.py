@@ -19,7 +19,6 @@ Run with ``pytest -s`` to see the figures measured (delays, accounting).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import select
 import signal
@@ -42,11 +41,8 @@ DELIVERED_RE = re.compile(r"client ([0-9]+): delivered [0-9]+ message\(s\)")
 
 
 @pytest.fixture(autouse=True)
-def _no_niki_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Routed mode needs NIKI_PEERS unset; no other NIKI_* setting may leak into the servers."""
-    for name in list(os.environ):
-        if name.startswith("NIKI_") and not name.startswith("NIKI_TEST_"):
-            monkeypatch.delenv(name)
+def _no_niki_environment(no_niki_environment: None) -> None:
+    """Routed mode needs NIKI_PEERS unset; no NIKI_* setting may leak into the servers."""
 
 
 def niki(db_url: str, *args: str, port: int = 0, event_port: Optional[int] = None) -> ServerProcess:

@@ -46,17 +46,8 @@ Launch = Callable[..., ServerProcess]
 
 
 @pytest.fixture(autouse=True)
-def _no_niki_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Routed mode needs NIKI_PEERS unset; no NIKI_* setting (NIKI_LEGACY_IDS!) may leak in."""
-    for name in list(os.environ):
-        if name.startswith("NIKI_") and not name.startswith("NIKI_TEST_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def stack() -> Iterator[contextlib.ExitStack]:
-    with contextlib.ExitStack() as st:
-        yield st
+def _no_niki_environment(no_niki_environment: None) -> None:
+    """Routed mode needs NIKI_PEERS unset; no NIKI_* setting may leak into the servers."""
 
 
 @pytest.fixture
