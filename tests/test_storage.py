@@ -921,3 +921,26 @@ def test_purge_in_batches(storage: Storage, db_url):
         expired, deleted = expired + e, deleted + d
     assert (expired, deleted) == (1, 1)
     assert query(db_url, "SELECT id FROM messages") == [(keep,)]
+
+
+def test_sqlite_flushes_every_durable_commit_after_a_transient_one(sqlite_url: str) -> None:
+    """Only the delivery lease may skip SQLite's flush: after a ``durable=False``
+    transaction the same pooled connection is back at FULL for the next one."""
+    storage = open_storage(sqlite_url, pool_size=1, create=True)
+    try:
+        storage.create_schema()
+        with storage.transaction() as tx:  # type: ignore[attr-defined]
+            assert tx.scalar("PRAGMA synchronous") == 2  # FULL
+        with storage.transaction(durable=False) as tx:  # type: ignore[attr-defined]
+            assert tx.scalar("PRAGMA synchronous") == 1  # NORMAL
+        with storage.transaction() as tx:  # type: ignore[attr-defined]
+            assert tx.scalar("PRAGMA synchronous") == 2
+        # And the real users of each: enqueue durable, a delivery's lease transient.
+        client = storage.new_client().client_id
+        storage.enqueue(client, "hello", 5.0)
+        delivery = storage.deliver_pending(client, 1, lambda messages: len(messages), 10)
+        assert delivery.delivered == 1
+        with storage.transaction() as tx:  # type: ignore[attr-defined]
+            assert tx.scalar("PRAGMA synchronous") == 2
+    finally:
+        storage.close()

@@ -80,8 +80,8 @@ class MysqlStorage(SqlStorage):
         finally:
             connection.close()  # back to the pool
 
-    def _begin(self, connection: Any) -> None:
-        connection.begin()
+    def _begin(self, connection: Any, durable: bool = True) -> None:
+        connection.begin()  # every commit is flushed (innodb_flush_log_at_trx_commit)
 
     def create_schema(self) -> None:
         try:

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from importlib import resources
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 from urllib.request import pathname2url
 
 from .base import SqlStorage, Tx, split_sql_script
@@ -54,6 +54,7 @@ class SqliteStorage(SqlStorage):
         # lock, which wakes the next one at once, rather than in SQLite's busy
         # handler, which polls with sleeps of up to 100 ms.
         self._serial = threading.Lock()
+        self._sync_modes: Dict[int, str] = {}  # id(connection) -> its PRAGMA synchronous
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(
@@ -67,6 +68,7 @@ class SqliteStorage(SqlStorage):
         connection.execute("PRAGMA synchronous=FULL")  # "queued" means on disk
         with self._lock:
             self._all.append(connection)
+            self._sync_modes[id(connection)] = "FULL"
         return connection
 
     @contextlib.contextmanager
@@ -81,7 +83,14 @@ class SqliteStorage(SqlStorage):
             finally:
                 self._idle.put(connection)
 
-    def _begin(self, connection: sqlite3.Connection) -> None:
+    def _begin(self, connection: sqlite3.Connection, durable: bool = True) -> None:
+        # FULL flushes the WAL at each commit ("queued" means on disk); NORMAL
+        # leaves it to the next FULL commit or checkpoint.  Set per transaction,
+        # only when it changes.
+        mode = "FULL" if durable else "NORMAL"
+        if self._sync_modes.get(id(connection)) != mode:
+            connection.execute(f"PRAGMA synchronous={mode}")
+            self._sync_modes[id(connection)] = mode
         connection.execute("BEGIN IMMEDIATE")
 
     @staticmethod
