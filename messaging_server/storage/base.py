@@ -351,9 +351,14 @@ class SqlStorage(Storage):
             if accept is not None and not accept(stored_hash):
                 return None
             session, previous = int(rows[0][0]) + 1, rows[0][1]
+            # A delivery lease belongs to the session it was taken for: a client that
+            # reconnects after its server died mid-write must not wait for it to
+            # expire.  Should the older delivery still be running, its connection is
+            # being closed; what it wrote the client may not have read, so the new
+            # session sending those messages too costs at most a repeat, never a loss.
             tx.execute(
-                f"UPDATE clients SET session = %s, owner_server_id = %s, last_seen_at = {self.now_sql} "
-                "WHERE id = %s",
+                f"UPDATE clients SET session = %s, owner_server_id = %s, last_seen_at = {self.now_sql}, "
+                "delivery_lease_until = NULL WHERE id = %s",
                 (session, server_id, client_id),
             )
             owner = None if previous == server_id else self._live_server(tx, previous)
