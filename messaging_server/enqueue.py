@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from . import settings
 from .credentials import parse_credential, redact
 from .errors import BodyRejected, ConfigurationError, NikiError, UnknownClient
 from .protocol import MAX_CLIENT_ID
-from .storage import Storage, open_storage
+from .storage import Queued, Storage, open_storage
 from .wakeup import Address, WakeupSender, parse_peers
 
 ClientId = Union[int, str]
@@ -141,17 +141,8 @@ class Enqueuer:
         queued = self._storage.enqueue(numeric_id, text, settings.DUPLICATE_WINDOW_S,
                                        ttl=ttl, max_pending=self.max_pending,
                                        find_owner=self.peers is None)
-        if queued.message_id is None:
-            return False
-        if self.peers is not None:
-            sent = self._sender.broadcast([numeric_id])
-        elif queued.owner is not None:
-            sent = self._sender.send((queued.owner.host, queued.owner.port), [numeric_id])
-        else:
-            return True  # offline: its next connection delivers it
-        with self._count_lock:
-            self.datagrams_sent += sent
-        return True
+        self._wake([(numeric_id, queued)])
+        return queued.message_id is not None
 
     def enqueue_many(self, items: Iterable[Tuple[ClientId, Union[str, bytes]]], *,
                      ttl: Optional[float] = None) -> List[Union[bool, NikiError]]:
@@ -181,25 +172,32 @@ class Enqueuer:
         stored = self._storage.enqueue_many(valid, settings.DUPLICATE_WINDOW_S, ttl=ttl,
                                             max_pending=self.max_pending,
                                             find_owner=self.peers is None)
-        woken: Dict[Tuple[str, int], List[int]] = {}
-        queued_ids: List[int] = []
+        queued: List[Tuple[int, Queued]] = []
         for position, (client_id, _), outcome in zip(positions, valid, stored):
             if isinstance(outcome, NikiError):
                 results[position] = outcome
-                continue
-            results[position] = outcome.message_id is not None
-            if outcome.message_id is None:
-                continue
-            queued_ids.append(client_id)
-            if outcome.owner is not None:
-                woken.setdefault((outcome.owner.host, outcome.owner.port), []).append(client_id)
-        if self.peers is not None:
-            sent = self._sender.broadcast(sorted(set(queued_ids))) if queued_ids else 0
-        else:
-            sent = sum(self._sender.send(address, sorted(set(ids))) for address, ids in woken.items())
-        with self._count_lock:
-            self.datagrams_sent += sent
+            else:
+                results[position] = outcome.message_id is not None
+                queued.append((client_id, outcome))
+        self._wake(queued)
         return results
+
+    def _wake(self, queued: Sequence[Tuple[int, Queued]]) -> None:
+        """Tell the servers about what was stored (duplicates excepted), one datagram set
+        per server: every peer in broadcast mode, each live owner in routed mode (an
+        offline client costs none)."""
+        stored = [(client_id, q) for client_id, q in queued if q.message_id is not None]
+        if self.peers is not None:
+            sent = self._sender.broadcast(sorted({cid for cid, _ in stored})) if stored else 0
+        else:
+            by_owner: Dict[Tuple[str, int], Set[int]] = {}
+            for client_id, q in stored:
+                if q.owner is not None:
+                    by_owner.setdefault((q.owner.host, q.owner.port), set()).add(client_id)
+            sent = sum(self._sender.send(address, sorted(ids)) for address, ids in by_owner.items())
+        if sent:
+            with self._count_lock:
+                self.datagrams_sent += sent
 
     def close(self) -> None:
         self._sender.close()

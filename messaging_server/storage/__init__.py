@@ -14,9 +14,9 @@ from __future__ import annotations
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError
-from .base import Delivery, Storage, StoredMessage
+from .base import Delivery, Queued, Storage, StoredMessage
 
-__all__ = ["Delivery", "Storage", "StoredMessage", "describe_url", "open_storage"]
+__all__ = ["Delivery", "Queued", "Storage", "StoredMessage", "describe_url", "open_storage"]
 
 DEFAULT_POOL_SIZE = 8
 

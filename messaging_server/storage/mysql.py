@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from importlib import resources
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pymysql
 import pymysql.constants
@@ -56,6 +56,7 @@ class MysqlStorage(SqlStorage):
             # rowcount = rows matched, not rows changed, as SQLite counts them.
             client_flag=pymysql.constants.CLIENT.FOUND_ROWS,
         )
+        self._auto_increment_step: Optional[int] = None  # see _id_step
         self._pool = PooledDB(
             creator=pymysql,
             mincached=0,
@@ -113,7 +114,10 @@ class MysqlStorage(SqlStorage):
                 raise
 
     def _id_step(self, tx: Tx) -> int:
-        return int(tx.scalar("SELECT @@SESSION.auto_increment_increment"))
+        # A server setting (a Galera node sets it to the cluster's size): read once.
+        if self._auto_increment_step is None:
+            self._auto_increment_step = int(tx.scalar("SELECT @@SESSION.auto_increment_increment"))
+        return self._auto_increment_step
 
     def _column_names(self, tx: Tx, table: str) -> List[str]:
         rows = tx.fetchall(
