@@ -54,9 +54,8 @@ DB_DOWN = "ERROR: database unavailable, try again later"
 BIG = "x" * 4000  # with a short prefix, just under the 4096-byte body limit
 
 
-@pytest.fixture(autouse=True)
-def _no_niki_environment(no_niki_environment: None) -> None:
-    """Routed mode needs NIKI_PEERS unset; no NIKI_* setting may leak into the servers."""
+# Routed mode needs NIKI_PEERS unset; no NIKI_* setting may leak into the servers.
+pytestmark = pytest.mark.usefixtures("no_niki_environment")
 
 
 @pytest.fixture

@@ -40,9 +40,8 @@ WAKEUP_RE = re.compile(r"wake-up for client\(s\) ([0-9,]+)")
 DELIVERED_RE = re.compile(r"client ([0-9]+): delivered [0-9]+ message\(s\)")
 
 
-@pytest.fixture(autouse=True)
-def _no_niki_environment(no_niki_environment: None) -> None:
-    """Routed mode needs NIKI_PEERS unset; no NIKI_* setting may leak into the servers."""
+# Routed mode needs NIKI_PEERS unset; no NIKI_* setting may leak into the servers.
+pytestmark = pytest.mark.usefixtures("no_niki_environment")
 
 
 def niki(db_url: str, *args: str, port: int = 0, event_port: Optional[int] = None) -> ServerProcess:

@@ -45,9 +45,8 @@ Put = Callable[..., bool]
 Launch = Callable[..., ServerProcess]
 
 
-@pytest.fixture(autouse=True)
-def _no_niki_environment(no_niki_environment: None) -> None:
-    """Routed mode needs NIKI_PEERS unset; no NIKI_* setting may leak into the servers."""
+# Routed mode needs NIKI_PEERS unset; no NIKI_* setting may leak into the servers.
+pytestmark = pytest.mark.usefixtures("no_niki_environment")
 
 
 @pytest.fixture
