@@ -37,11 +37,28 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from ..errors import NikiError, QueueFull, StorageUnavailable, UnknownClient
 
+if TYPE_CHECKING:
+    from .group_commit import GroupCommit
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PENDING, DELIVERED, IGNORED, EXPIRED = "pending", "delivered", "ignored", "expired"
 
@@ -298,6 +315,21 @@ class SqlStorage(Storage):
         except self.unavailable_errors as exc:
             raise self.unavailable(exc) from exc
 
+    # Set by a backend whose durable commits are serialised (SQLite): short writes
+    # of many threads then share one transaction and one flush.
+    _group: Optional[GroupCommit] = None
+
+    def _write(self, operation: Callable[[Tx], T]) -> T:
+        """Run ``operation`` in a durable transaction, shared with other threads' writes
+        where the backend groups commits; its result once committed."""
+        if self._group is None:
+            with self.transaction() as tx:
+                return operation(tx)
+        try:
+            return self._group.run(operation)
+        except self.unavailable_errors as exc:  # raised inside a shared transaction
+            raise self.unavailable(exc) from exc
+
     # Where the data lives, for error messages (no password).
     location = ""
 
@@ -329,7 +361,7 @@ class SqlStorage(Storage):
 
     def new_client(self, server_id: Optional[int] = None,
                    secret_hash: Optional[bytes] = None) -> Claim:
-        with self.transaction() as tx:
+        def insert(tx: Tx) -> Claim:
             tx.execute(
                 "INSERT INTO clients (session, owner_server_id, secret_hash, created_at, last_seen_at) "
                 f"VALUES (1, %s, %s, {self.now_sql}, {self.now_sql})",
@@ -337,40 +369,44 @@ class SqlStorage(Storage):
             )
             return Claim(tx.lastrowid, 1, has_secret=secret_hash is not None)
 
+        return self._write(insert)
+
     def claim_client(self, client_id: int, server_id: Optional[int] = None,
                      accept: Optional[Callable[[Optional[bytes]], bool]] = None) -> Optional[Claim]:
-        with self.transaction() as tx:
-            rows = tx.fetchall(
-                "SELECT session, owner_server_id, secret_hash FROM clients "
-                f"WHERE id = %s {self.lock_rows_sql}",
-                (client_id,),
-            )
-            if not rows:
-                return None
-            stored_hash = None if rows[0][2] is None else bytes(rows[0][2])
-            if accept is not None and not accept(stored_hash):
-                return None
-            session, previous = int(rows[0][0]) + 1, rows[0][1]
-            # A delivery lease belongs to the session it was taken for: a client that
-            # reconnects after its server died mid-write must not wait for it to
-            # expire.  Should the older delivery still be running, its connection is
-            # being closed; what it wrote the client may not have read, so the new
-            # session sending those messages too costs at most a repeat, never a loss.
-            tx.execute(
-                f"UPDATE clients SET session = %s, owner_server_id = %s, last_seen_at = {self.now_sql}, "
-                "delivery_lease_until = NULL WHERE id = %s",
-                (session, server_id, client_id),
-            )
-            owner = None if previous == server_id else self._live_server(tx, previous)
-            return Claim(client_id, session, owner, has_secret=stored_hash is not None)
+        return self._write(lambda tx: self._claim(tx, client_id, server_id, accept))
+
+    def _claim(self, tx: Tx, client_id: int, server_id: Optional[int],
+               accept: Optional[Callable[[Optional[bytes]], bool]]) -> Optional[Claim]:
+        rows = tx.fetchall(
+            "SELECT session, owner_server_id, secret_hash FROM clients "
+            f"WHERE id = %s {self.lock_rows_sql}",
+            (client_id,),
+        )
+        if not rows:
+            return None
+        stored_hash = None if rows[0][2] is None else bytes(rows[0][2])
+        if accept is not None and not accept(stored_hash):
+            return None
+        session, previous = int(rows[0][0]) + 1, rows[0][1]
+        # A delivery lease belongs to the session it was taken for: a client that
+        # reconnects after its server died mid-write must not wait for it to
+        # expire.  Should the older delivery still be running, its connection is
+        # being closed; what it wrote the client may not have read, so the new
+        # session sending those messages too costs at most a repeat, never a loss.
+        tx.execute(
+            f"UPDATE clients SET session = %s, owner_server_id = %s, last_seen_at = {self.now_sql}, "
+            "delivery_lease_until = NULL WHERE id = %s",
+            (session, server_id, client_id),
+        )
+        owner = None if previous == server_id else self._live_server(tx, previous)
+        return Claim(client_id, session, owner, has_secret=stored_hash is not None)
 
     def release_client(self, client_id: int, session: int, server_id: int) -> None:
-        with self.transaction() as tx:
-            tx.execute(
-                f"UPDATE clients SET owner_server_id = NULL, last_seen_at = {self.now_sql} "
-                "WHERE id = %s AND session = %s AND owner_server_id = %s",
-                (client_id, session, server_id),
-            )
+        self._write(lambda tx: tx.execute(
+            f"UPDATE clients SET owner_server_id = NULL, last_seen_at = {self.now_sql} "
+            "WHERE id = %s AND session = %s AND owner_server_id = %s",
+            (client_id, session, server_id),
+        ))
 
     # --- messages ---
 
@@ -538,13 +574,16 @@ class SqlStorage(Storage):
         if not messages:
             return Delivery(0)
         written = 0
+
+        def finish(tx: Tx) -> None:
+            if mark and written:
+                self._mark(tx, client_id, [m.id for m in messages[:written]])
+            tx.execute("UPDATE clients SET delivery_lease_until = NULL WHERE id = %s", (client_id,))
+
         try:
             written = write(messages)
         finally:
-            with self.transaction() as tx:
-                if mark and written:
-                    self._mark(tx, client_id, [m.id for m in messages[:written]])
-                tx.execute("UPDATE clients SET delivery_lease_until = NULL WHERE id = %s", (client_id,))
+            self._write(finish)
         return self._delivery(messages, written, batch)
 
     def _claim_batch(self, tx: Tx, client_id: int, session: int, batch: int,
@@ -586,8 +625,7 @@ class SqlStorage(Storage):
     def mark_delivered(self, client_id: int, message_ids: Sequence[int]) -> int:
         if not message_ids:
             return 0
-        with self.transaction() as tx:
-            return self._mark(tx, client_id, message_ids)
+        return self._write(lambda tx: self._mark(tx, client_id, message_ids))
 
     def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
         expired = self._in_batch(

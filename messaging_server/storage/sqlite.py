@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List
 from urllib.request import pathname2url
 
 from .base import SqlStorage, Tx, split_sql_script
+from .group_commit import GroupCommit
 
 # How long a writer waits for another process's write lock before giving up.
 # Longer than the server's socket write timeout, which bounds how long a
@@ -55,6 +56,9 @@ class SqliteStorage(SqlStorage):
         # handler, which polls with sleeps of up to 100 ms.
         self._serial = threading.Lock()
         self._sync_modes: Dict[int, str] = {}  # id(connection) -> its PRAGMA synchronous
+        # Those transactions, and their flushes, come one at a time: handshakes,
+        # connection ends and delivery marks of many threads share them instead.
+        self._group = GroupCommit(self.transaction)
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(
