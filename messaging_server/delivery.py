@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .connection import ClientConnection
 from .errors import StorageUnavailable
@@ -94,24 +94,25 @@ def _remember(conn: ClientConnection, written: List[int], marked: bool) -> None:
         conn.unmarked.extend(written)
 
 
-def unfinished_marks(conn: ClientConnection) -> List[int]:
-    """Ids written (legacy) or acknowledged (ACK) whose "delivered" mark did not commit."""
-    return conn.unmarked + conn.acked_unmarked
+def unfinished_marks(conn: ClientConnection) -> List[Tuple[List[int], bool]]:
+    """(ids, acknowledged) whose "delivered" mark did not commit: written (legacy, False)
+    and acknowledged (ACK, True)."""
+    return [(ids, acknowledged) for ids, acknowledged in
+            ((conn.unmarked, False), (conn.acked_unmarked, True)) if ids]
 
 
 def _mark_remembered(storage: Storage, conn: ClientConnection) -> bool:
     """Commit marks that failed before (legacy writes, ACKs); False if it still fails."""
-    pending = conn.unmarked + conn.acked_unmarked
-    if not pending or conn.client_id is None:
+    if conn.client_id is None:
         return True
-    try:
-        storage.mark_delivered(conn.client_id, pending)
-    except StorageUnavailable as exc:
-        log.warning("client %s: %d delivered message(s) not yet marked: %s",
-                    conn.client_id, len(pending), exc)
-        return False
-    conn.unmarked.clear()
-    conn.acked_unmarked.clear()
+    for ids, acknowledged in unfinished_marks(conn):
+        try:
+            storage.mark_delivered(conn.client_id, ids, acknowledged=acknowledged)
+        except StorageUnavailable as exc:
+            log.warning("client %s: %d delivered message(s) not yet marked: %s",
+                        conn.client_id, len(ids), exc)
+            return False
+        ids.clear()
     return True
 
 

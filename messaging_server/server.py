@@ -72,16 +72,19 @@ class UnfinishedMarks:
     """
 
     def __init__(self) -> None:
-        self._by_client: Dict[int, List[int]] = {}
+        # (client id, acknowledged) -> message ids; see Storage.mark_delivered
+        self._by_client: Dict[Tuple[int, bool], List[int]] = {}
         self._lock = threading.Lock()
 
-    def keep(self, client_id: int, message_ids: List[int]) -> None:
+    def keep(self, client_id: int, message_ids: List[int], acknowledged: bool) -> None:
         with self._lock:
-            self._by_client.setdefault(client_id, []).extend(message_ids)
+            self._by_client.setdefault((client_id, acknowledged), []).extend(message_ids)
 
-    def take(self, client_id: int) -> List[int]:
+    def take(self, client_id: int) -> Tuple[List[int], List[int]]:
+        """The client's kept marks: (written, acknowledged)."""
         with self._lock:
-            return self._by_client.pop(client_id, [])
+            return (self._by_client.pop((client_id, False), []),
+                    self._by_client.pop((client_id, True), []))
 
     def commit(self, storage: Storage) -> None:
         """Try every kept mark once (the sweeper); keep what still fails.
@@ -91,12 +94,13 @@ class UnfinishedMarks:
         in between (it would read those messages as pending and send them again).
         """
         with self._lock:
-            for client_id in list(self._by_client):
+            for key in list(self._by_client):
+                client_id, acknowledged = key
                 try:
-                    storage.mark_delivered(client_id, self._by_client[client_id])
+                    storage.mark_delivered(client_id, self._by_client[key], acknowledged=acknowledged)
                 except StorageUnavailable:
                     return  # still away: keep this one and the rest
-                del self._by_client[client_id]
+                del self._by_client[key]
 
 
 class ConnectionRegistry:
@@ -208,7 +212,9 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 conn.ready.set()
                 # Marks an earlier connection of this client could not commit:
                 # commit them before anything is sent, so those are not sent again.
-                conn.unmarked.extend(self.server.marks.take(conn.client_id))
+                written, acknowledged = self.server.marks.take(conn.client_id)
+                conn.unmarked.extend(written)
+                conn.acked_unmarked.extend(acknowledged)
                 if not conn.new_client:  # a client created just now has no backlog
                     deliver(self.server.storage, conn, settings.delivery_batch)
                 self._work_loop(conn)
@@ -448,12 +454,11 @@ class NikiServer(socketserver.ThreadingTCPServer):
         """
         if conn.client_id is None:
             return
-        unfinished = unfinished_marks(conn)
-        if unfinished:
+        for ids, acknowledged in unfinished_marks(conn):
             try:
-                self.storage.mark_delivered(conn.client_id, unfinished)
+                self.storage.mark_delivered(conn.client_id, ids, acknowledged=acknowledged)
             except StorageUnavailable:
-                self.marks.keep(conn.client_id, unfinished)
+                self.marks.keep(conn.client_id, ids, acknowledged)
         if not self.server_id:
             return
         try:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import datetime
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -108,6 +109,66 @@ class Queued:
 
     message_id: Optional[int]
     owner: Optional[ServerAddress] = None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A registered server, for operators (times: ISO 8601, UTC)."""
+
+    server_id: int
+    host: str
+    port: int
+    event_host: str
+    event_port: int
+    pid: int
+    started_at: str
+    heartbeat_at: str
+    alive: bool  # its heartbeat is fresh
+    clients: int  # connected clients it owns
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A client as the database sees it (times: ISO 8601, UTC)."""
+
+    client_id: int
+    pending: int  # messages waiting for delivery (not expired)
+    server: Optional[ServerInfo]  # the live server holding its connection; None: offline
+    created_at: str
+    last_seen_at: Optional[str]
+    has_secret: bool
+
+    @property
+    def connected(self) -> bool:
+        return self.server is not None
+
+
+# What a message's status reads as from outside: ACKNOWLEDGED is a delivered
+# message that an ACK-mode client confirmed.
+ACKNOWLEDGED = "acknowledged"
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """One message's fate: a delivery receipt (times: ISO 8601, UTC)."""
+
+    message_id: int
+    client_id: int
+    status: str  # pending, delivered, acknowledged, expired or ignored
+    created_at: str
+    expires_at: Optional[str]
+    delivered_at: Optional[str]
+    acknowledged_at: Optional[str]
+
+
+def iso_time(value: Any) -> Optional[str]:
+    """A stored time (a MySQL datetime, a SQLite text) as ISO 8601 UTC with a Z."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.datetime):
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    text = str(value).replace(" ", "T", 1)
+    return text if text.endswith("Z") else text + "Z"
 
 
 @dataclass(frozen=True)
@@ -191,8 +252,12 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def mark_delivered(self, client_id: int, message_ids: Sequence[int]) -> int:
-        """Mark messages of ``client_id`` delivered (acknowledged); return how many were waiting."""
+    def mark_delivered(self, client_id: int, message_ids: Sequence[int],
+                       acknowledged: bool = False) -> int:
+        """Mark messages of ``client_id`` delivered; return how many were waiting.
+
+        ``acknowledged``: an ACK-mode client confirmed them (their receipt says so).
+        """
 
     @abc.abstractmethod
     def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
@@ -202,6 +267,18 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def pending_count(self, client_id: int) -> int:
         """Messages of ``client_id`` still waiting for delivery."""
+
+    @abc.abstractmethod
+    def client_info(self, client_id: int) -> Optional[ClientInfo]:
+        """What the database knows of a client; None when there is no such client."""
+
+    @abc.abstractmethod
+    def message_info(self, message_id: int) -> Optional[MessageInfo]:
+        """A message's status and times; None when there is none (never, or purged)."""
+
+    @abc.abstractmethod
+    def list_servers(self) -> List[ServerInfo]:
+        """Every registered server, by id."""
 
     @abc.abstractmethod
     def register_server(self, host: str, port: int, event_host: str, event_port: int,
@@ -605,10 +682,11 @@ class SqlStorage(Storage):
         )
         return [StoredMessage(int(mid), body) for mid, body in rows]
 
-    def _mark(self, tx: Tx, client_id: int, ids: Sequence[int]) -> int:
+    def _mark(self, tx: Tx, client_id: int, ids: Sequence[int], acknowledged: bool = False) -> int:
         marks = ", ".join(["%s"] * len(ids))
+        acked = f", acknowledged_at = {self.now_sql}" if acknowledged else ""
         return tx.execute(
-            f"UPDATE messages SET status = '{DELIVERED}', delivered_at = {self.now_sql} "
+            f"UPDATE messages SET status = '{DELIVERED}', delivered_at = {self.now_sql}{acked} "
             f"WHERE client_id = %s AND status IN ('{PENDING}', '{EXPIRED}') AND id IN ({marks})",
             [client_id, *ids],
         )
@@ -622,10 +700,11 @@ class SqlStorage(Storage):
             last_id=messages[written - 1].id if written else 0,
         )
 
-    def mark_delivered(self, client_id: int, message_ids: Sequence[int]) -> int:
+    def mark_delivered(self, client_id: int, message_ids: Sequence[int],
+                       acknowledged: bool = False) -> int:
         if not message_ids:
             return 0
-        return self._write(lambda tx: self._mark(tx, client_id, message_ids))
+        return self._write(lambda tx: self._mark(tx, client_id, message_ids, acknowledged))
 
     def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
         expired = self._in_batch(
@@ -655,6 +734,61 @@ class SqlStorage(Storage):
                     (client_id,),
                 )
             )
+
+    # --- for operators and the HTTP API ---
+
+    _SERVER_COLUMNS = ("s.id, s.host, s.port, s.event_host, s.event_port, s.pid, s.started_at, "
+                       "s.heartbeat_at")
+
+    def _server_info(self, row: Sequence[Any], clients: int) -> ServerInfo:
+        alive = row[8]
+        return ServerInfo(int(row[0]), str(row[1]), int(row[2]), str(row[3]), int(row[4]),
+                          int(row[5]), iso_time(row[6]) or "", iso_time(row[7]) or "",
+                          bool(alive), clients)
+
+    def client_info(self, client_id: int) -> Optional[ClientInfo]:
+        with self.transaction() as tx:
+            rows = tx.fetchall("SELECT created_at, last_seen_at, secret_hash IS NOT NULL, owner_server_id "
+                               "FROM clients WHERE id = %s", (client_id,))
+            if not rows:
+                return None
+            created, seen, has_secret, owner = rows[0]
+            pending = tx.scalar(
+                f"SELECT COUNT(*) FROM messages WHERE client_id = %s AND status = '{PENDING}' "
+                f"AND {self._unexpired}", (client_id,))
+            server = None
+            if owner is not None:
+                servers = self._servers(tx, "WHERE s.id = %s", (owner,))
+                server = servers[0] if servers and servers[0].alive else None
+        return ClientInfo(client_id, int(pending), server, iso_time(created) or "", iso_time(seen),
+                          bool(has_secret))
+
+    def message_info(self, message_id: int) -> Optional[MessageInfo]:
+        with self.transaction() as tx:
+            rows = tx.fetchall(
+                "SELECT client_id, status, created_at, expires_at, delivered_at, acknowledged_at, "
+                f"status = '{PENDING}' AND NOT {self._unexpired} FROM messages WHERE id = %s",
+                (message_id,))
+        if not rows:
+            return None
+        client_id, status, created, expires, delivered, acknowledged, lapsed = rows[0]
+        if lapsed:
+            status = EXPIRED  # past its TTL: it will never be sent, whether or not swept yet
+        elif status == DELIVERED and acknowledged is not None:
+            status = ACKNOWLEDGED
+        return MessageInfo(message_id, int(client_id), str(status), iso_time(created) or "",
+                           iso_time(expires), iso_time(delivered), iso_time(acknowledged))
+
+    def list_servers(self) -> List[ServerInfo]:
+        with self.transaction() as tx:
+            return self._servers(tx, "", ())
+
+    def _servers(self, tx: Tx, where: str, params: Sequence[Any]) -> List[ServerInfo]:
+        rows = tx.fetchall(
+            f"SELECT {self._SERVER_COLUMNS}, s.heartbeat_at > {self._ago(HEARTBEAT_STALE_S)}, "
+            "(SELECT COUNT(*) FROM clients c WHERE c.owner_server_id = s.id) "
+            f"FROM servers s {where} ORDER BY s.id", params)
+        return [self._server_info(row, int(row[9])) for row in rows]
 
     # --- servers ---
 

@@ -43,7 +43,8 @@ class MysqlStorage(SqlStorage):
     micros_ahead_sql = "(NOW(6) + INTERVAL %s MICROSECOND)"
     lock_rows_sql = "FOR UPDATE"
     unavailable_errors = (pymysql.err.MySQLError,)
-    added_columns = (("clients", "secret_hash", "BINARY(32) NULL AFTER delivery_lease_until"),)
+    added_columns = (("clients", "secret_hash", "BINARY(32) NULL AFTER delivery_lease_until"),
+                     ("messages", "acknowledged_at", "DATETIME(6) NULL AFTER delivered_at"))
 
     def __init__(self, host: str, port: int, user: str, password: str, database: str,
                  pool_size: int = 8) -> None:
@@ -68,7 +69,10 @@ class MysqlStorage(SqlStorage):
             # rollback(); DBUtils then rolls back on return only a transaction
             # left open (by an error), saving a round trip per transaction.
             reset=False,
-            setsession=["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"],
+            # Stored times are UTC, whatever the database server's time zone,
+            # as SQLite's are: the HTTP API and niki-admin show them as such.
+            setsession=["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                        "SET time_zone = '+00:00'"],
             database=database,
             **self._params,
         )

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at    DATETIME(6) NOT NULL,
     expires_at    DATETIME(6) NULL,                 -- NULL: never; past it, never sent
     delivered_at  DATETIME(6) NULL,
+    acknowledged_at DATETIME(6) NULL,               -- an ACK client confirmed it (ACK mode only)
     PRIMARY KEY (id),
     KEY messages_pending_by_client (client_id, status, id),
     KEY messages_duplicate_check (client_id, body_hash, created_at),

@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS messages (
                   CHECK (status IN ('pending', 'delivered', 'ignored', 'expired')),
     created_at    TEXT    NOT NULL,
     expires_at    TEXT,                         -- NULL: never; past it, never sent
-    delivered_at  TEXT
+    delivered_at  TEXT,
+    acknowledged_at TEXT                        -- an ACK client confirmed it (ACK mode only)
 );
 
 CREATE INDEX IF NOT EXISTS messages_pending_by_client ON messages (client_id, status, id);

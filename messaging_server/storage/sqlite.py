@@ -38,7 +38,7 @@ class SqliteStorage(SqlStorage):
     lock_while_writing = False  # the write lock is the whole database's
     unavailable_errors = (sqlite3.Error,)
     lastrowid_is_first = False
-    added_columns = (("clients", "secret_hash", "BLOB"),)
+    added_columns = (("clients", "secret_hash", "BLOB"), ("messages", "acknowledged_at", "TEXT"))
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
         self.path = path
