@@ -777,6 +777,26 @@ def test_queue_full_counts_only_pending(storage: Storage, db_url):
                     ("d", "pending"), ("e", "pending")]
 
 
+def test_queue_cap_ignores_lapsed_messages_not_yet_swept(storage: Storage, db_url):
+    """A message past its TTL never goes out: it takes no room even before the sweep marks it,
+    for enqueue and for enqueue_many alike."""
+    cid = storage.new_client().client_id
+    cap = 3
+    for body in ("a", "b", "c"):
+        assert storage.enqueue(cid, body, WINDOW, max_pending=cap).message_id is not None
+    with pytest.raises(QueueFull):
+        storage.enqueue(cid, "full", WINDOW, max_pending=cap)
+    (a_id,) = (int(row[0]) for row in query(db_url, "SELECT id FROM messages WHERE body = 'a'"))
+    set_expires_ago(db_url, [a_id], 1)  # lapsed; still 'pending' in its row
+    assert storage.enqueue(cid, "d", WINDOW, max_pending=cap).message_id is not None
+    with pytest.raises(QueueFull):
+        storage.enqueue(cid, "e", WINDOW, max_pending=cap)
+    (b_id,) = (int(row[0]) for row in query(db_url, "SELECT id FROM messages WHERE body = 'b'"))
+    set_expires_ago(db_url, [b_id], 1)
+    results = storage.enqueue_many([(cid, "f"), (cid, "g")], WINDOW, max_pending=cap)
+    assert results[0].message_id is not None and isinstance(results[1], QueueFull)
+
+
 def test_queue_full_under_concurrency(storage: Storage):
     threads, cap = 8, 5
     cid = storage.new_client().client_id

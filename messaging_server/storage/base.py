@@ -496,14 +496,8 @@ class SqlStorage(Storage):
                 f"SELECT owner_server_id FROM clients WHERE id = %s {self.lock_rows_sql}", (client_id,))
             if not rows:
                 raise UnknownClient(f"no client with id {client_id}")
-            if max_pending is not None:
-                # Counts at most max_pending index entries, whatever the backlog.
-                pending = tx.scalar(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE client_id = %s "
-                    f"AND status = '{PENDING}' AND {self._unexpired} LIMIT %s) AS capped",
-                    (client_id, max_pending))
-                if int(pending) >= max_pending:
-                    raise QueueFull(f"client {client_id} already has {max_pending} pending messages")
+            if max_pending is not None and self._pending_reaches(tx, client_id, max_pending):
+                raise QueueFull(f"client {client_id} already has {max_pending} pending messages")
             # Only messages that will be (or were) delivered make a later one a
             # duplicate: not ignored ones, nor ones that expired unsent.
             recent = tx.scalar(
@@ -543,9 +537,7 @@ class SqlStorage(Storage):
                 f"{self.lock_rows_sql}", client_ids)}
             pending: Dict[int, int] = {}
             if max_pending is not None:
-                pending = {int(row[0]): int(row[1]) for row in tx.fetchall(
-                    f"SELECT client_id, COUNT(*) FROM messages WHERE client_id IN ({ids_in}) "
-                    f"AND status = '{PENDING}' AND {self._unexpired} GROUP BY client_id", client_ids)}
+                pending = self._pending_counts(tx, items, client_ids, max_pending)
             unique_digests = sorted(set(digests))
             recent = {(int(row[0]), bytes(row[1])) for row in tx.fetchall(
                 f"SELECT client_id, body_hash FROM messages WHERE client_id IN ({ids_in}) "
@@ -579,6 +571,37 @@ class SqlStorage(Storage):
                     live[server_id] = self._live_server(tx, server_id)
         return [Queued(ids[r], live.get(owners[rows[r][0]])) if isinstance(r, int) else r
                 for r in results]
+
+    # The queue cap counts pending messages that have not expired.  Expiry is not
+    # in the pending index, so checking it reads each row: a first count that
+    # ignores it reads the index alone, and only a client that reaches the cap
+    # by that count is counted again, row by row.
+
+    def _pending_reaches(self, tx: Tx, client_id: int, cap: int) -> bool:
+        """Whether ``client_id`` has ``cap`` unexpired pending messages (reads at most ``cap``)."""
+        def capped(where: str) -> int:
+            return int(tx.scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE client_id = %s "
+                f"AND status = '{PENDING}'{where} LIMIT %s) AS capped", (client_id, cap)))
+        return capped("") >= cap and capped(f" AND {self._unexpired}") >= cap
+
+    def _pending_counts(self, tx: Tx, items: Sequence[Tuple[int, str]], client_ids: List[int],
+                        cap: int) -> Dict[int, int]:
+        """Unexpired pending counts of the batch's clients, exact wherever the cap could matter."""
+        def counts(ids: Sequence[int], where: str) -> Dict[int, int]:
+            marks = ", ".join(["%s"] * len(ids))
+            return {int(row[0]): int(row[1]) for row in tx.fetchall(
+                f"SELECT client_id, COUNT(*) FROM messages WHERE client_id IN ({marks}) "
+                f"AND status = '{PENDING}'{where} GROUP BY client_id", ids)}
+        pending = counts(client_ids, "")
+        asked: Dict[int, int] = {}
+        for client_id, _ in items:
+            asked[client_id] = asked.get(client_id, 0) + 1
+        near = [c for c in client_ids if pending.get(c, 0) + asked[c] > cap and pending.get(c, 0)]
+        if near:
+            exact = counts(near, f" AND {self._unexpired}")
+            pending.update({c: exact.get(c, 0) for c in near})
+        return pending
 
     # MySQL reports the first id of a multi-row INSERT, SQLite the last; either
     # way the ids follow each other by a fixed step (one writer on SQLite;
