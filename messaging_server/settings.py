@@ -1,7 +1,11 @@
 """Every setting in one place: its default, its environment variable, its option.
 
-Options win over environment variables, which win over defaults, so a server
-and the ``niki-enqueue`` run beside it can share ``NIKI_DB`` and ``NIKI_PEERS``.
+Command-line options win over environment variables, which win over the
+config file (``--config FILE`` or ``NIKI_CONFIG``, see docs/CONFIG.md), which
+wins over the defaults; so a server and the ``niki-enqueue`` run beside it can
+share ``NIKI_DB`` and ``NIKI_PEERS``, or one file.  The other command-line
+tools read the file through :func:`config_environ`, which turns it into
+``NIKI_*`` variables beneath the real ones.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ import argparse
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+from .config_file import read_config, render
 from .errors import ConfigurationError
 from .wakeup import Address, parse_peers
 
@@ -48,6 +53,18 @@ PURGE_BATCH = 1000
 # Concurrent client connections one server accepts; each costs a thread and a
 # descriptor.  The server lowers it to what its open-file limit allows.
 MAX_CONNECTIONS = 10_000
+# The HTTP API listens on loopback unless told otherwise: it can queue messages
+# for any client, so reaching it from elsewhere must be a deliberate choice.
+DEFAULT_HTTP_HOST = "127.0.0.1"
+LOG_FORMATS = ("plain", "json")
+ENV_PREFIX = "NIKI_"
+# The config file: --config FILE, else this environment variable.
+CONFIG_ENV = "NIKI_CONFIG"
+# Yes/no values: the environment's historical rule, and the stricter file rule.
+ENV_TRUE = ("1", "true", "yes")
+FILE_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False,
+                 "on": True, "off": False, "1": True, "0": False}
+MASK = "***"
 
 
 def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = None) -> str:
@@ -98,6 +115,10 @@ class ServerSettings:
     tls_key: str = ""
     max_connections: int = MAX_CONNECTIONS
     max_connections_per_address: int = 0
+    http_port: Optional[int] = None  # the HTTP API; None: off
+    http_host: str = DEFAULT_HTTP_HOST
+    api_token: str = ""
+    log_format: str = "plain"
 
     @property
     def wakeup_host(self) -> str:
@@ -124,6 +145,12 @@ def _port(text: str) -> int:
     if not 0 <= value < 65536:
         raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
     return value
+
+
+def _log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(LOG_FORMATS)}")
+    return text
 
 
 def _positive_float(text: str) -> float:
@@ -153,9 +180,33 @@ _positive_int = _whole_number(1)
 _non_negative_int = _whole_number(0)
 
 
+def _flag(text: str) -> bool:
+    """A yes/no value in the config file: strict, so that a typo is an error, not "off"."""
+    value = FILE_BOOLEANS.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value "
+                                         f"({', '.join(FILE_BOOLEANS)})")
+    return value
+
+
+def _env_flag(text: str) -> bool:
+    """A yes/no environment variable: true when 1, true or yes, as it always was."""
+    return text.strip().lower() in ENV_TRUE
+
+
+def _peers(text: str) -> str:
+    parse_peers(text)  # raises ConfigurationError, a ValueError, naming the bad entry
+    return text
+
+
 @dataclass(frozen=True)
 class Option:
-    """One server option: its flags, environment variable, default, type and help."""
+    """One setting: its flags, environment variable, default, type and help.
+
+    Its config-file key is the environment variable without ``NIKI_``, in
+    lower case (``NIKI_EVENT_PORT`` -> ``event_port``), which is also the
+    option's long name with underscores and its ServerSettings field.
+    """
 
     flags: Tuple[str, ...]
     env: str
@@ -163,6 +214,10 @@ class Option:
     convert: Callable[[str], object] = str
     help: str = ""
     default_text: str = "default %(default)s"  # how --help states the default
+
+    @property
+    def key(self) -> str:
+        return self.env[len(ENV_PREFIX):].lower()
 
 
 SERVER_OPTIONS = (
@@ -206,48 +261,211 @@ SERVER_OPTIONS = (
     Option(("--max-connections-per-address",), "NIKI_MAX_CONNECTIONS_PER_ADDRESS", 0,
            _non_negative_int, "concurrent client connections from one remote address",
            "default: 0, no limit"),
+    Option(("--http-port",), "NIKI_HTTP_PORT", None, _port,
+           "TCP port of the HTTP API (queue messages, receipts, /healthz, /metrics); 0 picks a "
+           "free one", "default: no HTTP API"),
+    Option(("--http-host",), "NIKI_HTTP_HOST", DEFAULT_HTTP_HOST, str,
+           "address the HTTP API listens on; any other than loopback needs --api-token"),
+    Option(("--api-token",), "NIKI_API_TOKEN", "", str,
+           "bearer token the HTTP API requires on everything but /healthz",
+           "default: none, and then the API serves loopback only"),
+    Option(("--log-format",), "NIKI_LOG_FORMAT", "plain", _log_format,
+           "log lines as plain text, or as one JSON object each for log collectors"),
 )
 
 
-def server_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
-    """The server's options; each default comes from its environment variable if set."""
-    e = os.environ if environ is None else environ
+# The two yes/no options: on the command line they take no value.
+FLAG_OPTIONS = (
+    Option(("-v", "--verbose"), "NIKI_VERBOSE", False, _flag,
+           "debug logging, including every SQL statement", ""),
+    Option(("--legacy-ids",), "NIKI_LEGACY_IDS", False, _flag,
+           "hand out and accept bare numeric client ids, as the original server did: anyone who "
+           "guesses an id gets that client's messages. Only for closed networks", ""),
+)
+
+# The enqueue side's settings.  No server option: niki-enqueue and enqueue()
+# read them from the environment, and the config file may hold them so that
+# one file serves a whole host.
+ENQUEUE_OPTIONS = (
+    Option((), "NIKI_PEERS", "", _peers,
+           "broadcast mode: servers to wake for every message, host:eventport,...",
+           "default: none, routed mode"),
+    Option((), "NIKI_MAX_PENDING", MAX_PENDING, _positive_int,
+           "pending messages one client may have; enqueue beyond it is refused"),
+)
+
+# Every key the config file accepts, in the order --print-config lists them.
+CONFIG_OPTIONS = SERVER_OPTIONS + FLAG_OPTIONS + ENQUEUE_OPTIONS
+
+
+def server_parser() -> argparse.ArgumentParser:
+    """The server's command line.
+
+    No option has a default here (argparse.SUPPRESS): an option that is not on
+    the command line is absent from the result, so that effective_settings()
+    can look in the environment, then the config file, then the built-in default.
+    """
     p = argparse.ArgumentParser(
         prog="python -m messaging_server",
         description="Niki: a durable push-messaging server. Clients connect over TCP "
         "(telnet works); messages queued with niki-enqueue or messaging_server.enqueue() "
         "reach them at once, or as soon as they reconnect.",
-        epilog="Every option can also be set by the environment variable shown in brackets.",
+        epilog="Every option can also be set by the environment variable shown in brackets, or "
+        "in the config file's [niki] section under its name without the dashes (port = 8000). "
+        "Command line > environment > config file > default. "
+        "'python -m messaging_server admin ...' runs the administration tool.",
     )
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help=f"INI file of settings, in a [niki] section [{CONFIG_ENV}] (default: none)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective settings as a config file, each with where it came "
+                   "from, secrets masked; then exit without starting")
     for option in SERVER_OPTIONS:
-        text = env_default(option.env, "", e)
-        default = option.convert(text) if text else option.default
         convert = None if option.convert is str else option.convert
-        p.add_argument(*option.flags, type=convert, default=default,
-                       help=f"{option.help} [{option.env}] ({option.default_text})")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   default=env_default("NIKI_VERBOSE", "", e).lower() in ("1", "true", "yes"),
-                   help="debug logging, including every SQL statement [NIKI_VERBOSE]")
-    p.add_argument("--legacy-ids", action="store_true",
-                   default=env_default("NIKI_LEGACY_IDS", "", e).lower() in ("1", "true", "yes"),
-                   help="hand out and accept bare numeric client ids, as the original server "
-                   "did: anyone who guesses an id gets that client's messages. Only for closed "
-                   "networks [NIKI_LEGACY_IDS]")
+        p.add_argument(*option.flags, type=convert, default=argparse.SUPPRESS, dest=option.key,
+                       help=_help(option))
+    for option in FLAG_OPTIONS:
+        p.add_argument(*option.flags, action="store_true", default=argparse.SUPPRESS,
+                       dest=option.key, help=_help(option))
     return p
+
+
+def _help(option: Option) -> str:
+    default = option.default_text % {"default": option.default}
+    text = f"{option.help} [{option.env}]" + (f" ({default})" if default else "")
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+@dataclass(frozen=True)
+class EffectiveSettings:
+    """What a server runs with, and where each value came from (for --print-config).
+
+    ``values`` and ``sources`` hold every key of CONFIG_OPTIONS; a source is
+    ``option --port``, ``environment NIKI_PORT``, ``file PATH, line N`` or ``default``.
+    """
+
+    settings: ServerSettings
+    values: Mapping[str, object]
+    sources: Mapping[str, str]
+    config_path: Optional[str] = None
+    print_config: bool = False
+
+    def enqueue_environ(self) -> Dict[str, str]:
+        """NIKI_PEERS / NIKI_MAX_PENDING as the config file set them, for this process's
+        own enqueueing (which reads the environment); empty when they came from elsewhere."""
+        return {option.env: str(self.values[option.key]) for option in ENQUEUE_OPTIONS
+                if self.sources[option.key].startswith("file ")}
+
+
+def effective_settings(argv: Optional[List[str]] = None,
+                       environ: Optional[Mapping[str, str]] = None) -> EffectiveSettings:
+    """Resolve every setting: command line > environment > config file > default.
+
+    A bad option exits with a usage message (status 2), like any command-line
+    tool; a bad environment variable or config file raises ConfigurationError.
+    """
+    environ = os.environ if environ is None else environ
+    given = vars(server_parser().parse_args(argv))
+    print_config = given.pop("print_config")
+    path = given.pop("config") if "config" in given else env_default(CONFIG_ENV, "", environ)
+    entries = read_config(path, _CONVERTERS) if path else {}
+    values: Dict[str, object] = {}
+    sources: Dict[str, str] = {}
+    for option in CONFIG_OPTIONS:
+        key, text = option.key, env_default(option.env, "", environ)
+        if key in given:
+            values[key], sources[key] = given[key], f"option {option.flags[-1]}"
+        elif text:
+            values[key], sources[key] = _from_environment(option, text), f"environment {option.env}"
+        elif key in entries:
+            values[key], sources[key] = entries[key].value, f"file {path}, line {entries[key].line}"
+        else:
+            values[key], sources[key] = option.default, "default"
+    _check(values, sources)
+    fields = {option.key for option in SERVER_OPTIONS + FLAG_OPTIONS}
+    settings = ServerSettings(**{key: values[key] for key in fields})
+    return EffectiveSettings(settings, values, sources, path or None, print_config)
 
 
 def server_settings(argv: Optional[List[str]] = None,
                     environ: Optional[Mapping[str, str]] = None) -> ServerSettings:
-    """Parse options (exits with a usage message on bad ones, like any CLI)."""
+    """The settings a server runs with (see effective_settings)."""
+    return effective_settings(argv, environ).settings
+
+
+def config_environ(path: Optional[str],
+                   environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """``environ`` (default os.environ) with the config file's settings added as NIKI_* variables.
+
+    For the command-line tools: they go on reading env_default(), default_db()
+    and configured_peers(), and the file slots in beneath the environment.  A
+    variable already set (not empty) wins over the file.  ``path`` None or
+    empty: NIKI_CONFIG's file, or none.  Keys a tool has no use for (``port``)
+    are carried along harmlessly.  Raises ConfigurationError for a bad file.
+    """
+    environ = os.environ if environ is None else environ
+    merged = dict(environ)
+    path = path or env_default(CONFIG_ENV, "", environ)
+    if not path:
+        return merged
+    entries = read_config(path, _CONVERTERS)
+    for option in CONFIG_OPTIONS:
+        entry = entries.get(option.key)
+        if entry is not None and not env_default(option.env, "", environ):
+            merged[option.env] = _text(entry.value) if option in FLAG_OPTIONS else entry.text
+    return merged
+
+
+def describe_effective(effective: EffectiveSettings) -> str:
+    """--print-config: the settings as a config file, each with its source; secrets masked."""
+    from .storage import describe_url
+
+    def shown(key: str, value: object) -> str:
+        if key == "db":
+            return describe_url(str(value))
+        if key == "api_token" and value:
+            return MASK
+        return _text(value)
+
+    rows = []
+    for option in CONFIG_OPTIONS:
+        source = effective.sources[option.key]
+        if source == "default" and option.default_text.startswith("default:"):
+            source = option.default_text  # "default: port + 1" says more than an empty value
+        side = " (enqueue side: niki-enqueue, enqueue())" if option in ENQUEUE_OPTIONS else ""
+        rows.append((option.key, shown(option.key, effective.values[option.key]),
+                     f"from {source}{side}"))
+    header = ["Niki's effective settings, from python -m messaging_server --print-config",
+              f"config file: {effective.config_path or 'none'}",
+              "precedence: command-line option > environment > config file > default",
+              f"an empty value means the default; secrets are shown as {MASK}"]
+    return render(rows, header)
+
+
+_CONVERTERS = {option.key: option.convert for option in CONFIG_OPTIONS}
+
+
+def _text(value: object) -> str:
+    """A value as the config file writes it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _from_environment(option: Option, text: str) -> object:
+    if option in FLAG_OPTIONS:
+        return _env_flag(text)
     try:
-        parser = server_parser(environ)
-    except argparse.ArgumentTypeError as exc:  # a bad environment variable
-        raise ConfigurationError(f"bad NIKI_* environment variable: {exc}") from None
-    args = parser.parse_args(argv)
-    if not args.db.strip():
-        raise ConfigurationError("--db must not be empty")
-    if args.tls_key and not args.tls_cert:
-        raise ConfigurationError("--tls-key needs --tls-cert")
-    fields = {option.flags[-1].lstrip("-").replace("-", "_") for option in SERVER_OPTIONS}
-    return ServerSettings(verbose=args.verbose, legacy_ids=args.legacy_ids,
-                          **{name: getattr(args, name) for name in fields})
+        return option.convert(text)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise ConfigurationError(f"environment variable {option.env}={text!r}: {exc}") from None
+
+
+def _check(values: Mapping[str, object], sources: Mapping[str, str]) -> None:
+    """The rules that concern more than one value, or an empty one."""
+    if not str(values["db"]).strip():
+        raise ConfigurationError(f"--db must not be empty (db from {sources['db']})")
+    if values["tls_key"] and not values["tls_cert"]:
+        raise ConfigurationError(f"--tls-key needs --tls-cert (tls_key from {sources['tls_key']})")
