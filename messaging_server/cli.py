@@ -1,21 +1,52 @@
-"""Console scripts.  ``niki-enqueue CLIENT_ID MESSAGE`` queues a message from a shell.
+"""Console scripts.  ``niki-enqueue`` queues messages from a shell, in three ways.
 
-Exit status: 0 queued, 3 duplicate (same body for the same client within 5 s),
-4 queue full (the client has the maximum of pending messages), 2 bad input
-(unknown client, bad body, bad arguments), 1 database or other error.  With
-``-`` as MESSAGE, one message per line is read from stdin; the status is then
-that of the worst line (1 before 2 before 4 before 3 before 0), and the run
-stops at the first database error, saying how many lines were queued.
+``niki-enqueue CLIENT_ID MESSAGE`` queues one message.  Exit status: 0 queued,
+3 duplicate (same body for the same client within 5 s), 4 queue full (the
+client has the maximum of pending messages), 2 bad input (unknown client, bad
+body, bad arguments), 1 database or other error.
+
+``niki-enqueue CLIENT_ID -`` reads one message per line of stdin and commits
+each as soon as it is read, so a pipe that stays open (``tail -f``) works.  The
+status is that of the worst line (1 before 2 before 4 before 3 before 0); the
+run stops at the first database error, saying from which line nothing was queued.
+
+``niki-enqueue --file PATH [CLIENT_ID]`` is a bulk job.  With CLIENT_ID each
+line is a body for that client (the format of ``-``); without it each line is a
+JSON object naming its own client, so one file can address many clients.  The
+format follows from the command line, never from the content: a body that looks
+like JSON is still a body.  Messages are stored MAX_BATCH at a time, one
+transaction per batch (far fewer commits than one per message).  Exit status:
+0 when every message was queued or a duplicate, 1 when some were rejected or
+the database failed (batches committed before it stay committed), 2 usage errors.
+
+``--json`` reports each message as one JSON object on stdout, and a bulk run
+ends with a summary object.  No output ever shows a credential's secret:
+outputs end up in logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import stat
 import sys
-from typing import Dict, Iterable, List, Optional, TextIO, Union
+from dataclasses import dataclass
+from typing import (
+    IO,
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    TextIO,
+    Tuple,
+    Union,
+)
 
 from . import settings
-from .enqueue import Enqueuer, check_ttl
+from .enqueue import MAX_BATCH, Enqueuer, check_body, check_ttl, client_id_of
 from .errors import (
     BodyRejected,
     ConfigurationError,
@@ -26,8 +57,17 @@ from .errors import (
 )
 
 EXIT_QUEUED, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4
-# Which outcome wins when a bulk run has several.
+# Which outcome wins when a run of stdin lines has several.
 _SEVERITY = {EXIT_QUEUED: 0, EXIT_DUPLICATE: 1, EXIT_QUEUE_FULL: 2, EXIT_BAD_INPUT: 3, EXIT_ERROR: 4}
+# A bulk run on a terminal shows a progress bar only past this many lines:
+# a shorter one is over before a bar could tell anything.
+PROGRESS_THRESHOLD = 500
+# What a JSON line may hold.  Any other key is refused, so that a misspelt
+# "ttl" does not silently queue a message that never expires.
+JSON_LINE_KEYS = frozenset({"client_id", "body", "ttl"})
+
+QUEUED, DUPLICATE, REJECTED = "queued", "duplicate", "rejected"
+ShownId = Union[int, str, None]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,45 +79,63 @@ class _Parser(argparse.ArgumentParser):
 def enqueue_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="niki-enqueue",
-        description="Queue a message for a Niki client. It is delivered at once if the client "
-        "is connected, or when it next connects.",
+        usage="%(prog)s [options] CLIENT_ID MESSAGE\n"
+              "       %(prog)s [options] CLIENT_ID -            (one message per line of stdin)\n"
+              "       %(prog)s [options] --file PATH [CLIENT_ID] (bulk; JSON lines without CLIENT_ID)",
+        description="Queue messages for Niki clients. A message is delivered at once if its "
+        "client is connected, or when it next connects.",
         epilog="Exit status: 0 queued, 3 duplicate (same message for the same client within 5 s, "
-        "ignored), 4 queue full, 2 bad input, 1 database or other error.",
+        "ignored), 4 queue full, 2 bad input, 1 database or other error. With --file: 0 all "
+        "queued or duplicate, 1 some rejected or a database error, 2 usage error.",
     )
-    p.add_argument("client_id", metavar="CLIENT_ID",
+    p.add_argument("client_id", metavar="CLIENT_ID", nargs="?",
                    help="the client id: the number before the dot in what the server sent "
                    "after SET_CLIENT_ID: (the whole credential works too)")
-    p.add_argument("message", metavar="MESSAGE",
+    p.add_argument("message", metavar="MESSAGE", nargs="?",
                    help="the message text (one line, at most 4096 bytes of UTF-8), "
                    "or - to read one message per line from stdin")
+    p.add_argument("--file", metavar="PATH", default=None,
+                   help="bulk: read messages from PATH (- for stdin), stored up to "
+                   f"{MAX_BATCH} per transaction. With CLIENT_ID, each line is a message for it; "
+                   'without, each line is a JSON object {"client_id": ..., "body": ..., "ttl": ...}')
+    p.add_argument("--json", action="store_true",
+                   help="report each message as a JSON object on stdout (client_id, status, id, "
+                   "error), and bulk runs end with a summary object")
     p.add_argument("--db", default=None,
                    help=f"database URL [NIKI_DB] (default {settings.DEFAULT_DB})")
     p.add_argument("--peers", default=None,
                    help="broadcast mode: servers to wake for every message, host:eventport,... "
                    "[NIKI_PEERS] (default: wake only the server the client is connected to)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="read settings (db, peers, max_pending) from FILE's [niki] section, "
+                   "beneath the NIKI_* environment [NIKI_CONFIG]")
     p.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
-                   help="drop the message, unsent, if it is not delivered within SECONDS")
+                   help="drop the message, unsent, if it is not delivered within SECONDS "
+                   "(with --file: for lines that give no ttl)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return p
 
 
-def enqueue_main(argv: Optional[List[str]] = None, stdin: Optional[TextIO] = None) -> int:
-    args = enqueue_parser().parse_args(argv)
-    try:
-        check_ttl(args.ttl)
-    except BodyRejected as exc:
-        return _fail(EXIT_BAD_INPUT, f"--ttl: {exc}")
-    try:
-        enqueuer = Enqueuer(args.db, args.peers)
-    except ConfigurationError as exc:
-        return _fail(EXIT_BAD_INPUT, str(exc))
-    with enqueuer:
-        if args.message == "-":
-            # Read bytes: a line that is not UTF-8 is rejected alone, whatever the locale.
-            source = stdin or sys.stdin
-            lines = getattr(source, "buffer", source)
-            return _enqueue_lines(enqueuer, args.client_id, lines, args.quiet, args.ttl)
-        return _enqueue_one(enqueuer, args.client_id, args.message, args.quiet, args.ttl)
+# --- what became of a message ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message, as ``--json`` reports it."""
+
+    client_id: ShownId  # as shown: never a secret
+    status: str  # QUEUED, DUPLICATE or REJECTED
+    message_id: Optional[int] = None
+    error: Optional[str] = None
+    line: Optional[int] = None
+    queue_full: bool = False
+
+    def as_json(self) -> Dict[str, Any]:
+        fields: Dict[str, Any] = {"client_id": self.client_id, "status": self.status,
+                                  "id": self.message_id, "error": self.error}
+        if self.line is not None:
+            fields["line"] = self.line
+        return fields
 
 
 def _shown(client_id: str) -> str:
@@ -85,53 +143,144 @@ def _shown(client_id: str) -> str:
     return client_id.partition(".")[0]
 
 
-def _enqueue_one(enqueuer: Enqueuer, client_id: str, body: str, quiet: bool,
-                 ttl: Optional[float]) -> int:
+def shown_id(client_id: object) -> ShownId:
+    """``client_id`` as --json shows it: the number, or ``<id>.***`` for a credential."""
+    if isinstance(client_id, int) and not isinstance(client_id, bool):
+        return client_id
+    if not isinstance(client_id, str):
+        return None
+    head, dot, _ = client_id.strip().partition(".")
+    if dot:
+        return f"{head}.***"
+    return int(head) if head.isascii() and head.isdigit() else head
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar on stderr for a long bulk run on a terminal; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: Optional[int] = None) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.done = 0
+        self._bar: Any = None
+        if enabled and total is not None and total > PROGRESS_THRESHOLD:
+            self._start()
+
+    def _start(self) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self.total, initial=self.done, unit=" lines", file=sys.stderr,
+                         leave=False, dynamic_ncols=True)
+
+    def advance(self, lines: int = 1) -> None:
+        self.done += lines
+        if self._bar is not None:
+            self._bar.update(lines)
+        elif self.enabled and self.done > PROGRESS_THRESHOLD:
+            self._start()
+
+    def write(self, text: str) -> None:
+        """A line on stderr that does not tear the bar."""
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class _Report:
+    """Counts outcomes and writes them: JSON on stdout, or rejected lines on stderr."""
+
+    def __init__(self, as_json: bool, progress: Optional[_Progress] = None) -> None:
+        self.as_json = as_json
+        self.progress = progress or _Progress(False)
+        self.counts = {QUEUED: 0, DUPLICATE: 0, REJECTED: 0}
+        self.queue_full = 0  # of the rejected ones
+
+    def add(self, outcome: Outcome) -> None:
+        self.counts[outcome.status] += 1
+        self.queue_full += outcome.queue_full
+        if self.as_json:
+            print(json.dumps(outcome.as_json()))
+        elif outcome.status == REJECTED:
+            self.progress.write(f"niki-enqueue: line {outcome.line}: {outcome.error}")
+        self.progress.advance()
+
+    def summary_counts(self) -> Dict[str, int]:
+        """The summary's counts; "rejected" leaves out the queue-full ones, counted apart."""
+        return {"queued": self.counts[QUEUED], "duplicate": self.counts[DUPLICATE],
+                "rejected": self.counts[REJECTED] - self.queue_full, "queue full": self.queue_full}
+
+    def finish(self, to_stdout: bool, silent: bool, error: Optional[str] = None,
+               stopped_at: Optional[int] = None) -> None:
+        """The summary: the text line (on stdout or stderr; none when ``silent``), and with
+        --json the summary object on stdout."""
+        self.progress.close()
+        counts = self.summary_counts()
+        if self.as_json:
+            print(json.dumps({"summary": {k.replace(" ", "_"): n for k, n in counts.items()},
+                              "error": error, "stopped_at_line": stopped_at}))
+            to_stdout = False  # stdout carries JSON only
+        if not silent:
+            text = ", ".join(f"{n} {what}" for what, n in counts.items() if n or what != "queue full")
+            print(text, file=sys.stdout if to_stdout else sys.stderr)
+        sys.stdout.flush()
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+
+def enqueue_main(argv: Optional[List[str]] = None, stdin: Optional[TextIO] = None) -> int:
+    parser = enqueue_parser()
+    args = parser.parse_args(argv)
+    if args.file is None and (args.client_id is None or args.message is None):
+        parser.error("the following arguments are required: CLIENT_ID, MESSAGE (or --file PATH)")
+    if args.file is not None and args.message is not None:
+        parser.error("--file takes at most CLIENT_ID, not MESSAGE")
     try:
-        queued = enqueuer.enqueue(client_id, body, ttl=ttl)
-    except (UnknownClient, BodyRejected) as exc:
-        return _fail(EXIT_BAD_INPUT, str(exc))
-    except QueueFull as exc:
-        return _fail(EXIT_QUEUE_FULL, str(exc))
-    except NikiError as exc:
-        return _fail(EXIT_ERROR, str(exc))
-    if not queued:
-        return _fail(EXIT_DUPLICATE, f"duplicate: the same message was queued for client "
-                     f"{_shown(client_id)} less than {settings.DUPLICATE_WINDOW_S:g} s ago; ignored")
-    if not quiet:
-        print(f"queued for client {_shown(client_id)}")
-    return EXIT_QUEUED
-
-
-def _enqueue_lines(enqueuer: Enqueuer, client_id: str, lines: Iterable[Union[str, bytes]],
-                   quiet: bool, ttl: Optional[float]) -> int:
-    counts: Dict[str, int] = {"queued": 0, "duplicate": 0, "rejected": 0, "queue full": 0}
-    status = EXIT_QUEUED
-    for number, line in enumerate(lines, 1):
-        body = line.rstrip(b"\n" if isinstance(line, bytes) else "\n")
-        body = body[:-1] if body[-1:] in ("\r", b"\r") else body
+        check_ttl(args.ttl)
+    except BodyRejected as exc:
+        return _fail(EXIT_BAD_INPUT, f"--ttl: {exc}")
+    source = stdin or sys.stdin
+    try:
+        bulk = None if args.file is None else _open_input(args.file, source)
+    except OSError as exc:
+        return _fail(EXIT_BAD_INPUT, f"cannot read {args.file}: {exc.strerror or exc}")
+    try:
         try:
-            if enqueuer.enqueue(client_id, body, ttl=ttl):
-                counts["queued"] += 1
-                continue
-            counts["duplicate"] += 1
-            status = _worst(status, EXIT_DUPLICATE)
-        except (UnknownClient, BodyRejected) as exc:
-            counts["rejected"] += 1
-            print(f"niki-enqueue: line {number}: {exc}", file=sys.stderr)
-            status = _worst(status, EXIT_BAD_INPUT)
-        except QueueFull as exc:
-            counts["queue full"] += 1
-            print(f"niki-enqueue: line {number}: {exc}", file=sys.stderr)
-            status = _worst(status, EXIT_QUEUE_FULL)
-        except StorageUnavailable as exc:
-            print(f"niki-enqueue: line {number}: {exc}; stopping (lines from {number} on "
-                  "were not queued)", file=sys.stderr)
-            status = EXIT_ERROR
-            break
-    summary = ", ".join(f"{n} {what}" for what, n in counts.items() if n or what != "queue full")
-    if not quiet or status != EXIT_QUEUED:
-        print(summary, file=sys.stdout if status == EXIT_QUEUED else sys.stderr)
+            enqueuer = _open_enqueuer(args)
+        except ConfigurationError as exc:
+            return _fail(EXIT_BAD_INPUT, str(exc))
+        with enqueuer:
+            if bulk is not None:
+                return _enqueue_file(enqueuer, args, bulk)
+            if args.message == "-":
+                # Read bytes: a line that is not UTF-8 is rejected alone, whatever the locale.
+                lines = getattr(source, "buffer", source)
+                return _enqueue_lines(enqueuer, args.client_id, lines, args)
+            return _enqueue_one(enqueuer, args.client_id, args.message, args)
+    finally:
+        if bulk is not None and bulk is not getattr(source, "buffer", source):
+            bulk.close()
+
+
+def _open_enqueuer(args: argparse.Namespace) -> Enqueuer:
+    """An Enqueuer on the configured database; ConfigurationError for bad settings."""
+    environ = settings.config_environ(args.config)
+    db = args.db or settings.default_db(environ)
+    peers = args.peers if args.peers is not None else settings.env_default("NIKI_PEERS", "", environ)
+    return Enqueuer(db, peers, max_pending=settings.default_max_pending(environ))
+
+
+def _fail(status: int, message: str) -> int:
+    print(f"niki-enqueue: {message}", file=sys.stderr)
     return status
 
 
@@ -139,9 +288,250 @@ def _worst(a: int, b: int) -> int:
     return a if _SEVERITY[a] >= _SEVERITY[b] else b
 
 
-def _fail(status: int, message: str) -> int:
-    print(f"niki-enqueue: {message}", file=sys.stderr)
+# --- one message, and stdin line by line --------------------------------------------------------------
+
+
+def _store_one(enqueuer: Enqueuer, client_id: str, body: Union[str, bytes], ttl: Optional[float],
+               line: Optional[int] = None) -> Outcome:
+    """Queue one message; StorageUnavailable propagates (the message was not stored)."""
+    shown = shown_id(client_id)
+    try:
+        message_id = enqueuer.submit(client_id, body, ttl=ttl)
+    except QueueFull as exc:
+        return Outcome(shown, REJECTED, error=str(exc), line=line, queue_full=True)
+    except (UnknownClient, BodyRejected) as exc:
+        return Outcome(shown, REJECTED, error=str(exc), line=line)
+    if message_id is None:
+        return Outcome(shown, DUPLICATE, line=line)
+    return Outcome(shown, QUEUED, message_id, line=line)
+
+
+def _enqueue_one(enqueuer: Enqueuer, client_id: str, body: str, args: argparse.Namespace) -> int:
+    try:
+        outcome = _store_one(enqueuer, client_id, body, args.ttl)
+    except NikiError as exc:
+        return _fail(EXIT_ERROR, str(exc))
+    if args.json:
+        print(json.dumps(outcome.as_json()))
+    if outcome.status == REJECTED:
+        status = EXIT_QUEUE_FULL if outcome.queue_full else EXIT_BAD_INPUT
+        return status if args.json else _fail(status, str(outcome.error))
+    if outcome.status == DUPLICATE:
+        message = (f"duplicate: the same message was queued for client {_shown(client_id)} less "
+                   f"than {settings.DUPLICATE_WINDOW_S:g} s ago; ignored")
+        return EXIT_DUPLICATE if args.json else _fail(EXIT_DUPLICATE, message)
+    if not args.quiet and not args.json:
+        print(f"queued for client {_shown(client_id)}")
+    return EXIT_QUEUED
+
+
+def _enqueue_lines(enqueuer: Enqueuer, client_id: str, lines: Iterable[Union[str, bytes]],
+                   args: argparse.Namespace) -> int:
+    report = _Report(args.json)
+    status = EXIT_QUEUED
+    for number, body in _numbered(lines):
+        try:
+            outcome = _store_one(enqueuer, client_id, body, args.ttl, number)
+        except StorageUnavailable as exc:
+            print(f"niki-enqueue: line {number}: {exc}; stopping (lines from {number} on "
+                  "were not queued)", file=sys.stderr)
+            report.finish(False, False, str(exc), number)
+            return EXIT_ERROR
+        report.add(outcome)
+        if args.json:
+            sys.stdout.flush()  # a pipe that stays open sees each answer as its line is stored
+        if outcome.status == DUPLICATE:
+            status = _worst(status, EXIT_DUPLICATE)
+        elif outcome.status == REJECTED:
+            status = _worst(status, EXIT_QUEUE_FULL if outcome.queue_full else EXIT_BAD_INPUT)
+    report.finish(status == EXIT_QUEUED, args.quiet and status == EXIT_QUEUED)
     return status
+
+
+def _numbered(lines: Iterable[Union[str, bytes]]) -> Iterator[Tuple[int, Union[str, bytes]]]:
+    """Each line with its number, without its ``\\n`` or ``\\r\\n``."""
+    for number, line in enumerate(lines, 1):
+        body = line.rstrip(b"\n" if isinstance(line, bytes) else "\n")
+        yield number, body[:-1] if body[-1:] in ("\r", b"\r") else body
+
+
+# --- bulk: --file -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A message that passed every check: it goes to the database."""
+
+    line: int
+    shown: ShownId
+    client_id: int
+    body: str
+    ttl: Optional[float]
+
+
+# One line of input: a message to store, or an outcome decided before the database.
+Entry = Union[_Item, Outcome]
+
+
+def _open_input(path: str, stdin: IO[Any]) -> IO[Any]:
+    return getattr(stdin, "buffer", stdin) if path == "-" else open(path, "rb")
+
+
+def _line_count(source: IO[Any]) -> Optional[int]:
+    """How many lines a regular file has (for the progress bar); None for a pipe."""
+    try:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode) or not source.seekable():
+            return None
+        start = source.tell()
+        count = sum(1 for _ in source)
+        source.seek(start)
+        return count
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _enqueue_file(enqueuer: Enqueuer, args: argparse.Namespace, source: IO[Any]) -> int:
+    show_bar = sys.stderr.isatty()
+    report = _Report(args.json, _Progress(show_bar, _line_count(source) if show_bar else None))
+    client_id: Optional[str] = args.client_id
+
+    def parse(number: int, text: Union[str, bytes]) -> Optional[Entry]:
+        if client_id is not None:  # every line is a body for CLIENT_ID
+            return _entry(number, client_id, text, args.ttl)
+        return _json_entry(number, text, args.ttl)
+
+    batch: List[Entry] = []
+    items = 0
+    for number, text in _numbered(source):
+        entry = parse(number, text)
+        if entry is None:  # a blank line between JSON objects
+            report.progress.advance()
+            continue
+        batch.append(entry)
+        items += isinstance(entry, _Item)
+        if items == MAX_BATCH:
+            failure = _store_batch(enqueuer, batch, report)
+            if failure is not None:
+                return _stopped(report, args, *failure)
+            batch, items = [], 0
+    failure = _store_batch(enqueuer, batch, report)
+    if failure is not None:
+        return _stopped(report, args, *failure)
+    status = EXIT_QUEUED if report.counts[REJECTED] == 0 else EXIT_ERROR
+    report.finish(False, args.quiet and status == EXIT_QUEUED)
+    return status
+
+
+def _stopped(report: _Report, args: argparse.Namespace, line: int, exc: NikiError) -> int:
+    """The database failed at ``line``: what was committed before stays, the rest was not queued."""
+    report.progress.write(
+        f"niki-enqueue: line {line}: {exc}; stopping: the {report.counts[QUEUED]} messages queued "
+        f"from the lines before stay queued; lines from {line} on were not queued")
+    report.finish(False, False, str(exc), line)
+    return EXIT_ERROR
+
+
+def _entry(line: int, client_id: Union[int, str], body: Union[str, bytes],
+           ttl: Optional[float]) -> Entry:
+    """The message if it can be stored, else its rejection."""
+    shown = shown_id(client_id)
+    try:
+        numeric = client_id_of(client_id)
+        text = check_body(body)
+    except (UnknownClient, BodyRejected) as exc:
+        return Outcome(shown, REJECTED, error=str(exc), line=line)
+    return _Item(line, shown, numeric, text, ttl)
+
+
+def _json_entry(line: int, text: Union[str, bytes], default_ttl: Optional[float]) -> Optional[Entry]:
+    """One JSON line ``{"client_id": ..., "body": ..., "ttl": ...}``; None for a blank line."""
+    if not text.strip():
+        return None
+
+    def rejected(reason: str, shown: ShownId = None) -> Outcome:
+        return Outcome(shown, REJECTED, error=reason, line=line)
+
+    try:
+        fields = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except UnicodeDecodeError:
+        return rejected("the line is not valid UTF-8")
+    except ValueError as exc:  # the message names the position, never the content
+        return rejected(f"not valid JSON: {getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')} "
+                        "(without CLIENT_ID, each line of --file is a JSON object)")
+    if not isinstance(fields, dict):
+        return rejected('expected a JSON object {"client_id": ..., "body": ...}')
+    shown = shown_id(fields.get("client_id"))
+    unknown = sorted(set(fields) - JSON_LINE_KEYS)
+    if unknown:
+        return rejected(f"unknown key {unknown[0]!r} (expected client_id, body, ttl)", shown)
+    for key in ("client_id", "body"):
+        if key not in fields:
+            return rejected(f"no {key}", shown)
+    client_id, body = fields["client_id"], fields["body"]
+    if isinstance(client_id, bool) or not isinstance(client_id, (int, str)):
+        return rejected("client_id must be a number or a credential string", shown)
+    if not isinstance(body, str):
+        return rejected("body must be a string", shown)
+    ttl = fields.get("ttl")
+    if ttl is None:
+        ttl = default_ttl
+    else:
+        try:
+            check_ttl(ttl)
+        except BodyRejected as exc:
+            return rejected(f"ttl: {exc}", shown)
+    return _entry(line, client_id, body, ttl)
+
+
+def _store_batch(enqueuer: Enqueuer, batch: List[Entry],
+                 report: _Report) -> Optional[Tuple[int, NikiError]]:
+    """Store a batch's messages and report every entry, in order.
+
+    enqueue_many takes one ttl per call, so each run of equal ttls is one
+    transaction (usually the whole batch).  When the database fails, the
+    entries before the failed run are reported (they are committed) and the
+    failed run's first line is returned with the error.
+    """
+    outcomes: Dict[int, Outcome] = {}
+    failure: Optional[Tuple[int, NikiError]] = None
+    for run in _runs([entry for entry in batch if isinstance(entry, _Item)]):
+        try:
+            outcomes.update(_store_run(enqueuer, run))
+        except StorageUnavailable as exc:
+            failure = (run[0].line, exc)
+            break
+    for entry in batch:
+        if failure is not None and entry.line >= failure[0]:
+            break
+        report.add(entry if isinstance(entry, Outcome) else outcomes[entry.line])
+    sys.stdout.flush()
+    return failure
+
+
+def _runs(items: List[_Item]) -> Iterator[List[_Item]]:
+    """Consecutive items with the same ttl (order is kept: messages of a client stay in order)."""
+    start = 0
+    for end in range(1, len(items) + 1):
+        if end == len(items) or items[end].ttl != items[start].ttl:
+            yield items[start:end]
+            start = end
+
+
+def _store_run(enqueuer: Enqueuer, run: List[_Item]) -> Dict[int, Outcome]:
+    """One transaction (``submit_many``: ``enqueue_many`` with the message ids); the
+    outcome of each item by line number."""
+    results = enqueuer.submit_many([(item.client_id, item.body) for item in run], ttl=run[0].ttl)
+    outcomes: Dict[int, Outcome] = {}
+    for item, result in zip(run, results):
+        if isinstance(result, int):
+            outcome = Outcome(item.shown, QUEUED, result, line=item.line)
+        elif result is None:
+            outcome = Outcome(item.shown, DUPLICATE, line=item.line)
+        else:
+            outcome = Outcome(item.shown, REJECTED, error=str(result), line=item.line,
+                              queue_full=isinstance(result, QueueFull))
+        outcomes[item.line] = outcome
+    return outcomes
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import socket
 import threading
 from typing import Iterable, List, Tuple
 
+from . import metrics
 from .connection import ClientConnection
 from .protocol import (
     Ack,
@@ -39,18 +40,24 @@ def handle_events(conn: ClientConnection, events: Iterable[ServerEvent]) -> None
     protocol = conn.protocol
     for event in events:
         if isinstance(event, Ack):
+            metrics.COMMAND_ACK.inc()
             conn.post_ack(event.message_id)
         elif isinstance(event, Ping):
+            metrics.COMMAND_PING.inc()
             conn.post(protocol.pong())
         elif isinstance(event, BadAck):
+            metrics.COMMAND_INVALID.inc()
             conn.post(protocol.error(f"ACK needs a message id: {event.line}"))
         elif isinstance(event, InvalidCommand):
+            metrics.COMMAND_INVALID.inc()
             conn.post(protocol.invalid_command(event.line))
         elif isinstance(event, Disconnect):
+            metrics.COMMAND_DISCONNECT.inc()
             conn.leaving = True  # deliver nothing more (see ClientConnection.leaving)
             # Close after the replies already posted, as if written in order.
             conn.post(b"", close_reason="client sent DISCONNECT")
         elif isinstance(event, LineTooLong):
+            metrics.COMMAND_INVALID.inc()
             conn.post(protocol.error(f"line too long (limit {event.limit} bytes)"),
                       close_reason=f"line longer than {event.limit} bytes")
         elif isinstance(event, ConnectionClosed):

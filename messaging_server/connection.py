@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Set, Tuple
 
+from . import metrics
 from .protocol import ServerConnection
 from .storage import StoredMessage
 
@@ -120,11 +121,16 @@ class ClientConnection:
             self._work.acks.append(message_id)
             self._cond.notify()
 
-    def request_delivery(self) -> None:
-        """Ask for a delivery pass; requests made while one runs coalesce into one more."""
+    def request_delivery(self) -> bool:
+        """Ask for a delivery pass; requests made while one runs coalesce into one more.
+
+        False when a pass was already due (asked for and not yet begun): this
+        request adds nothing to it.
+        """
         with self._cond:
-            self._work.deliver = True
+            due, self._work.deliver = self._work.deliver, True
             self._cond.notify()
+        return not due
 
     def take_work(self, timeout: float) -> Work:
         """Wait up to ``timeout`` for work (or close); take all of it."""
@@ -173,7 +179,9 @@ class ClientConnection:
                     if not self._wait(select.POLLOUT, deadline):
                         raise socket.timeout("write timed out") from None
         except OSError as exc:  # includes the write timeout
-            why = "write timed out" if isinstance(exc, socket.timeout) else f"write failed: {exc}"
+            timed_out = isinstance(exc, socket.timeout)
+            (metrics.WRITE_TIMEOUTS if timed_out else metrics.WRITE_ERRORS).inc()
+            why = "write timed out" if timed_out else f"write failed: {exc}"
             self.close(why)
         return sent
 

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from . import metrics
 from .connection import ClientConnection
 from .errors import StorageUnavailable
 from .storage import Storage, StoredMessage
@@ -52,6 +53,7 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int) -> int:
         def write(messages: Sequence[StoredMessage], written: List[int] = written) -> int:
             count = conn.write_messages(messages)
             written.extend(m.id for m in messages[:count])
+            metrics.observe_latency(m.created_at for m in messages[:count])
             return count
 
         try:
@@ -62,6 +64,7 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int) -> int:
             # Whatever was written stays "sent" for this connection.  The rest
             # stays pending and goes out when a wake-up or sweep asks again.
             _remember(conn, written, marked=False)
+            metrics.DELIVERIES_POSTPONED.inc()
             log.warning("delivery to client %s postponed: database unavailable: %s",
                         conn.client_id, exc)
             return total + len(written)
@@ -87,6 +90,8 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int) -> int:
 def _remember(conn: ClientConnection, written: List[int], marked: bool) -> None:
     if not written:
         return
+    if marked or conn.protocol.ack_mode:  # else counted when the mark commits (count_marked)
+        metrics.MESSAGES_DELIVERED.inc(len(written))
     conn.last_sent_id = max(conn.last_sent_id, written[-1])
     if conn.protocol.ack_mode:
         conn.inflight.update(written)
@@ -112,6 +117,7 @@ def _mark_remembered(storage: Storage, conn: ClientConnection) -> bool:
             log.warning("client %s: %d delivered message(s) not yet marked: %s",
                         conn.client_id, len(ids), exc)
             return False
+        metrics.count_marked(len(ids), acknowledged)
         ids.clear()
     return True
 
@@ -145,6 +151,10 @@ class DeliveryThread(threading.Thread):
         self._lookup = lookup
         self._stopping = threading.Event()
         self.wakeups = 0  # coalesced wake-up batches handled
+        # Client wake-ups that found a pass already due, and ones for a client not
+        # connected here; written by this thread only, read by metrics scrapes.
+        self.coalesced = 0
+        self.not_connected = 0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -158,5 +168,7 @@ class DeliveryThread(threading.Thread):
                 log.debug("wake-up for client(s) %s", ",".join(map(str, sorted(client_ids))))
             for client_id in client_ids:
                 conn = self._lookup(client_id)
-                if conn is not None:
-                    conn.request_delivery()
+                if conn is None:
+                    self.not_connected += 1
+                elif not conn.request_delivery():
+                    self.coalesced += 1

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from . import settings
 from .credentials import parse_credential, redact
 from .errors import BodyRejected, ConfigurationError, NikiError, UnknownClient
 from .protocol import MAX_CLIENT_ID
 from .storage import Queued, Storage, open_storage
+from .storage.base import ServerAddress
 from .wakeup import Address, WakeupSender, parse_peers
 
 ClientId = Union[int, str]
@@ -28,6 +29,13 @@ ENQUEUE_POOL_SIZE = 4
 # Items per enqueue_many call: one transaction, and SQL statements of bounded
 # size (4 KiB bodies x 1000 stay well inside MySQL's default max_allowed_packet).
 MAX_BATCH = 1000
+
+# wake_here(client_id, owner) -> True when the client's own connection, in this
+# very process, was asked for a delivery pass and no datagram is needed.
+# ``owner`` is the live owner enqueue found (None: offline, or broadcast mode).
+WakeHere = Callable[[int, Optional[ServerAddress]], bool]
+# What submit_many answers per item: the message id, None for a duplicate, or the error.
+Submitted = Union[int, None, NikiError]
 
 
 def client_id_of(client_id: ClientId) -> int:
@@ -104,12 +112,18 @@ class Enqueuer:
     original did.  Either way the servers' sweeps catch a lost datagram.
 
     Thread-safe; keep one per process and ``close()`` it when done.
+
+    A server that queues on its own behalf (the HTTP API) passes its own
+    ``storage`` (left open by ``close()``) and ``wake_here``, so that a client
+    connected to that very server is served directly instead of by a datagram
+    the server would send to itself.
     """
 
     def __init__(self, db: Optional[str] = None, peers: Optional[Union[str, Sequence[Address]]] = None,
                  *, max_body_bytes: int = settings.MAX_BODY_BYTES,
                  max_pending: Optional[int] = None,
-                 storage: Optional[Storage] = None) -> None:
+                 storage: Optional[Storage] = None,
+                 wake_here: Optional[WakeHere] = None) -> None:
         self.db = db or settings.default_db()
         self.peers = _peer_list(peers)
         self.max_body_bytes = max_body_bytes
@@ -119,7 +133,9 @@ class Enqueuer:
             raise ConfigurationError(f"max_pending must be a whole number of at least 1, "
                                      f"not {max_pending!r}")
         self.max_pending = max_pending
+        self._owns_storage = storage is None
         self._storage = storage or open_storage(self.db, pool_size=ENQUEUE_POOL_SIZE)
+        self._wake_here = wake_here
         self._sender = WakeupSender(self.peers or ())
         self._count_lock = threading.Lock()
         self.datagrams_sent = 0  # for operators and tests: the cost of wake-ups
@@ -135,6 +151,12 @@ class Enqueuer:
         ``ttl``: seconds after which the message, if still undelivered, is never sent.
         Raises UnknownClient, BodyRejected, QueueFull or StorageUnavailable.
         """
+        return self.submit(client_id, body, ttl=ttl) is not None
+
+    def submit(self, client_id: ClientId, body: Union[str, bytes], *,
+               ttl: Optional[float] = None) -> Optional[int]:
+        """As :meth:`enqueue`, but return the new message's id (None for a duplicate),
+        for callers that hand out receipts."""
         numeric_id = client_id_of(client_id)
         text = check_body(body, self.max_body_bytes)
         check_ttl(ttl)
@@ -142,7 +164,7 @@ class Enqueuer:
                                        ttl=ttl, max_pending=self.max_pending,
                                        find_owner=self.peers is None)
         self._wake([(numeric_id, queued)])
-        return queued.message_id is not None
+        return queued.message_id
 
     def enqueue_many(self, items: Iterable[Tuple[ClientId, Union[str, bytes]]], *,
                      ttl: Optional[float] = None) -> List[Union[bool, NikiError]]:
@@ -156,11 +178,18 @@ class Enqueuer:
         all its clients.  At most MAX_BATCH items per call (ValueError beyond);
         StorageUnavailable means nothing of the call was stored.
         """
+        return [outcome if isinstance(outcome, NikiError) else outcome is not None
+                for outcome in self.submit_many(items, ttl=ttl)]
+
+    def submit_many(self, items: Iterable[Tuple[ClientId, Union[str, bytes]]], *,
+                    ttl: Optional[float] = None) -> List[Submitted]:
+        """As :meth:`enqueue_many`, but each stored item's result is its message id
+        (None for a duplicate) instead of True / False."""
         items = list(items)
         if len(items) > MAX_BATCH:
             raise ValueError(f"at most {MAX_BATCH} messages per enqueue_many call, not {len(items)}")
         check_ttl(ttl)
-        results: List[Union[bool, NikiError]] = [False] * len(items)
+        results: List[Submitted] = [None] * len(items)
         valid: List[Tuple[int, str]] = []
         positions: List[int] = []
         for position, (client_id, body) in enumerate(items):
@@ -177,7 +206,7 @@ class Enqueuer:
             if isinstance(outcome, NikiError):
                 results[position] = outcome
             else:
-                results[position] = outcome.message_id is not None
+                results[position] = outcome.message_id
                 queued.append((client_id, outcome))
         self._wake(queued)
         return results
@@ -187,6 +216,14 @@ class Enqueuer:
         per server: every peer in broadcast mode, each live owner in routed mode (an
         offline client costs none)."""
         stored = [(client_id, q) for client_id, q in queued if q.message_id is not None]
+        if self._wake_here is not None:
+            # Broadcast mode still tells every peer: this process cannot tell
+            # which of them (if any) is itself.
+            owners = {client_id: q.owner for client_id, q in stored}
+            here = {client_id for client_id, owner in owners.items()
+                    if self._wake_here(client_id, owner)}
+            if self.peers is None:
+                stored = [(client_id, q) for client_id, q in stored if client_id not in here]
         if self.peers is not None:
             sent = self._sender.broadcast(sorted({cid for cid, _ in stored})) if stored else 0
         else:
@@ -201,7 +238,8 @@ class Enqueuer:
 
     def close(self) -> None:
         self._sender.close()
-        self._storage.close()
+        if self._owns_storage:
+            self._storage.close()
 
     def __enter__(self) -> Enqueuer:
         return self

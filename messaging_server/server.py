@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from . import metrics
 from .admission import Admission, connection_cap
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection
@@ -100,6 +101,7 @@ class UnfinishedMarks:
                     storage.mark_delivered(client_id, self._by_client[key], acknowledged=acknowledged)
                 except StorageUnavailable:
                     return  # still away: keep this one and the rest
+                metrics.count_marked(len(self._by_client[key]), acknowledged)
                 del self._by_client[key]
 
 
@@ -152,6 +154,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
             sock = self.server.secure(self.request)
         except OSError as exc:
             log.info("connection from %s closed before TLS began: %s", peer, exc)
+            metrics.HANDSHAKE_FAILED.inc()
             return
         conn = ClientConnection(sock, peer, settings.write_timeout, settings.max_inflight)
         self.server.track(conn)
@@ -179,11 +182,14 @@ class ClientHandler(socketserver.BaseRequestHandler):
             if failure:
                 log.info("%s: %s", conn.peer, failure)
                 conn.close(failure)
+                metrics.HANDSHAKE_FAILED.inc()
                 return
         if not conn.send(conn.protocol.greeting()):
+            metrics.HANDSHAKE_FAILED.inc()
             return
         events = self._read_identify(conn, deadline, settings.handshake_timeout)
         if not events:
+            metrics.HANDSHAKE_FAILED.inc()
             return
         identify, rest = events[0], events[1:]
         assert isinstance(identify, Identify)
@@ -193,7 +199,9 @@ class ClientHandler(socketserver.BaseRequestHandler):
             log.error("cannot identify %s: database unavailable: %s", conn.peer, exc)
             conn.send(conn.protocol.error("database unavailable, try again later"))
             conn.close("database unavailable")
+            metrics.HANDSHAKE_REFUSED.inc()
             return
+        (metrics.HANDSHAKE_NEW if conn.new_client else metrics.HANDSHAKE_IDENTIFIED).inc()
         previous = self.server.registry.register(conn)
         if previous is not None and previous is not conn:
             log.info("client %s: closing %s, taken over by %s", conn.client_id,
@@ -283,6 +291,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 identify.client_id, server_id,
                 accept=lambda stored: accepts(identify.secret, stored, legacy_ids))
             if claim is None:
+                metrics.CREDENTIALS_REJECTED.inc()
                 log.warning("%s presented client id %s with %s: unknown id or wrong secret; "
                             "issuing a new client", conn.peer, identify.client_id,
                             "no secret" if identify.secret is None else "a secret")
@@ -351,6 +360,22 @@ class NikiServer(socketserver.ThreadingTCPServer):
                              settings.retention_days * 86400, PURGE_BATCH)
         self.heartbeat = Heartbeat(storage, lambda: self.server_id, self._reregister)
         self.server_id = 0
+        metrics.watch(self._metric_probes())
+
+    def _metric_probes(self) -> metrics.ServerProbes:
+        """What a scrape of /metrics reads from this server, when it scrapes."""
+        delivery, wakeups = self.delivery, self.wakeups
+        return metrics.ServerProbes(
+            clients_connected=self.registry.__len__,
+            connections_open=lambda: self.admission.active,
+            connections_refused=lambda: self.admission.refused,
+            db_connections_in_use=self.storage.connections_in_use,
+            db_pool_size=lambda: self.settings.pool_size,
+            wakeups_received=lambda: wakeups.received,
+            wakeups_invalid=lambda: wakeups.invalid,
+            wakeups_coalesced=lambda: wakeups.merged + delivery.coalesced,
+            wakeups_not_connected=lambda: delivery.not_connected,
+        )
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -459,6 +484,8 @@ class NikiServer(socketserver.ThreadingTCPServer):
                 self.storage.mark_delivered(conn.client_id, ids, acknowledged=acknowledged)
             except StorageUnavailable:
                 self.marks.keep(conn.client_id, ids, acknowledged)
+            else:
+                metrics.count_marked(len(ids), acknowledged)
         if not self.server_id:
             return
         try:
@@ -520,12 +547,48 @@ def _format_peer(address: Tuple) -> str:
 
 
 def run(settings: ServerSettings, storage: Storage) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    """Serve until SIGINT or SIGTERM, then shut down gracefully.
+
+    With ``settings.http_port`` set, the HTTP API runs beside the client port
+    (see :mod:`messaging_server.http_api`); it is bound before anything is
+    started or registered, and stopped first, before the connections close.
+    An API that would be reachable from other machines without a token is a
+    configuration error: exit status 2, before anything is bound.
+    """
+    import sys
+
+    from .errors import ConfigurationError
+    from .http_api import in_process_wake, open_http_api
+    from .http_auth import check_exposure
+
+    if settings.http_port is not None:
+        try:
+            check_exposure(settings.http_host, settings.api_token)
+        except ConfigurationError as exc:  # a bad setting: exit status 2, as for any other
+            if settings.log_format == "json":  # where every line on stderr is JSON
+                log.error("%s", exc)
+            else:
+                print(f"messaging_server: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     # Every thread started from here on, one per client among them, reserves
     # this much address space for its stack instead of the default 8 MiB.
     threading.stack_size(THREAD_STACK_BYTES)
     server = NikiServer(settings, storage)
+    serving = threading.Event()
+    http = None
+    if settings.http_port is not None:
+        try:
+            http = open_http_api(
+                settings, storage, in_process_wake(server.registry.get, lambda: server.server_id),
+                listening=lambda: serving.is_set() and server.socket.fileno() >= 0)
+        except BaseException:
+            server.server_close()
+            raise
     server.start()
+    if http is not None:
+        http.start()
+        log.info("HTTP API on %s%s", http.url,
+                 "" if settings.api_token else " (no API token: loopback only)")
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -543,9 +606,13 @@ def run(settings: ServerSettings, storage: Storage) -> None:
              f", {settings.max_connections_per_address} per address"
              if settings.max_connections_per_address else "")
     try:
+        serving.set()
         server.serve_forever(poll_interval=0.2)
     finally:
+        serving.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if http is not None:
+            http.stop()
         server.stop()
         log.info("stopped")

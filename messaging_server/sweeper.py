@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Callable, List, Tuple
 
+from . import metrics
 from .connection import ClientConnection
 from .errors import StorageUnavailable
 from .storage import Storage
@@ -45,8 +46,10 @@ class _Periodic(threading.Thread):
             try:
                 self.tick()
             except StorageUnavailable as exc:
+                metrics.BACKGROUND_ERRORS.labels(task=self.name).inc()
                 log.warning("%s skipped: database unavailable: %s", self.name, exc)
             except Exception:  # keep going: these threads are the safety net
+                metrics.BACKGROUND_ERRORS.labels(task=self.name).inc()
                 log.exception("%s failed", self.name)
             next_run = max(next_run, time.monotonic())  # after a long tick, no catch-up burst
 
@@ -82,8 +85,9 @@ class Sweeper(_Periodic):
         self.sweeps = 0  # completed sweeps, for tests and metrics
 
     def tick(self) -> None:
-        self._before()
-        self.sweep_once()
+        with metrics.SWEEP_DURATION.time():
+            self._before()
+            self.sweep_once()
 
     def sweep_once(self) -> int:
         """One sweep; return the number of clients asked for a delivery pass."""
@@ -121,13 +125,15 @@ class Purger(_Periodic):
         self._max_batches = max_batches
 
     def tick(self) -> None:
-        self.purge_once()
+        with metrics.PURGE_DURATION.time():
+            self.purge_once()
 
     def purge_once(self) -> Tuple[int, int]:
         """Up to ``max_batches`` batches; return (expired, deleted)."""
         expired = deleted = 0
         for _ in range(self._max_batches):
             e, d = self._storage.expire_and_purge(self._retention, self._batch)
+            metrics.MESSAGES_EXPIRED.inc(e)
             expired, deleted = expired + e, deleted + d
             if e < self._batch and d < self._batch:
                 break

@@ -161,6 +161,10 @@ class WakeupListener:
                  max_per_receive: int = MAX_DATAGRAMS_PER_RECEIVE) -> None:
         self.max_per_receive = max_per_receive
         """Bind ``host`` ("" = every interface, IPv4 and IPv6 where possible)."""
+        # Datagrams taken, those that were not wake-ups, and client ids named again
+        # within one receive() (merged into one); for metrics.  receive() runs
+        # on one thread, the only one that writes them.
+        self.received = self.invalid = self.merged = 0
         if not host and socket.has_dualstack_ipv6():
             self._sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -199,12 +203,17 @@ class WakeupListener:
         self._add(ids, data)
         return ids
 
-    @staticmethod
-    def _add(ids: Set[int], data: bytes) -> None:
+    def _add(self, ids: Set[int], data: bytes) -> None:
+        self.received += 1
         try:
-            ids.update(decode(data))
+            named = decode(data)
         except ValueError as exc:
+            self.invalid += 1
             log.debug("ignored datagram: %s", exc)
+            return
+        before = len(ids)
+        ids.update(named)
+        self.merged += len(named) - (len(ids) - before)
 
     def close(self) -> None:
         self._sock.close()

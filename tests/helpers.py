@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import pymysql
 
 LISTENING_RE = re.compile(r"port (\d+) \(clients, TCP\) and port (\d+) \(wake-ups, UDP\)")
+# Logged before LISTENING_RE's line when the server has an HTTP API.
+HTTP_API_RE = re.compile(r"HTTP API on http://(?:\[[^\]]*\]|[^\s:/]+):(\d+)")
 DEFAULT_TIMEOUT = 10.0
 # What SET_CLIENT_ID: hands out by default: the id, a dot, 24 URL-safe characters (144 bits).
 CREDENTIAL = r"[1-9][0-9]*\.[A-Za-z0-9_-]{24}"
@@ -56,6 +58,7 @@ class ServerProcess:
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
         self.event_port = 0
+        self.http_port = 0  # the HTTP API's port, when it has one (--http-port)
         self.lines: List[str] = []
         self._lock = threading.Lock()
 
@@ -73,6 +76,8 @@ class ServerProcess:
         if not isinstance(match, re.Match):
             raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
         self.port, self.event_port = int(match.group(1)), int(match.group(2))
+        http = HTTP_API_RE.search(self.log)
+        self.http_port = int(http.group(1)) if http else 0
         return self
 
     def _collect(self) -> None:

@@ -1,18 +1,28 @@
-"""``niki-enqueue`` as a real subprocess, against both databases."""
+"""``niki-enqueue`` as a real subprocess.
+
+The single-message and stdin tests run on SQLite only (see ``db_url`` below); the
+``--file`` and ``--json`` tests run on both databases (``any_db``).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
+from messaging_server.enqueue import MAX_BATCH
 from messaging_server.settings import DEFAULT_PORT, MAX_BODY_BYTES
 from messaging_server.storage import Storage, open_storage
-from tests.helpers import DatagramCounter, query
+from tests.helpers import DatagramCounter, query, wait_until
 
 
 @pytest.fixture
@@ -491,3 +501,299 @@ def test_help_mentions_ttl_and_queue_full(tmp_path):
     assert result.status == 0
     assert "--ttl" in result.stdout
     assert "4 queue full" in " ".join(result.stdout.split())
+
+
+# --- --json, and bulk --file: on both databases ----------------------------------------------------------
+
+# A credential's secret: never to appear in any output.
+SECRET = "Zq9sEcReTsEcReTsEcReT_-x"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def any_db(request) -> Iterator[Tuple[str, Storage]]:
+    """A fresh database with the schema on each backend in turn, and its storage."""
+    url = request.getfixturevalue(f"{request.param}_url")
+    store = open_storage(url, create=True)
+    store.create_schema()
+    yield url, store
+    store.close()
+
+
+def json_output(result: Result) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """The per-message objects and the summary object of a --json run."""
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert objects and "summary" in objects[-1], result.stdout
+    assert all("summary" not in o for o in objects[:-1])
+    return objects[:-1], objects[-1]
+
+
+def assert_no_secret(result: Result) -> None:
+    assert SECRET not in result.stdout and SECRET not in result.stderr
+
+
+def pending_rows(db_url: str) -> List[Tuple[int, int, str]]:
+    """(id, client_id, body) of every pending message, by id."""
+    return [(int(i), int(c), str(b)) for i, c, b in
+            query(db_url, "SELECT id, client_id, body FROM messages WHERE status = 'pending' ORDER BY id")]
+
+
+def test_json_one_message(any_db, wakeups):
+    url, store = any_db
+    client = store.new_client().client_id
+    result = run_cli("--json", f"{client}.{SECRET}", "hello", db=url, peers=wakeups.peers)
+    assert (result.status, result.stderr) == (0, "")
+    ((message_id, _, _),) = pending_rows(url)
+    assert json.loads(result.stdout) == {"client_id": f"{client}.***", "status": "queued",
+                                         "id": message_id, "error": None}
+    result = run_cli("--json", str(client), "hello", db=url, peers=wakeups.peers)
+    assert result.status == 3
+    assert json.loads(result.stdout) == {"client_id": client, "status": "duplicate", "id": None,
+                                         "error": None}
+    result = run_cli("--json", str(client + 7), "hello", db=url, peers=wakeups.peers)
+    assert result.status == 2
+    rejected = json.loads(result.stdout)
+    assert (rejected["client_id"], rejected["status"], rejected["id"]) == (client + 7, "rejected", None)
+    assert str(client + 7) in rejected["error"]
+    result = run_cli("--json", str(client), "more", db=url, peers=wakeups.peers,
+                     extra_env={"NIKI_MAX_PENDING": "1"})
+    assert result.status == 4
+    assert json.loads(result.stdout)["status"] == "rejected"
+    assert_no_secret(result)
+    assert wakeups.drain() == [[client]]
+
+
+def test_json_unreachable_database_prints_no_object(tmp_path):
+    result = run_cli("--json", "5", "hello", "--db", UNREACHABLE_MYSQL, cwd=str(tmp_path))
+    assert result.status == 1
+    assert result.stdout == ""
+    result.one_error_line()
+
+
+def test_json_stdin_lines(any_db, wakeups):
+    url, store = any_db
+    client = store.new_client().client_id
+    result = run_cli("--json", str(client), "-", db=url, peers=wakeups.peers, stdin=b"a\n\nb\na\n")
+    assert result.status == 2  # bad input beats duplicate, as without --json
+    objects, summary = json_output(result)
+    ids = [row[0] for row in pending_rows(url)]
+    assert [(o["line"], o["status"], o["id"]) for o in objects] == [
+        (1, "queued", ids[0]), (2, "rejected", None), (3, "queued", ids[1]), (4, "duplicate", None)]
+    assert summary == {"summary": {"queued": 2, "duplicate": 1, "rejected": 1, "queue_full": 0},
+                       "error": None, "stopped_at_line": None}
+    assert result.stderr_lines == ["2 queued, 1 duplicate, 1 rejected"]
+    assert wakeups.drain() == [[client]] * 2  # each line its own transaction and wake-up
+
+
+def test_file_text_lines_for_one_client(any_db, wakeups, tmp_path):
+    url, store = any_db
+    client = store.new_client().client_id
+    path = tmp_path / "bodies.txt"
+    path.write_bytes(b"one\ntwo\none\n\nthree\r\n" + b"x" * (MAX_BODY_BYTES + 1) + b"\nbad \xff\nfour")
+    result = run_cli("--file", str(path), f"{client}.{SECRET}", db=url, peers=wakeups.peers)
+    assert result.status == 1  # some rejected
+    assert result.stdout == ""
+    errors, summary_line = result.stderr_lines[:-1], result.stderr_lines[-1]
+    assert [line.split(":")[1].strip() for line in errors] == ["line 4", "line 6", "line 7"]
+    assert summary_line == "4 queued, 1 duplicate, 3 rejected"
+    assert bodies(url, client) == ["one", "two", "three", "four"]
+    assert bodies(url, client, "ignored") == ["one"]
+    assert wakeups.drain() == [[client]]  # one batch: one wake-up
+    assert_no_secret(result)
+
+
+def test_file_json_lines_for_many_clients(any_db, wakeups, tmp_path):
+    url, store = any_db
+    a, b = store.new_client().client_id, store.new_client().client_id
+    lines = [json.dumps(o).encode() for o in [
+        {"client_id": a, "body": "hello a"},                       # 1 queued, --ttl 60
+        {"client_id": f"{b}.{SECRET}", "body": "hello b", "ttl": 30},  # 2 queued
+    ]] + [b"   "] + [json.dumps(o).encode() for o in [              # 3 blank: skipped
+        {"client_id": a, "body": "hello a"},                       # 4 duplicate of 1
+    ]] + [b'{"client_id": 1, "body"', b"[1, 2]"] + [json.dumps(o).encode() for o in [  # 5, 6
+        {"client_id": a, "body": "x", "tll": 5},                   # 7 unknown key
+        {"client_id": a},                                          # 8 no body
+        {"client_id": a, "body": 5},                               # 9 body not text
+        {"client_id": a, "body": "y", "ttl": -1},                  # 10 bad ttl
+        {"client_id": b + 100, "body": "z"},                       # 11 no such client
+        {"client_id": f"abc.{SECRET}", "body": "z"},               # 12 not a client id
+        {"client_id": a, "body": "two\nlines"},                    # 13 line break
+    ]] + [b'{"client_id": 1, "body": "\xff"}'] + [json.dumps(o).encode() for o in [  # 14 not UTF-8
+        {"client_id": b, "body": "bye b"},                         # 15 queued, --ttl 60
+        {"client_id": True, "body": "q"},                          # 16 not an id
+    ]]
+    path = tmp_path / "messages.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    result = run_cli("--json", "--ttl", "60", "--file", str(path), db=url, peers=wakeups.peers)
+    assert result.status == 1
+    assert_no_secret(result)
+    objects, summary = json_output(result)
+    rows = pending_rows(url)
+    assert [(r[1], r[2]) for r in rows] == [(a, "hello a"), (b, "hello b"), (b, "bye b")]
+    statuses = {o["line"]: (o["status"], o["id"]) for o in objects}
+    assert statuses == {1: ("queued", rows[0][0]), 2: ("queued", rows[1][0]), 4: ("duplicate", None),
+                        15: ("queued", rows[2][0]),
+                        **{n: ("rejected", None) for n in (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16)}}
+    assert [o["line"] for o in objects] == sorted(statuses)  # in input order
+    shown = {o["line"]: o["client_id"] for o in objects}
+    assert (shown[1], shown[2], shown[5], shown[11], shown[12], shown[16]) == (
+        a, f"{b}.***", None, b + 100, "abc.***", None)
+    errors = {o["line"]: o["error"] for o in objects}
+    assert errors[1] is None and "'tll'" in errors[7] and "body" in errors[8]
+    assert "ttl" in errors[10] and str(b + 100) in errors[11] and "line break" in errors[13]
+    assert "UTF-8" in errors[14] and "JSON" in errors[5]
+    assert summary == {"summary": {"queued": 3, "duplicate": 1, "rejected": 11, "queue_full": 0},
+                       "error": None, "stopped_at_line": None}
+    assert result.stderr_lines == ["3 queued, 1 duplicate, 11 rejected"]  # no per-line noise with --json
+    assert expires_in(url, b) == [30.0, 60.0]
+    # Three transactions (the ttl changes at line 2 and back at line 4), one wake-up each.
+    assert wakeups.drain() == [[a], [b], [b]]
+
+
+def test_file_all_queued_or_duplicate_exits_0(any_db, tmp_path):
+    url, store = any_db
+    client = store.new_client().client_id
+    path = tmp_path / "ok.jsonl"
+    path.write_text("\n".join(json.dumps({"client_id": client, "body": body}) for body in "aba"))
+    result = run_cli("--file", str(path), db=url)
+    assert (result.status, result.stdout) == (0, "")
+    assert result.stderr_lines == ["2 queued, 1 duplicate, 0 rejected"]
+    result = run_cli("-q", "--file", str(path), db=url)
+    assert (result.status, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_file_is_stored_in_batches(any_db, wakeups):
+    url, store = any_db
+    clients = [store.new_client().client_id for _ in range(3)]
+    total = 2 * MAX_BATCH + 500
+    lines = []
+    for n in range(total):
+        if n % 500 == 499:
+            lines.append(b"{oops")
+        else:
+            lines.append(json.dumps({"client_id": clients[n % 3], "body": f"m{n}"}).encode())
+    result = run_cli("--file", "-", db=url, peers=wakeups.peers, stdin=b"\n".join(lines) + b"\n")
+    bad = total // 500
+    assert result.status == 1
+    assert result.stderr_lines[-1] == f"{total - bad} queued, 0 duplicate, {bad} rejected"
+    assert len(result.stderr_lines) == bad + 1  # one line per rejected line, no progress bar
+    for i, client in enumerate(clients):
+        assert bodies(url, client) == [f"m{n}" for n in range(i, total, 3) if n % 500 != 499]
+    # MAX_BATCH messages per transaction: three batches, one wake-up each, naming every client.
+    assert wakeups.drain() == [sorted(clients)] * 3
+
+
+def test_file_database_goes_away_mid_run(any_db):
+    url, store = any_db
+    client = store.new_client().client_id
+    proc = subprocess.Popen([sys.executable, "-m", "messaging_server.cli", "--json", "--file", "-",
+                             str(client)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(clean_environment(), NIKI_DB=url))
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"".join(b"m%d\n" % n for n in range(MAX_BATCH)))
+        proc.stdin.flush()
+        wait_until(lambda: len(bodies(url, client)) == MAX_BATCH, message="the first batch")
+        query(url, "ALTER TABLE messages RENAME TO messages_gone")
+        stdout, stderr = proc.communicate(b"".join(b"n%d\n" % n for n in range(10)), timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    result = Result(proc.returncode, stdout.decode(), stderr.decode())
+    assert result.status == 1
+    objects, summary = json_output(result)
+    assert [o["status"] for o in objects] == ["queued"] * MAX_BATCH
+    assert summary["summary"] == {"queued": MAX_BATCH, "duplicate": 0, "rejected": 0, "queue_full": 0}
+    assert summary["stopped_at_line"] == MAX_BATCH + 1 and summary["error"]
+    stop, counts = result.stderr_lines
+    assert stop.startswith(f"niki-enqueue: line {MAX_BATCH + 1}: ")
+    assert f"the {MAX_BATCH} messages queued from the lines before stay queued" in stop
+    assert counts == f"{MAX_BATCH} queued, 0 duplicate, 0 rejected"
+    assert len(query(url, "SELECT id FROM messages_gone")) == MAX_BATCH
+
+
+def clean_environment() -> Dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("NIKI_")}
+
+
+def test_file_unreachable_database(tmp_path):
+    result = run_cli("--json", "--file", "-", "5", "--db", UNREACHABLE_MYSQL, stdin=b"a\nb\n",
+                     cwd=str(tmp_path))
+    assert result.status == 1
+    objects, summary = json_output(result)
+    assert objects == [] and summary["stopped_at_line"] == 1 and "niki_nowhere" in summary["error"]
+    stop, counts = result.stderr_lines
+    assert stop.startswith("niki-enqueue: line 1: ") and "the 0 messages queued" in stop
+    assert counts == "0 queued, 0 duplicate, 0 rejected"
+
+
+@pytest.mark.parametrize("args", [("--file", "{tmp}/missing.txt"), ("--file", "-", "5", "hello"),
+                                  ("--file", "-", "--ttl", "0")],
+                         ids=["missing-file", "file-and-message", "bad-ttl"])
+def test_file_usage_errors(args, tmp_path):
+    result = run_cli(*(a.format(tmp=tmp_path) for a in args), db=f"sqlite:///{tmp_path / 'x.sqlite3'}",
+                     cwd=str(tmp_path))
+    assert result.status == 2
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr_lines[-1].startswith("niki-enqueue: ")
+
+
+def on_a_terminal(args: Sequence[str], env: Dict[str, str]) -> Tuple[int, bytes]:
+    """Run niki-enqueue with stderr on a pseudo-terminal of 80 columns; its status and what it showed."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "messaging_server.cli", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave, env=env)
+    os.close(slave)
+    shown = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    return proc.wait(timeout=60), shown
+
+
+def test_progress_bar_only_on_a_terminal_and_for_long_files(sqlite_url, tmp_path):
+    with open_storage(sqlite_url, create=True) as store:
+        store.create_schema()
+        client = store.new_client().client_id
+    env = dict(clean_environment(), NIKI_DB=sqlite_url)
+    long_file, short_file = tmp_path / "long.txt", tmp_path / "short.txt"
+    long_file.write_text("".join(f"long {n}\n" for n in range(600)))
+    short_file.write_text("".join(f"short {n}\n" for n in range(100)))
+    status, shown = on_a_terminal(["--file", str(long_file), str(client)], env)
+    assert status == 0
+    assert b"/600" in shown and b"lines" in shown  # tqdm's n/total and unit
+    assert b"600 queued, 0 duplicate, 0 rejected" in shown
+    status, shown = on_a_terminal(["--file", str(short_file), str(client)], env)
+    assert status == 0
+    assert shown.strip() == b"100 queued, 0 duplicate, 0 rejected"
+    assert len(bodies(sqlite_url, client)) == 700
+
+
+def test_config_file(any_db, wakeups, tmp_path):
+    url, store = any_db
+    client = store.new_client().client_id
+    config = tmp_path / "niki.ini"
+    config.write_text(f"[niki]\ndb = {url}\npeers = {wakeups.peers}\n")
+    result = run_cli("--config", str(config), "--json", str(client), "from the file", cwd=str(tmp_path))
+    assert result.status == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "queued"
+    assert bodies(url, client) == ["from the file"]
+    assert wakeups.drain() == [[client]]
+    # NIKI_CONFIG names the file too; an unknown key is a configuration error.
+    result = run_cli(str(client), "via NIKI_CONFIG", extra_env={"NIKI_CONFIG": str(config)},
+                     cwd=str(tmp_path))
+    assert result.status == 0, result.stderr
+    config.write_text(f"[niki]\ndb = {url}\ndatabase = {url}\n")
+    result = run_cli("--config", str(config), str(client), "bad file", cwd=str(tmp_path))
+    assert result.status == 2
+    assert "database" in result.one_error_line()
+    assert bodies(url, client) == ["from the file", "via NIKI_CONFIG"]

@@ -111,3 +111,13 @@ def test_list_servers(storage: Storage):
     assert [(s.server_id, s.host, s.clients, s.alive) for s in servers] == [
         (first, "a", 0, True), (second, "b", 2, True)]
     assert all(near_now(s.heartbeat_at) and near_now(s.started_at) for s in servers)
+
+
+def test_enqueue_for_a_connected_client_returns_the_stored_id(storage: Storage, db_url):
+    """Looking up the live owner after the INSERT must not lose the new message's id."""
+    server_id = storage.register_server("box-c", 8000, "127.0.0.1", 9201, 7)
+    claim = storage.new_client(server_id)
+    queued = storage.enqueue(claim.client_id, "for a connected client", WINDOW)
+    assert queued.owner is not None and queued.owner.server_id == server_id
+    ((stored,),) = query(db_url, "SELECT id FROM messages WHERE client_id = %s", (claim.client_id,))
+    assert queued.message_id == int(stored) and queued.message_id > 0

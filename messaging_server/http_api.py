@@ -1,0 +1,717 @@
+"""The HTTP API inside a server process: queue messages, read receipts, health, metrics.
+
+Applications that cannot load Python (or reach the database) queue messages
+over HTTP instead of calling ``enqueue()``; operators read a client's or a
+message's state, and probes and Prometheus read ``/healthz`` and ``/metrics``.
+The routes, statuses and bodies are in docs/HTTP_API.md and docs/openapi.yaml.
+
+It is the standard library's ``ThreadingHTTPServer`` on its own port
+(``--http-port``, off by default), one daemon thread per connection.  It
+queues through an :class:`~messaging_server.enqueue.Enqueuer` built on the
+server's own storage, so the rules are exactly ``enqueue``'s, and a client
+connected to this very server is asked for a delivery pass directly, with no
+datagram; other owners are woken as ``enqueue`` wakes them.
+
+Everything a stranger can make it hold is bounded: connections
+(MAX_HTTP_CONNECTIONS, beyond which a connection gets 503 and is closed),
+the request head (MAX_HEAD_BYTES), the request body (MAX_REQUEST_BYTES,
+refused from its Content-Length before a byte of it is read), the messages
+of one batch (MAX_HTTP_BATCH), and time: each request must arrive in full
+within the server's handshake timeout (``--handshake-timeout``) of the
+previous response (or of the connection), so a slow or idle client is dropped.
+Who may call it is :mod:`messaging_server.http_auth`'s business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.client import HTTPException
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import unquote
+
+from . import __version__, metrics
+from .connection import ClientConnection
+from .credentials import redact
+from .enqueue import Enqueuer, Submitted, WakeHere, check_body, check_ttl, client_id_of
+from .errors import BodyRejected, NikiError, QueueFull, StorageUnavailable, UnknownClient
+from .http_auth import BearerToken, loopback_host_header
+from .settings import ServerSettings
+from .storage import Storage
+from .storage.base import ServerAddress
+
+log = logging.getLogger("messaging_server.http")
+
+# Concurrent HTTP connections; each costs a thread and, while it runs a
+# request, a database connection from the server's pool.
+MAX_HTTP_CONNECTIONS = 64
+# A request body (JSON) is refused beyond this, from its Content-Length.  A
+# batch of MAX_HTTP_BATCH bodies of 4 KiB fits with room for JSON escapes.
+MAX_REQUEST_BYTES = 1024 * 1024
+# Bytes read before the body begins: request line and headers (plus the first
+# buffer of body bytes that may come with them).
+MAX_HEAD_BYTES = 32 * 1024
+# Messages in one POST /v1/messages.
+MAX_HTTP_BATCH = 100
+# Reads from the socket, in bytes.
+READ_BUFFER = 8192
+# Message ids are signed 64-bit in both databases.
+MAX_MESSAGE_ID = 2**63 - 1
+# How much of a request path a log line shows.
+MAX_LOGGED_PATH = 200
+# After refusing a request whose bytes were not all read, input is read and
+# dropped for at most this long (and this much) before the socket is closed:
+# closing over unread input resets the connection, and the reset can destroy
+# the refusal before the client reads it.
+LINGER_S = 1.0
+LINGER_BYTES = 256 * 1024
+
+JSON_TYPE = "application/json"
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 27\r\nConnection: close\r\n\r\n"
+                 b'{"error": "server is busy"}')
+
+
+class RequestRefused(NikiError):
+    """A request the API answers with an error status; ``reason`` labels the rejected-messages
+    metric when it refuses a message (None: it does not count)."""
+
+    def __init__(self, status: int, message: str, reason: Optional[str] = None,
+                 close: bool = False, headers: Sequence[Tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.close = close  # the request's body was not read: the connection cannot go on
+        self.headers = tuple(headers)
+
+
+class HeadTooLarge(HTTPException):
+    """The request line and headers passed MAX_HEAD_BYTES.  An HTTPException, so that
+    ``http.server`` answers 431 when it happens among the headers."""
+
+
+# What an enqueue error becomes: (status, rejected-messages reason or None).
+ERROR_STATUS: Dict[type, Tuple[int, Optional[str]]] = {
+    UnknownClient: (HTTPStatus.NOT_FOUND, "unknown_client"),
+    QueueFull: (HTTPStatus.TOO_MANY_REQUESTS, "queue_full"),
+    BodyRejected: (HTTPStatus.UNPROCESSABLE_ENTITY, "bad_request"),
+    StorageUnavailable: (HTTPStatus.SERVICE_UNAVAILABLE, None),
+}
+
+
+def error_status(exc: NikiError) -> Tuple[int, Optional[str]]:
+    for kind, answer in ERROR_STATUS.items():
+        if isinstance(exc, kind):
+            return answer
+    return HTTPStatus.INTERNAL_SERVER_ERROR, None
+
+
+def public_message(exc: NikiError) -> str:
+    """What the caller is told: the database's own words stay in the log."""
+    if isinstance(exc, StorageUnavailable):
+        return "database unavailable, try again later"
+    return str(exc)
+
+
+def redact_path(path: str) -> str:
+    """A request path fit for the log: no query, no credential secret, bounded."""
+    path = path.partition("?")[0]
+    return "/".join(redact(segment) for segment in path.split("/"))[:MAX_LOGGED_PATH]
+
+
+def in_process_wake(lookup: Callable[[int], Optional[ClientConnection]],
+                    server_id: Callable[[], int]) -> WakeHere:
+    """Enqueuer's ``wake_here`` for a server: ask a client connected here for a delivery pass.
+
+    Not when the database names another live server as the owner (a takeover
+    in progress): that one gets its datagram, and this connection is about to close.
+    """
+    def wake_here(client_id: int, owner: Optional[ServerAddress]) -> bool:
+        conn = lookup(client_id)
+        if conn is None or (owner is not None and owner.server_id != server_id()):
+            return False
+        conn.request_delivery()
+        return True
+    return wake_here
+
+
+@dataclass(frozen=True)
+class ApiBackend:
+    """What the API needs from its server."""
+
+    storage: Storage
+    enqueuer: Enqueuer
+    listening: Callable[[], bool]  # the client port accepts connections
+
+
+class DeadlineReader(io.RawIOBase):
+    """The socket as the request handler reads it: within a deadline, and a byte budget.
+
+    ``http.server`` reads the head line by line with a timeout per read, so a
+    client trickling a byte at a time could hold its thread for ever.  Here
+    every read waits only for what is left of the request's deadline, and the
+    head may not exceed its budget.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline = 0.0
+        self.budget: Optional[int] = None  # bytes still allowed; None: no limit
+
+    def begin(self, timeout: float, budget: int) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.budget = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the request did not arrive in time")
+        view = memoryview(buffer).cast("B")
+        if self.budget is not None:
+            if self.budget <= 0:
+                raise HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
+            view = view[:self.budget]
+        self._sock.settimeout(remaining)
+        count = self._sock.recv_into(view)
+        if self.budget is not None:
+            self.budget -= count
+        return count
+
+
+class HttpApi(ThreadingHTTPServer):
+    """The HTTP server: connection cap, the shared state of its handlers, start and stop."""
+
+    daemon_threads = True
+    # Connections waiting to be accepted (socketserver's default, 5, makes a burst
+    # of clients wait for SYN retransmissions, a second each).
+    request_queue_size = MAX_HTTP_CONNECTIONS
+
+    def __init__(self, host: str, port: int, backend: ApiBackend, token: str,
+                 request_timeout: float, write_timeout: float) -> None:
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.backend = backend
+        self.token = BearerToken(token)
+        self.request_timeout = request_timeout
+        self.write_timeout = write_timeout
+        self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
+        self._active: set = set()
+        self._active_lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        super().__init__((host, port), ApiHandler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse lookup of the address (slow where DNS is)."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self.server_address[0]
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit the connection, or answer 503 at once and close it (on the accepting thread,
+        before a thread exists for it; the answer goes into an empty send buffer)."""
+        if self._slots.acquire(blocking=False):
+            return True
+        log.warning("HTTP connection from %s refused: %d connections already",
+                    client_address[0], MAX_HTTP_CONNECTIONS)
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(BUSY_RESPONSE)
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread for it: it never ran, so it never frees its slot
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            self._active.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active.discard(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed outside a request (reset, closed mid-request): no traceback
+        on stderr for what any client can cause."""
+        log.debug("HTTP connection from %s ended with an error", client_address[0], exc_info=True)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="http-api", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting, end the open connections, and let go of the port."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(timeout=5)
+        with self._active_lock:
+            active = list(self._active)
+        for request in active:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+        self.server_close()
+        self.backend.enqueuer.close()
+
+
+@dataclass(frozen=True)
+class Route:
+    pattern: re.Pattern
+    methods: Dict[str, str]  # HTTP method -> handler method name
+    public: bool = False  # served without the token
+
+
+ROUTES = (
+    Route(re.compile(r"/healthz"), {"GET": "_health"}, public=True),
+    Route(re.compile(r"/metrics"), {"GET": "_metrics"}),
+    Route(re.compile(r"/v1/messages"), {"POST": "_post_batch"}),
+    Route(re.compile(r"/v1/messages/([^/]+)"), {"GET": "_get_message"}),
+    Route(re.compile(r"/v1/clients/([^/]+)"), {"GET": "_get_client"}),
+    Route(re.compile(r"/v1/clients/([^/]+)/messages"), {"POST": "_post_message"}),
+)
+
+
+class ApiHandler(BaseHTTPRequestHandler):
+    """One HTTP connection: its requests, one after the other (keep-alive)."""
+
+    server: HttpApi
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # the head and the body go out as separate writes
+
+    def version_string(self) -> str:
+        return f"Niki/{__version__}"  # not the Python version: nobody's business
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the plain socket file; the deadline reader takes its place
+        self._reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader, READ_BUFFER)
+        self._body_unread = False
+        self._linger = False
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if self._linger:
+                self._drain()
+
+    def _drain(self) -> None:
+        """The answer is out; half-close, and swallow what the client still sends, briefly."""
+        deadline = time.monotonic() + LINGER_S
+        dropped = 0
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            while dropped < LINGER_BYTES:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.connection.settimeout(remaining)
+                chunk = self.connection.recv(READ_BUFFER)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it (``Expect: 100-continue``)."""
+        length = (self.headers.get("Content-Length") or "").strip()
+        if length.isascii() and length.isdigit() and int(length) > MAX_REQUEST_BYTES:
+            self._body_unread = True
+            self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            return False
+        return super().handle_expect_100()
+
+    def handle_one_request(self) -> None:
+        self._reader.begin(self.server.request_timeout, MAX_HEAD_BYTES)
+        self._body_unread = False
+        try:
+            super().handle_one_request()
+        except HeadTooLarge:  # in the request line; among headers http.server answers 431
+            self.close_connection = True
+            self.requestline, self.request_version, self.command = "", "", ""
+            with contextlib.suppress(OSError):
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+        if self._body_unread:  # its bytes would be read as the next request
+            self.close_connection = True
+
+    # Every method goes through one dispatcher, so that a known path with the
+    # wrong method gets 405 and its Allow header.
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def _dispatch(self) -> None:
+        self._body_unread = bool(self.headers.get("Transfer-Encoding")) or \
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        path = self.path.partition("?")[0]
+        try:
+            route, match = self._route(path)
+            if route is None or not route.public:
+                self._authorize()
+            if route is None or match is None:
+                raise RequestRefused(HTTPStatus.NOT_FOUND, "no such resource")
+            name = route.methods.get(self.command)
+            if name is None:
+                allow = ", ".join(sorted(route.methods))
+                raise RequestRefused(HTTPStatus.METHOD_NOT_ALLOWED,
+                                     f"method {self.command} not allowed here; use {allow}",
+                                     headers=[("Allow", allow)])
+            getattr(self, name)(*(unquote(group) for group in match.groups()))
+        except RequestRefused as refused:
+            if refused.reason is not None:
+                metrics.MESSAGES_REJECTED.labels(reason=refused.reason).inc()
+            self._reply(refused.status, {"error": str(refused)}, refused.headers,
+                        close=refused.close)
+        except StorageUnavailable as exc:
+            log.warning("HTTP %s %s: database unavailable: %s", self.command, redact_path(path), exc)
+            self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": public_message(exc)})
+        except OSError:
+            raise  # the connection broke, or the client closed mid-body: nothing to answer
+        except Exception:
+            log.exception("HTTP %s %s failed", self.command, redact_path(path))
+            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}, close=True)
+
+    @staticmethod
+    def _route(path: str) -> Tuple[Optional[Route], Optional[re.Match]]:
+        for route in ROUTES:
+            match = route.pattern.fullmatch(path)
+            if match:
+                return route, match
+        return None, None
+
+    def _authorize(self) -> None:
+        token = self.server.token
+        if not token.accepts(self.headers.get("Authorization")):
+            raise RequestRefused(HTTPStatus.UNAUTHORIZED, "a valid bearer token is required",
+                                 headers=[("WWW-Authenticate", 'Bearer realm="niki"')])
+        if not token.required and not loopback_host_header(self.headers.get("Host")):
+            # Without a token the API serves this machine only; a foreign Host is
+            # a web page's DNS-rebinding attempt to reach it through a browser.
+            raise RequestRefused(HTTPStatus.FORBIDDEN,
+                                 "the Host header must name this machine (no API token is set)")
+
+    # --- reading the request ---
+
+    def _read_json(self) -> Any:
+        """The request body as JSON, read only if it is within the limits."""
+        headers = self.headers
+        if headers.get("Transfer-Encoding"):
+            raise RequestRefused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length "
+                                 "(chunked bodies are not accepted)", "bad_request", close=True)
+        length_text = headers.get("Content-Length")
+        if length_text is None:
+            raise RequestRefused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required",
+                                 "bad_request")
+        length_text = length_text.strip()
+        if not (length_text.isascii() and length_text.isdigit()):
+            raise RequestRefused(HTTPStatus.BAD_REQUEST, "malformed Content-Length", "bad_request",
+                                 close=True)
+        length = int(length_text)
+        if length > MAX_REQUEST_BYTES:
+            raise RequestRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                 f"the request body is {length} bytes; the limit is "
+                                 f"{MAX_REQUEST_BYTES}", "body_too_large", close=True)
+        if headers.get_content_type() != JSON_TYPE:
+            raise RequestRefused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                 f"the request body must be {JSON_TYPE}", "bad_request", close=True)
+        self._reader.budget = None  # the body is bounded by its Content-Length, checked above
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise ConnectionError("the client closed the connection in the request body")
+        self._body_unread = False
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, "the request body is not JSON",
+                                 "bad_request") from None
+
+    def _message_fields(self, item: Any) -> Tuple[str, Optional[float]]:
+        """``body`` and ``ttl`` of one message object, checked as ``enqueue`` checks them."""
+        if not isinstance(item, dict):
+            raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, "a message must be a JSON object",
+                                 "bad_request")
+        body, ttl = item.get("body"), item.get("ttl")
+        if not isinstance(body, str):
+            raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, "body must be a string",
+                                 "bad_request")
+        size = len(body.encode("utf-8", errors="surrogatepass"))
+        limit = self.server.backend.enqueuer.max_body_bytes
+        if size > limit:
+            raise RequestRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                 f"the message body is {size} bytes; the limit is {limit}",
+                                 "body_too_large")
+        try:
+            check_ttl(ttl)
+        except BodyRejected as exc:
+            raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc), "bad_request") from None
+        return body, ttl
+
+    @staticmethod
+    def _client_id(text: Any) -> int:
+        if isinstance(text, bool) or not isinstance(text, (int, str)):
+            raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY,
+                                 "client_id must be a number or a string", "bad_request")
+        try:
+            return client_id_of(text)
+        except UnknownClient as exc:
+            raise RequestRefused(HTTPStatus.NOT_FOUND, str(exc), "unknown_client") from None
+
+    # --- the routes ---
+
+    def _health(self) -> None:
+        backend = self.server.backend
+        listening = backend.listening()
+        try:
+            backend.storage.client_info(0)  # any cheap query: does the database answer?
+            database = True
+        except StorageUnavailable as exc:
+            log.warning("health check: database unavailable: %s", exc)
+            database = False
+        answer: Dict[str, Any] = {"status": "ok" if database and listening else "unavailable",
+                                  "database": "ok" if database else "unavailable",
+                                  "listener": "ok" if listening else "down"}
+        if answer["status"] == "ok":
+            self._reply(HTTPStatus.OK, answer)
+        else:
+            answer["error"] = "database unavailable" if not database else "client port not listening"
+            self._reply(HTTPStatus.SERVICE_UNAVAILABLE, answer)
+
+    def _metrics(self) -> None:
+        body, content_type = metrics.render()
+        self._send(HTTPStatus.OK, body, content_type)
+
+    def _get_client(self, text: str) -> None:
+        client_id = self._client_id(text)
+        info = self.server.backend.storage.client_info(client_id)
+        if info is None:
+            raise RequestRefused(HTTPStatus.NOT_FOUND, f"no client with id {client_id}")
+        server = None if info.server is None else {
+            "id": info.server.server_id, "host": info.server.host, "port": info.server.port}
+        self._reply(HTTPStatus.OK, {
+            "id": info.client_id, "pending": info.pending, "connected": info.connected,
+            "server": server, "created_at": info.created_at, "last_seen_at": info.last_seen_at})
+
+    def _get_message(self, text: str) -> None:
+        if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_MESSAGE_ID:
+            raise RequestRefused(HTTPStatus.NOT_FOUND, "no such message")
+        info = self.server.backend.storage.message_info(int(text))
+        if info is None:
+            raise RequestRefused(HTTPStatus.NOT_FOUND, f"no message with id {int(text)}")
+        self._reply(HTTPStatus.OK, {
+            "id": info.message_id, "client_id": info.client_id, "status": info.status,
+            "created_at": info.created_at, "expires_at": info.expires_at,
+            "delivered_at": info.delivered_at, "acknowledged_at": info.acknowledged_at})
+
+    def _post_message(self, text: str) -> None:
+        payload = self._read_json()  # first, so that a refusal keeps the connection usable
+        client_id = self._client_id(text)
+        body, ttl = self._message_fields(payload)
+        try:
+            message_id = self.server.backend.enqueuer.submit(client_id, body, ttl=ttl)
+        except (UnknownClient, QueueFull, BodyRejected) as exc:
+            status, reason = error_status(exc)
+            raise RequestRefused(status, public_message(exc), reason) from None
+        status, answer = submitted(message_id)
+        self._reply(status, answer, [("Location", f"/v1/messages/{message_id}")]
+                    if message_id is not None else ())
+
+    def _post_batch(self) -> None:
+        payload = self._read_json()
+        items = payload.get("messages") if isinstance(payload, dict) else None
+        if not isinstance(items, list):
+            raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY,
+                                 'the request body must be {"messages": [...]}', "bad_request")
+        if len(items) > MAX_HTTP_BATCH:
+            metrics.MESSAGES_REJECTED.labels(reason="bad_request").inc(len(items) - 1)
+            raise RequestRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                 f"at most {MAX_HTTP_BATCH} messages per request, not {len(items)}",
+                                 "bad_request")
+        # A malformed item (what the document's schema forbids) refuses the whole
+        # request: the caller's code is wrong, not one message.  What only the
+        # server can judge (the client, the body's bytes, the queue) is per item.
+        for position, item in enumerate(items):
+            problem = batch_item_problem(item)
+            if problem:
+                metrics.MESSAGES_REJECTED.labels(reason="bad_request").inc(len(items) - 1)
+                raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY,
+                                     f"messages[{position}]: {problem}", "bad_request")
+        results: List[Optional[Dict[str, Any]]] = [None] * len(items)
+        valid: List[Tuple[int, int, str, Optional[float]]] = []  # position, client, body, ttl
+        for position, item in enumerate(items):
+            try:
+                client_id = self._client_id(item["client_id"])
+                body, ttl = self._message_fields(item)
+                check_body(body, self.server.backend.enqueuer.max_body_bytes)
+                valid.append((position, client_id, body, ttl))
+            except (RequestRefused, BodyRejected) as exc:
+                refused = exc if isinstance(exc, RequestRefused) else RequestRefused(
+                    HTTPStatus.UNPROCESSABLE_ENTITY, str(exc), "bad_request")
+                if refused.reason is not None:
+                    metrics.MESSAGES_REJECTED.labels(reason=refused.reason).inc()
+                results[position] = {"code": refused.status, "error": str(refused)}
+        self._store_runs(valid, results)
+        self._reply(HTTPStatus.OK, {"results": results})
+
+    def _store_runs(self, valid: List[Tuple[int, int, str, Optional[float]]],
+                    results: List[Optional[Dict[str, Any]]]) -> None:
+        """Store the valid items: each run of consecutive items with one ttl in one transaction
+        (enqueue_many takes one ttl), in order, so a client's messages keep their order.
+
+        When the database fails, the items of that run and the later ones get 503
+        (nothing of them was stored); the whole request gets 503 when it was the first run.
+        """
+        enqueuer = self.server.backend.enqueuer
+        start = 0
+        while start < len(valid):
+            end = start
+            while end < len(valid) and valid[end][3] == valid[start][3]:
+                end += 1
+            run = valid[start:end]
+            try:
+                outcomes = enqueuer.submit_many([(cid, body) for _, cid, body, _ in run],
+                                                ttl=run[0][3])
+            except StorageUnavailable as exc:
+                if start == 0:
+                    raise
+                log.warning("HTTP batch: database unavailable after %d item(s): %s", start, exc)
+                for position, *_ in valid[start:]:
+                    results[position] = {"code": HTTPStatus.SERVICE_UNAVAILABLE,
+                                         "error": public_message(exc)}
+                return
+            for (position, *_), outcome in zip(run, outcomes):
+                results[position] = self._outcome(outcome)
+            start = end
+
+    @staticmethod
+    def _outcome(outcome: Submitted) -> Dict[str, Any]:
+        if isinstance(outcome, NikiError):
+            status, reason = error_status(outcome)
+            if reason is not None:
+                metrics.MESSAGES_REJECTED.labels(reason=reason).inc()
+            return {"code": status, "error": public_message(outcome)}
+        status, answer = submitted(outcome)
+        return {"code": status, **answer}
+
+    # --- writing the response ---
+
+    def _reply(self, status: int, payload: Dict[str, Any],
+               headers: Sequence[Tuple[str, str]] = (), close: bool = False) -> None:
+        self._send(status, json.dumps(payload).encode("utf-8"), JSON_TYPE, headers, close)
+
+    def _send(self, status: int, body: bytes, content_type: str,
+              headers: Sequence[Tuple[str, str]] = (), close: bool = False) -> None:
+        # A client that does not read its answer holds its thread for at most this long.
+        self.connection.settimeout(self.server.write_timeout)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in headers:
+            self.send_header(name, value)
+        if close or self._body_unread:
+            self.send_header("Connection", "close")
+            self._linger = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """``http.server``'s own refusals (bad request line, oversized headers) as JSON."""
+        try:
+            phrase = HTTPStatus(code).phrase.lower()
+        except ValueError:
+            phrase = "error"
+        self._reply(code, {"error": phrase}, close=True)
+
+    # --- logging: never the query string, a credential's secret or a header ---
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        status = int(code) if str(code).isdigit() else 0
+        level = (logging.WARNING if status >= 500 else
+                 logging.INFO if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN)
+                 else logging.DEBUG)
+        log.log(level, "HTTP %s %s -> %s (from %s)", self.command or "-",
+                redact_path(getattr(self, "path", "") or ""), status, self.client_address[0])
+
+    def log_error(self, format: str, *args: Any) -> None:
+        if format.startswith("Request timed out"):
+            log.info("HTTP connection from %s dropped: no complete request within %g s",
+                     self.client_address[0], self.server.request_timeout)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("HTTP connection from %s: %s", self.client_address[0], format)
+
+
+def batch_item_problem(item: Any) -> str:
+    """Why ``item`` does not have the shape of a batch item ("" when it does)."""
+    if not isinstance(item, dict):
+        return "must be a JSON object"
+    client_id = item.get("client_id")
+    if isinstance(client_id, bool) or not isinstance(client_id, (int, str)):
+        return "client_id must be a number or a string"
+    if isinstance(client_id, int) and client_id < 1:
+        return "client_id must be at least 1"
+    if not isinstance(item.get("body"), str):
+        return "body must be a string"
+    try:
+        check_ttl(item.get("ttl"))
+    except BodyRejected as exc:
+        return str(exc)
+    return ""
+
+
+def submitted(message_id: Optional[int]) -> Tuple[int, Dict[str, Any]]:
+    """The answer to a message that was stored: queued (201) or a duplicate (200)."""
+    if message_id is None:
+        return HTTPStatus.OK, {"status": "duplicate"}
+    metrics.MESSAGES_QUEUED.inc()
+    return HTTPStatus.CREATED, {"id": message_id, "status": "pending"}
+
+
+def open_http_api(settings: ServerSettings, storage: Storage, wake_here: WakeHere,
+                  listening: Callable[[], bool]) -> HttpApi:
+    """Bind the HTTP API (OSError when the port is taken); ``start()`` it when ready.
+
+    Its Enqueuer uses the server's storage and wakes clients connected to this
+    server in-process; routed or broadcast mode and the pending cap come from
+    NIKI_PEERS and NIKI_MAX_PENDING, as for ``enqueue``.
+    """
+    enqueuer = Enqueuer(settings.db, storage=storage, wake_here=wake_here)
+    try:
+        return HttpApi(settings.http_host, settings.http_port or 0,
+                       ApiBackend(storage, enqueuer, listening), settings.api_token,
+                       request_timeout=settings.handshake_timeout,
+                       write_timeout=settings.write_timeout)
+    except BaseException:
+        enqueuer.close()
+        raise

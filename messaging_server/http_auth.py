@@ -1,0 +1,113 @@
+"""Who may use the HTTP API: the bearer token, and where the API may listen without one.
+
+The HTTP API queues messages for any client and reads every receipt, so it
+is as powerful as the database credentials.  Without ``--api-token`` it is
+only allowed on a loopback address, where only this machine can reach it;
+with a token, every request but ``/healthz`` must carry it.
+
+Two browser-borne attacks reach a loopback API from a web page the operator
+visits: a cross-site form post and DNS rebinding.  The first is stopped by
+the API's ``Content-Type: application/json`` requirement (a browser must ask
+before sending that cross-site, and the API never says yes); the second by
+:func:`loopback_host_header`, which turns away a request whose ``Host`` is
+not this machine when no token protects the API.
+
+No I/O beyond name resolution: the API server asks, this module answers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+from typing import Optional
+
+from .errors import ConfigurationError
+
+SCHEME = "Bearer"
+# The names that mean "this machine" without asking a resolver.
+LOOPBACK_NAMES = ("localhost", "localhost.", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address or a name) reaches only this machine.
+
+    A name counts only if every address it resolves to is loopback; an empty
+    host, a wildcard (``0.0.0.0``, ``::``) or a name that does not resolve never does.
+    """
+    host = host.strip().strip("[]")
+    if not host:
+        return False
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(address.split("%", 1)[0]).is_loopback for address in addresses)
+
+
+def check_exposure(http_host: str, api_token: str) -> None:
+    """ConfigurationError when the API would be reachable from elsewhere without a token."""
+    if api_token or is_loopback(http_host):
+        return
+    shown = http_host or "all interfaces"
+    raise ConfigurationError(
+        f"the HTTP API would listen on {shown}, which is not a loopback address, without "
+        "an API token: anyone who reaches it could queue messages for every client. Set "
+        "--api-token (NIKI_API_TOKEN), or keep --http-host on 127.0.0.1 or ::1")
+
+
+class BearerToken:
+    """Checks ``Authorization: Bearer <token>`` headers against the configured token."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = token.encode("utf-8")
+
+    @property
+    def required(self) -> bool:
+        return bool(self._expected)
+
+    def accepts(self, authorization: Optional[str]) -> bool:
+        """True when no token is configured, or the header carries exactly it.
+
+        Compared in constant time, so that the response time does not tell
+        how much of a guess was right.
+        """
+        if not self._expected:
+            return True
+        if not authorization:
+            return False
+        scheme, _, presented = authorization.strip().partition(" ")
+        if scheme.lower() != SCHEME.lower():
+            return False
+        # Header values arrive decoded as Latin-1: these are the bytes sent.
+        raw = presented.strip().encode("latin-1", errors="replace")
+        return hmac.compare_digest(raw, self._expected)
+
+
+def loopback_host_header(host_header: Optional[str]) -> bool:
+    """True when a ``Host`` header names this machine (or is absent, as in HTTP/1.0).
+
+    Only the literal loopback names and addresses count; no resolver is asked,
+    since a rebinding attacker controls what its own name resolves to.
+    """
+    if host_header is None:
+        return True
+    host = host_header.strip()
+    if host.startswith("["):  # [::1]:8080
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # 127.0.0.1:8080, localhost:8080
+        host = host.partition(":")[0]
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
