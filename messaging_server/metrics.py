@@ -29,7 +29,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -43,6 +49,11 @@ from prometheus_client.utils import floatToGoString
 #: every Prometheus version and scraper accepts; spelled out because the constant
 #: of prometheus_client differs between its versions.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# No ``*_created`` series beside every counter: they double the output and no
+# dashboard needs them (the process start time is process_start_time_seconds).
+# prometheus_client's switch is process-wide, and this process is a Niki server.
+disable_created_metrics()
 
 #: Niki's own registry: ``render()`` exposes exactly what is registered here.
 REGISTRY = CollectorRegistry(auto_describe=True)
