@@ -23,17 +23,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from messaging_server.backoff import ExponentialBackoff
+from messaging_server.credential_file import CredentialFile, CredentialFileError, default_credential_path
 from messaging_server.errors import ConfigurationError
 from messaging_server.protocol import Message
 from messaging_server.subscriber import (
-    CredentialFile,
-    CredentialFileError,
     OutputClosed,
     OutputWriter,
     RecentIds,
     StopRequested,
     StopSignals,
-    default_credential_path,
     parse_address,
     utc_now,
 )
