@@ -167,22 +167,6 @@ class MessageInfo:
 
 
 # Stored times are naive UTC (see iso_time): counted from this, no time zone is involved.
-_EPOCH = datetime.datetime(1970, 1, 1)
-
-
-def epoch_seconds(value: Any) -> float:
-    """A stored UTC time (a MySQL datetime, a SQLite text) as seconds since the epoch; 0.0 for None.
-
-    Runs once per delivered message: a subtraction, four times cheaper than
-    attaching a time zone and asking for ``timestamp()``.
-    """
-    if value is None:
-        return 0.0
-    if not isinstance(value, datetime.datetime):
-        value = datetime.datetime.fromisoformat(str(value))
-    return (value - _EPOCH).total_seconds()
-
-
 def iso_time(value: Any) -> Optional[str]:
     """A stored time (a MySQL datetime, a SQLite text) as ISO 8601 UTC with a Z."""
     if value is None:
@@ -353,6 +337,10 @@ class SqlStorage(Storage):
     micros_ahead_sql = ""
     # Appended to a SELECT of a client row to lock it until commit.
     lock_rows_sql = ""
+    # SQL for a stored time ``{column}`` as whole microseconds since the epoch: an
+    # integer is much cheaper for the driver to hand over than a datetime (it is
+    # read once per delivered message, for the latency histogram).
+    epoch_micros_sql = ""
 
     # Driver exceptions that mean "the database is not usable now".
     unavailable_errors: Tuple[type, ...] = ()
@@ -741,11 +729,12 @@ class SqlStorage(Storage):
         if current != session:
             return None
         rows = tx.fetchall(
-            f"SELECT id, body, created_at FROM messages WHERE client_id = %s AND status = '{PENDING}' "
-            f"AND id > %s AND {self._unexpired} ORDER BY id LIMIT %s",
+            f"SELECT id, body, {self.epoch_micros_sql.format(column='created_at')} FROM messages "
+            f"WHERE client_id = %s AND status = '{PENDING}' AND id > %s AND {self._unexpired} "
+            "ORDER BY id LIMIT %s",
             (client_id, after_id, batch),
         )
-        return [StoredMessage(int(mid), body, epoch_seconds(created)) for mid, body, created in rows]
+        return [StoredMessage(int(mid), body, int(micros) / 1e6) for mid, body, micros in rows]
 
     def _mark(self, tx: Tx, client_id: int, ids: Sequence[int], acknowledged: bool = False) -> int:
         marks = ", ".join(["%s"] * len(ids))

@@ -41,6 +41,7 @@ class MysqlStorage(SqlStorage):
     now_sql = "NOW(6)"
     micros_ago_sql = "(NOW(6) - INTERVAL %s MICROSECOND)"
     micros_ahead_sql = "(NOW(6) + INTERVAL %s MICROSECOND)"
+    epoch_micros_sql = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {column})"
     lock_rows_sql = "FOR UPDATE"
     unavailable_errors = (pymysql.err.MySQLError,)
     added_columns = (("clients", "secret_hash", "BINARY(32) NULL AFTER delivery_lease_until"),

@@ -34,6 +34,7 @@ class SqliteStorage(SqlStorage):
     now_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
     micros_ago_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || (%s / 1000000.0) || ' seconds')"
     micros_ahead_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || (%s / 1000000.0) || ' seconds')"
+    epoch_micros_sql = "CAST((julianday({column}) - 2440587.5) * 86400000000.0 AS INTEGER)"
     lock_rows_sql = ""  # BEGIN IMMEDIATE already holds the write lock
     lock_while_writing = False  # the write lock is the whole database's
     unavailable_errors = (sqlite3.Error,)
