@@ -63,6 +63,9 @@ MAX_REQUEST_BYTES = 1024 * 1024
 MAX_HEAD_BYTES = 32 * 1024
 # Messages in one POST /v1/messages.
 MAX_HTTP_BATCH = 100
+# A kept-alive connection idle this long after a response is closed (at most
+# the request timeout): an idle connection holds one of the MAX_HTTP_CONNECTIONS.
+KEEPALIVE_IDLE_S = 5.0
 # Reads from the socket, in bytes.
 READ_BUFFER = 8192
 # Message ids are signed 64-bit in both databases.
@@ -315,6 +318,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self._reader, READ_BUFFER)
         self._body_unread = False
         self._linger = False
+        self._answered = 0  # requests answered on this connection
 
     def finish(self) -> None:
         try:
@@ -349,6 +353,10 @@ class ApiHandler(BaseHTTPRequestHandler):
         return super().handle_expect_100()
 
     def handle_one_request(self) -> None:
+        if self._answered and not self._next_request_comes():
+            self.close_connection = True
+            return
+        self._answered += 1
         self._reader.begin(self.server.request_timeout, MAX_HEAD_BYTES)
         self._body_unread = False
         try:
@@ -360,6 +368,14 @@ class ApiHandler(BaseHTTPRequestHandler):
                 self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
         if self._body_unread:  # its bytes would be read as the next request
             self.close_connection = True
+
+    def _next_request_comes(self) -> bool:
+        """After a response: whether the next request begins within the keep-alive idle time."""
+        self._reader.begin(min(KEEPALIVE_IDLE_S, self.server.request_timeout), READ_BUFFER)
+        try:
+            return bool(self.rfile.peek(1))  # bytes already buffered, or one read
+        except OSError:  # idle too long (a timeout), or the client went away
+            return False
 
     # Every method goes through one dispatcher, so that a known path with the
     # wrong method gets 405 and its Allow header.
@@ -410,7 +426,9 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _authorize(self) -> None:
         token = self.server.token
         if not token.accepts(self.headers.get("Authorization")):
+            # Closed after the answer: a caller without the token holds no connection.
             raise RequestRefused(HTTPStatus.UNAUTHORIZED, "a valid bearer token is required",
+                                 close=True,
                                  headers=[("WWW-Authenticate", 'Bearer realm="niki"')])
         if not token.required and not loopback_host_header(self.headers.get("Host")):
             # Without a token the API serves this machine only; a foreign Host is

@@ -40,6 +40,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from messaging_server.client import Client
+from messaging_server.http_api import KEEPALIVE_IDLE_S
 from tests.helpers import ServerProcess, numeric_id, query, wait_until
 
 # Routed mode and no API token unless a test sets one: no NIKI_* setting may leak in.
@@ -476,6 +477,23 @@ def test_slow_and_oversized_requests_are_refused(sqlite_url: str) -> None:
             assert conn.getresponse().read() and True
         conn.close()
         assert Api(port).get("/healthz").status == 200  # still serving
+
+
+def test_idle_keep_alive_and_refused_callers_do_not_hold_connections(sqlite_url: str) -> None:
+    """A kept-alive connection idle for KEEPALIVE_IDLE_S is closed, though a request may take
+    longer to arrive (the request timeout, 30 s here); one whose request lacked the token is
+    closed right after its 401."""
+    with running(sqlite_url, "--handshake-timeout", "30", "--api-token", TOKEN) as server:
+        with _connect(server.http_port) as idle:
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            data, took = _read_all(idle, 20)
+            assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in data
+            # Kept open for a next request, then closed when none came.
+            assert KEEPALIVE_IDLE_S - 1 < took < KEEPALIVE_IDLE_S + 3, took
+        with _connect(server.http_port) as stranger:
+            stranger.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            data, took = _read_all(stranger, 10)
+            assert data.startswith(b"HTTP/1.1 401 ") and took < 0.5, took
 
 
 def test_connections_beyond_the_cap_get_503(sqlite_url: str) -> None:
