@@ -129,6 +129,43 @@ class ServerProcess:
             self.stop()
 
 
+def stop_together(procs: Sequence[ServerProcess], timeout: float = 10.0) -> None:
+    """SIGTERM every server still running at once, then wait for each (a server takes
+    about half a second to stop, so one after another adds up); kill what does not exit."""
+    running = [p.proc for p in procs if p.proc is not None and p.proc.poll() is None]
+    for popen in running:
+        popen.send_signal(signal.SIGTERM)
+    for popen in running:
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(5)
+
+
+def assert_no_traceback(procs: Sequence[ServerProcess]) -> None:
+    for proc in procs:
+        assert "Traceback" not in proc.log, proc.log
+
+
+class ServerGroup:
+    """The servers one test starts, each with ``default_args`` first; stopped together at
+    the end by :meth:`close`, which also fails the test if any logged a traceback."""
+
+    def __init__(self, *default_args: str) -> None:
+        self.default_args = default_args
+        self.procs: List[ServerProcess] = []
+
+    def start(self, db_url: str, *args: str, env: Optional[Dict[str, str]] = None) -> ServerProcess:
+        proc = ServerProcess(db_url, *self.default_args, *args, env=env)
+        self.procs.append(proc)
+        return proc.start()
+
+    def close(self) -> None:
+        stop_together(self.procs)
+        assert_no_traceback(self.procs)
+
+
 class RawClient:
     """A byte-exact client for transcript tests: every line the server sends is seen."""
 
@@ -261,3 +298,20 @@ class DatagramCounter:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def seconds_ago_sql(db_url: str, seconds: float) -> str:
+    """A SQL expression for the time ``seconds`` ago, in the format the backend stores."""
+    if db_url.startswith("sqlite:"):
+        return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"
+    return f"(NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND)"
+
+
+def insert_message(db_url: str, client_id: int, body: str, status: str, seconds_ago: float) -> None:
+    """A message row as if stored ``seconds_ago``: history the duplicate rule must read right."""
+    from messaging_server.storage.base import body_hash
+
+    query(db_url, "INSERT INTO messages (client_id, body, body_hash, status, created_at) "
+          f"VALUES (%s, %s, %s, %s, {seconds_ago_sql(db_url, seconds_ago)})",
+          (client_id, body, body_hash(body), status))
+

@@ -40,7 +40,17 @@ import pytest
 
 from messaging_server import Enqueuer, StorageUnavailable
 from messaging_server.client import Client
-from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, query, wait_until
+from tests.helpers import (
+    CREDENTIAL,
+    RawClient,
+    ServerGroup,
+    ServerProcess,
+    assert_no_traceback,
+    numeric_id,
+    query,
+    stop_together,
+    wait_until,
+)
 
 SWEEP = 0.3  # --sweep-interval of every server here
 MARGIN = 1.5  # scheduling slack on a loaded 2-core box, on top of a sweep interval
@@ -61,24 +71,15 @@ pytestmark = pytest.mark.usefixtures("no_niki_environment")
 @pytest.fixture
 def launch(request: pytest.FixtureRequest) -> Iterator[Callable[..., ServerProcess]]:
     """``launch(db_url, *options)``: a started server whose wake-up address is loopback."""
-    procs: List[ServerProcess] = []
+    group = ServerGroup("--advertise-host", "127.0.0.1", "--sweep-interval", str(SWEEP))
     failed_before = request.session.testsfailed
-
-    def start(db_url: str, *args: str) -> ServerProcess:
-        proc = ServerProcess(db_url, "--advertise-host", "127.0.0.1", "--sweep-interval", str(SWEEP),
-                             *args)
-        procs.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in procs:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.stop()
-    for proc in procs:
-        if request.session.testsfailed > failed_before:  # the test failed: show what the server said
+    yield group.start
+    stop_together(group.procs)
+    if request.session.testsfailed > failed_before:  # the test failed: show what the servers said
+        for proc in group.procs:
             print(f"--- server on port {proc.port}, last lines of its log ---")
             print("\n".join(proc.log.splitlines()[-40:]))
-        assert "Traceback" not in proc.log, proc.log
+    assert_no_traceback(group.procs)
 
 
 def enqueuer(stack: contextlib.ExitStack, db_url: str) -> Callable[..., bool]:

@@ -23,7 +23,6 @@ import re
 import select
 import signal
 import socket
-import subprocess
 import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
@@ -31,7 +30,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 import pytest
 
 from messaging_server import Enqueuer
-from tests.helpers import RawClient, ServerProcess, numeric_id, query, wait_until
+from tests.helpers import (
+    RawClient,
+    ServerProcess,
+    assert_no_traceback,
+    numeric_id,
+    query,
+    stop_together,
+    wait_until,
+)
 
 SWEEP = 0.5  # --sweep-interval of the servers whose sweep is under test
 MARGIN = 0.5  # scheduling slack on a loaded 2-core box, on top of a sweep interval
@@ -57,18 +64,8 @@ def running(*procs: ServerProcess) -> Iterator[Tuple[ServerProcess, ...]]:
             proc.start()
         yield procs
     finally:
-        started = [p.proc for p in procs if p.proc is not None]
-        for popen in started:
-            if popen.poll() is None:
-                popen.send_signal(signal.SIGTERM)
-        for popen in started:
-            try:
-                popen.wait(10)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait(5)
-    for proc in procs:
-        assert "Traceback" not in proc.log, proc.log
+        stop_together(procs)
+    assert_no_traceback(procs)
 
 
 def server_id(proc: ServerProcess) -> int:

@@ -27,14 +27,14 @@ import select
 import sqlite3
 import subprocess
 import sys
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
 import messaging_server
 from messaging_server import Enqueuer
 from messaging_server.credentials import redact
-from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, query, wait_until
+from tests.helpers import CREDENTIAL, RawClient, ServerGroup, ServerProcess, numeric_id, query, wait_until
 
 SILENCE = 0.3  # after a marker: long enough for a stray delivery to show up on loopback
 CREDENTIAL_LINE = re.compile(rf"SET_CLIENT_ID: ({CREDENTIAL})")
@@ -53,28 +53,11 @@ pytestmark = pytest.mark.usefixtures("no_niki_environment")
 def launch() -> Iterator[Launch]:
     """``launch(db_url, *options, env=None)``: a started server with a loopback wake-up address.
 
-    All are stopped together at the end (each takes about half a second), and none
-    may have logged a traceback.
+    All are stopped together at the end, and none may have logged a traceback.
     """
-    procs: List[ServerProcess] = []
-
-    def start(db_url: str, *args: str, env: Optional[Dict[str, str]] = None) -> ServerProcess:
-        proc = ServerProcess(db_url, "--advertise-host", "127.0.0.1", *args, env=env)
-        procs.append(proc)
-        return proc.start()
-
-    yield start
-    running = [p.proc for p in procs if p.proc is not None and p.proc.poll() is None]
-    for popen in running:
-        popen.terminate()
-    for popen in running:
-        try:
-            popen.wait(10)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(5)
-    for proc in procs:
-        assert "Traceback" not in proc.log, proc.log
+    group = ServerGroup("--advertise-host", "127.0.0.1")
+    yield group.start
+    group.close()
 
 
 def enqueuer(stack: contextlib.ExitStack, db_url: str) -> Put:

@@ -21,7 +21,16 @@ from messaging_server.settings import DUPLICATE_WINDOW_S, MAX_BODY_BYTES
 from messaging_server.storage import Storage
 from messaging_server.storage.base import Queued, body_hash
 from messaging_server.wakeup import MAX_DATAGRAM, encode
-from tests.helpers import DatagramCounter, RawClient, ServerProcess, numeric_id, query, wait_until
+from tests.helpers import (
+    DatagramCounter,
+    RawClient,
+    ServerProcess,
+    insert_message,
+    numeric_id,
+    query,
+    seconds_ago_sql,
+    wait_until,
+)
 
 # `messaging_server.enqueue` the attribute is the function; this is the module.
 enqueue_module = importlib.import_module("messaging_server.enqueue")
@@ -47,18 +56,8 @@ def rows_of(db_url: str, client_id: int) -> List[Tuple[str, str]]:
     return [(b, s) for _, c, b, s in rows(db_url) if c == client_id]
 
 
-def seconds_ago_sql(db_url: str, seconds: float) -> str:
-    """A SQL timestamp ``seconds`` ago, in the format the backend stores."""
-    if db_url.startswith("sqlite:"):
-        return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"
-    return f"(NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND)"
 
 
-def insert_message(db_url: str, client_id: int, body: str, status: str, seconds_ago: float) -> None:
-    """A message row as if stored ``seconds_ago``: history the duplicate rule must read right."""
-    query(db_url, "INSERT INTO messages (client_id, body, body_hash, status, created_at) "
-          f"VALUES (%s, %s, %s, %s, {seconds_ago_sql(db_url, seconds_ago)})",
-          (client_id, body, body_hash(body), status))
 
 
 def ttl_of(db_url: str) -> List[Optional[float]]:

@@ -15,7 +15,7 @@ from messaging_server import Enqueuer
 from messaging_server.storage import Storage, StoredMessage
 from messaging_server.storage.base import HEARTBEAT_STALE_S, Claim, Queued, ServerAddress, SweepResult
 from messaging_server.wakeup import WakeupListener
-from tests.helpers import DatagramCounter, query
+from tests.helpers import DatagramCounter, query, seconds_ago_sql
 
 WINDOW = 5.0
 UNKNOWN_SERVER = 987654
@@ -24,11 +24,6 @@ UNKNOWN_SERVER = 987654
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def seconds_ago_sql(db_url: str, seconds: float) -> str:
-    """A timestamp ``seconds`` ago, as each backend stores it (SQLite: UTC text)."""
-    if db_url.startswith("sqlite:"):
-        return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"
-    return f"(NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND)"
 
 
 def age_heartbeat(db_url: str, server_id: int, seconds: float) -> None:

@@ -13,27 +13,15 @@ import pytest
 from messaging_server.errors import ConfigurationError, QueueFull, StorageUnavailable, UnknownClient
 from messaging_server.storage import Delivery, Storage, StoredMessage, describe_url, open_storage
 from messaging_server.storage.base import Claim
-from tests.helpers import query, wait_until
+from tests.helpers import insert_message, query, seconds_ago_sql, wait_until
 
 WINDOW = 5.0
 
 
 
 
-def seconds_ago_sql(db_url: str, seconds: float) -> str:
-    """A SQL expression for a timestamp ``seconds`` ago, in the format the backend stores."""
-    if db_url.startswith("sqlite:"):
-        return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"
-    return f"(NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND)"
 
 
-def insert_message(db_url: str, client_id: int, body: str, status: str, seconds_ago: float) -> None:
-    """Insert a message row as if it had been stored ``seconds_ago``."""
-    from messaging_server.storage.base import body_hash
-
-    query(db_url, "INSERT INTO messages (client_id, body, body_hash, status, created_at) "
-          f"VALUES (%s, %s, %s, %s, {seconds_ago_sql(db_url, seconds_ago)})",
-          (client_id, body, body_hash(body), status))
 
 
 class Collector:
