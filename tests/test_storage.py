@@ -952,3 +952,43 @@ def test_sqlite_flushes_every_durable_commit_after_a_transient_one(sqlite_url: s
             assert tx.scalar("PRAGMA synchronous") == 2
     finally:
         storage.close()
+
+
+# --- MariaDB: connections the server closed ---------------------------------------------------
+
+
+@pytest.mark.mysql
+def test_pooled_connections_the_server_killed_are_reopened(mysql_url):
+    """A pooled connection the database closed (a restart, wait_timeout; here KILL) is
+    replaced before it is used again, so no caller sees an error and nothing is lost or
+    stored twice."""
+    import pymysql
+
+    storage = open_storage(mysql_url, create=True, pool_size=4)
+    try:
+        storage.create_schema()
+        cid = storage.new_client().client_id
+        threads = [threading.Thread(target=storage.enqueue, args=(cid, f"warm-{n}", WINDOW))
+                   for n in range(4)]
+        for thread in threads:  # open several pooled connections
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        database = mysql_url.rsplit("/", 1)[1]
+        admin = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute("SELECT id FROM information_schema.processlist WHERE db = %s", (database,))
+                victims = [row[0] for row in cursor.fetchall()]
+                assert victims, "the pool holds open connections"
+                for victim in victims:
+                    cursor.execute(f"KILL {int(victim)}")
+        finally:
+            admin.close()
+        for n in range(8):  # more than the pool: every killed connection is borrowed again
+            assert storage.enqueue(cid, f"after-{n}", WINDOW).message_id is not None
+        bodies = [row[0] for row in query(mysql_url, "SELECT body FROM messages ORDER BY id")]
+        assert sorted(bodies[:4]) == [f"warm-{n}" for n in range(4)]
+        assert bodies[4:] == [f"after-{n}" for n in range(8)]
+    finally:
+        storage.close()

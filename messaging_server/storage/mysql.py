@@ -8,8 +8,10 @@ Facts this relies on (see docs/STORAGE.md):
   dedicated connection; ``blocking=True`` makes a burst wait for one.
 * Every transaction starts with ``begin()``: DBUtils then never silently
   re-runs a failed write on a fresh connection (which could store it twice).
-* ``reset=True`` rolls back on return and the session runs at READ COMMITTED,
-  so no connection keeps an old snapshot and row locks take no gap locks.
+* Every transaction ends in commit or rollback (``reset=False``: DBUtils rolls
+  back on return only a transaction an error left open), and the session runs at
+  READ COMMITTED, so no connection keeps an old snapshot and row locks take no
+  gap locks.
 * ``ping=1`` checks a connection as it leaves the pool, replacing ones the
   server closed (``wait_timeout``, a restart).
 """
