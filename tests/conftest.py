@@ -69,10 +69,11 @@ def mariadb_lock(exclusive: bool) -> Iterator[None]:
 def mysql_url(mysql_available: None, request) -> Iterator[str]:
     """A URL to a database that does not exist yet (the code under test creates it)."""
     with mariadb_lock(exclusive=request.node.get_closest_marker("exclusive_mariadb") is not None):
-        yield from _fresh_mysql_url()
+        yield from fresh_mysql_url()
 
 
-def _fresh_mysql_url() -> Iterator[str]:
+def fresh_mysql_url() -> Iterator[str]:
+    """Yield the URL of a database that does not exist yet; drop it when resumed."""
     base = urlsplit(MYSQL_URL)
     name = f"{base.path.lstrip('/') or 'niki_test'}_{uuid.uuid4().hex[:10]}"
     yield base._replace(path=f"/{name}").geturl()

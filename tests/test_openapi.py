@@ -2,7 +2,7 @@
 document and checks every answer (status documented, content type, body schema,
 required headers, the bearer token enforced, no server error).
 
-One real server process (SQLite, with an API token) serves every generated case;
+One real server process per database (with an API token) serves every generated case;
 client 1 exists, so the document's examples reach the 201 and 200 answers too.
 Hypothesis is held to a few examples per operation and no coverage phase, so
 the whole module runs in a few seconds.
@@ -10,6 +10,7 @@ the whole module runs in a few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 from messaging_server.http_api import ROUTES
+from tests.conftest import fresh_mysql_url, mariadb_lock
 from tests.helpers import ServerProcess
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
@@ -51,17 +53,26 @@ expected-statuses = ["400", "401", "403", "404", "405", "411", "413", "415", "42
 schema = schemathesis.openapi.from_path(SCHEMA_PATH, config=CONFIG)
 
 
-@pytest.fixture(scope="module")
-def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    url = f"sqlite:///{tmp_path_factory.mktemp('openapi') / 'niki.sqlite3'}"
-    with pytest.MonkeyPatch.context() as patch:  # no NIKI_* setting of the caller leaks in
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def api_server(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with contextlib.ExitStack() as stack:
+        if request.param == "mysql":
+            request.getfixturevalue("mysql_available")
+            stack.enter_context(mariadb_lock(exclusive=False))
+            urls = fresh_mysql_url()
+            url = next(urls)
+            stack.callback(lambda: next(urls, None))  # drops the database
+        else:
+            url = f"sqlite:///{tmp_path_factory.mktemp('openapi') / 'niki.sqlite3'}"
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
         for name in [n for n in os.environ if n.startswith("NIKI_") and not n.startswith("NIKI_TEST_")]:
-            patch.delenv(name)
-        with ServerProcess(url, "--http-port", "0", "--api-token", TOKEN,
-                           "--advertise-host", "127.0.0.1") as server:
-            with server.connect() as raw:
-                assert raw.handshake().startswith("1.")  # client 1, for the examples
-            yield server
+            patch.delenv(name)  # no NIKI_* setting of the caller leaks in
+        server = stack.enter_context(ServerProcess(url, "--http-port", "0", "--api-token", TOKEN,
+                                                   "--advertise-host", "127.0.0.1"))
+        with server.connect() as raw:
+            assert raw.handshake().startswith("1.")  # client 1, for the examples
+        yield server
 
 
 @schema.parametrize()
