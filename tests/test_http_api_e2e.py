@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from messaging_server.client import Client
-from messaging_server.http_api import KEEPALIVE_IDLE_S
+from messaging_server.http_server import KEEPALIVE_IDLE_S
 from tests.helpers import ServerProcess, numeric_id, query, wait_until
 
 # Routed mode and no API token unless a test sets one: no NIKI_* setting may leak in.
@@ -497,7 +497,7 @@ def test_idle_keep_alive_and_refused_callers_do_not_hold_connections(sqlite_url:
 
 
 def test_connections_beyond_the_cap_get_503(sqlite_url: str) -> None:
-    from messaging_server.http_api import MAX_HTTP_CONNECTIONS
+    from messaging_server.http_server import MAX_HTTP_CONNECTIONS
 
     with running(sqlite_url) as server, contextlib.ExitStack() as held:
         socks = [held.enter_context(_connect(server.http_port)) for _ in range(MAX_HTTP_CONNECTIONS)]
