@@ -315,3 +315,19 @@ def insert_message(db_url: str, client_id: int, body: str, status: str, seconds_
           f"VALUES (%s, %s, %s, %s, {seconds_ago_sql(db_url, seconds_ago)})",
           (client_id, body, body_hash(body), status))
 
+
+def recv_before(sock: socket.socket, deadline: float, failure: str, size: int = 65536) -> bytes:
+    """One ``recv`` that must return before ``deadline`` (time.monotonic()); b"" when the
+    peer closed or reset the connection.  Past the deadline the test fails with ``failure``."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(failure)
+        sock.settimeout(remaining)
+        try:
+            return sock.recv(size)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return b""
+

@@ -40,7 +40,7 @@ import pytest
 
 from messaging_server import Enqueuer
 from messaging_server.credentials import redact
-from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, wait_until
+from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, recv_before, wait_until
 
 MiB = 1024 * 1024
 LIMIT = 1024  # protocol.MAX_CLIENT_LINE, restated: the wire contract under test
@@ -487,17 +487,8 @@ def read_until_closed(sock: socket.socket, timeout: float = READ_TIMEOUT) -> Lis
     deadline = time.monotonic() + timeout
     buf = b""
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"the server did not close the connection within {timeout} s; "
-                                 f"read {buf[-300:]!r}")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            continue
-        except ConnectionResetError:
-            chunk = b""
+        chunk = recv_before(sock, deadline, f"the server did not close the connection within "
+                                            f"{timeout} s; read {buf[-300:]!r}")
         if not chunk:
             lines = buf.split(b"\n")
             return lines[:-1] if lines[-1] == b"" else lines
@@ -508,16 +499,7 @@ def read_line(sock: socket.socket, state: List[bytes], timeout: float = READ_TIM
     """One line (None when closed); ``state`` holds the bytes read past it."""
     deadline = time.monotonic() + timeout
     while b"\n" not in state[0]:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"no line within {timeout} s (buffer {state[0][-300:]!r})")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            continue
-        except ConnectionResetError:
-            chunk = b""
+        chunk = recv_before(sock, deadline, f"no line within {timeout} s (buffer {state[0][-300:]!r})")
         if not chunk:
             return None
         state[0] += chunk

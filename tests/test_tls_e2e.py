@@ -30,7 +30,7 @@ import pytest
 
 import messaging_server
 from messaging_server.client import Client
-from tests.helpers import RawClient, ServerProcess, query, wait_until
+from tests.helpers import RawClient, ServerProcess, query, recv_before, wait_until
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 OPENSSL = shutil.which("openssl")
@@ -162,16 +162,7 @@ def read_until_closed(sock: socket.socket, timeout: float) -> Tuple[bytes, float
     start = time.monotonic()
     data = b""
     while True:
-        remaining = start + timeout - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"still open after {timeout} s (got {data!r})")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(4096)
-        except socket.timeout:
-            continue
-        except ConnectionResetError:
-            chunk = b""
+        chunk = recv_before(sock, start + timeout, f"still open after {timeout} s (got {data!r})")
         if not chunk:
             return data, time.monotonic() - start
         data += chunk
