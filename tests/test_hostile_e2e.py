@@ -116,6 +116,15 @@ def udp_queue(pid: int, port: int) -> Tuple[int, int]:
     raise AssertionError(f"no UDP socket on port {port}")
 
 
+IDENTIFIED_RE = re.compile(r" INFO (?:new client [0-9]+|client [0-9]+ identified) from ")
+
+
+def handler_starts(log: str) -> int:
+    """Connection handlers the log shows begun: each identified client's line, and the end
+    line of each connection that never identified (its only line)."""
+    return len(IDENTIFIED_RE.findall(log)) + log.count(" unidentified client disconnected from ")
+
+
 @dataclass(frozen=True)
 class Snapshot:
     rss: int
@@ -124,7 +133,7 @@ class Snapshot:
     clients: int  # accepted TCP connections on the client port
     fds: int  # every descriptor but the database pool's (which grows on demand)
     db_fds: int
-    open_handlers: int  # "connection from" minus "disconnected from" in the log
+    open_handlers: int  # handlers begun minus "disconnected from" in the log (handler_starts)
 
     def settled_like(self, base: Snapshot) -> bool:
         return (self.threads, self.clients, self.fds, self.open_handlers) == (
@@ -301,7 +310,7 @@ class Harness:
             if tcp is not None and tcp[0] == self.server.port and tcp[2] != TCP_LISTEN:
                 clients += 1
         log = self.server.log
-        handlers = log.count(" INFO connection from ") - log.count(" disconnected from ")
+        handlers = handler_starts(log) - log.count(" disconnected from ")
         return Snapshot(_kib(status["VmRSS"]), _kib(status["VmHWM"]), int(status["Threads"]),
                         clients, fds, db_fds, handlers)
 
@@ -911,7 +920,7 @@ def test_connect_storm(sqlite_harness: Harness) -> None:
 
     harness.two_rounds(attack, "a connect storm")
     log = harness.server.log
-    harness.note(f"log: {log.count(' INFO connection from ')} connections, "
+    harness.note(f"log: {handler_starts(log)} connections, "
                  f"{log.count(' disconnected from ')} disconnections, "
                  f"{log.count('(write failed')} failed writes, {log.count('closed during handshake')} "
                  "closed during the handshake")
