@@ -166,7 +166,6 @@ class MessageInfo:
     acknowledged_at: Optional[str]
 
 
-# Stored times are naive UTC (see iso_time): counted from this, no time zone is involved.
 def iso_time(value: Any) -> Optional[str]:
     """A stored time (a MySQL datetime, a SQLite text) as ISO 8601 UTC with a Z."""
     if value is None:
@@ -272,7 +271,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def pending_count(self, client_id: int) -> int:
-        """Messages of ``client_id`` still waiting for delivery."""
+        """Messages of ``client_id`` that will still be sent: pending, not past their TTL."""
 
     @abc.abstractmethod
     def client_info(self, client_id: int) -> Optional[ClientInfo]:
@@ -452,16 +451,24 @@ class SqlStorage(Storage):
         """SQL for the database time ``seconds`` ago (a literal: no parameter)."""
         return self.micros_ago_sql.replace("%s", str(int(seconds * 1_000_000)))
 
-    def _live_server(self, tx: Tx, server_id: Optional[int]) -> Optional[ServerAddress]:
-        """The wake-up address of ``server_id`` if its heartbeat is fresh."""
-        if server_id is None:
-            return None
-        rows = tx.fetchall(
-            "SELECT event_host, event_port FROM servers "
-            f"WHERE id = %s AND heartbeat_at > {self._ago(HEARTBEAT_STALE_S)}",
-            (server_id,),
-        )
-        return ServerAddress(int(server_id), rows[0][0], int(rows[0][1])) if rows else None
+    @property
+    def _alive(self) -> str:
+        """SQL: server ``s`` beat its heartbeat recently (else it is taken for dead)."""
+        return f"s.heartbeat_at > {self._ago(HEARTBEAT_STALE_S)}"
+
+    @property
+    def _live_owner_columns(self) -> str:
+        """SQL for a SELECT of client ``c``: its owner's wake-up host and port, NULL unless
+        that owner is alive.  Subqueries in a select list lock nothing, so they can ride
+        on the statement that locks the client row."""
+        owner = f"s.id = c.owner_server_id AND {self._alive}"
+        return (f"(SELECT s.event_host FROM servers s WHERE {owner}), "
+                f"(SELECT s.event_port FROM servers s WHERE {owner})")
+
+    @staticmethod
+    def _live_owner(server_id: Any, host: Any, port: Any) -> Optional[ServerAddress]:
+        """The address those columns gave, for a row's owner id, host and port."""
+        return None if host is None else ServerAddress(int(server_id), str(host), int(port))
 
     # --- clients ---
 
@@ -484,16 +491,16 @@ class SqlStorage(Storage):
     def _claim(self, tx: Tx, client_id: int, server_id: Optional[int],
                accept: Optional[Callable[[Optional[bytes]], bool]]) -> Optional[Claim]:
         rows = tx.fetchall(
-            "SELECT session, owner_server_id, secret_hash FROM clients "
-            f"WHERE id = %s {self.lock_rows_sql}",
+            f"SELECT c.session, c.secret_hash, c.owner_server_id, {self._live_owner_columns} "
+            f"FROM clients c WHERE c.id = %s {self.lock_rows_sql}",
             (client_id,),
         )
         if not rows:
             return None
-        stored_hash = None if rows[0][2] is None else bytes(rows[0][2])
+        stored_hash = None if rows[0][1] is None else bytes(rows[0][1])
         if accept is not None and not accept(stored_hash):
             return None
-        session, previous = int(rows[0][0]) + 1, rows[0][1]
+        session, previous = int(rows[0][0]) + 1, rows[0][2]
         # A delivery lease belongs to the session it was taken for: a client that
         # reconnects after its server died mid-write must not wait for it to
         # expire.  Should the older delivery still be running, its connection is
@@ -504,7 +511,7 @@ class SqlStorage(Storage):
             "delivery_lease_until = NULL WHERE id = %s",
             (session, server_id, client_id),
         )
-        owner = None if previous == server_id else self._live_server(tx, previous)
+        owner = None if previous == server_id else self._live_owner(*rows[0][2:5])
         return Claim(client_id, session, owner, has_secret=stored_hash is not None)
 
     def release_client(self, client_id: int, session: int, server_id: int) -> None:
@@ -557,18 +564,7 @@ class SqlStorage(Storage):
             )
             if recent is not None:
                 return Queued(None)
-            owner = None
-            if find_owner and rows[0][1] is not None:
-                owner = ServerAddress(int(rows[0][0]), str(rows[0][1]), int(rows[0][2]))
-            return Queued(tx.lastrowid, owner)
-
-    @property
-    def _live_owner_columns(self) -> str:
-        """SQL: the wake-up host and port of client ``c``'s owner, NULL unless its heartbeat
-        is fresh (see _live_server)."""
-        alive = f"s.id = c.owner_server_id AND s.heartbeat_at > {self._ago(HEARTBEAT_STALE_S)}"
-        return (f"(SELECT s.event_host FROM servers s WHERE {alive}), "
-                f"(SELECT s.event_port FROM servers s WHERE {alive})")
+            return Queued(tx.lastrowid, self._live_owner(*rows[0]) if find_owner else None)
 
     def enqueue_many(self, items: Sequence[Tuple[int, str]], duplicate_window: float,
                      ttl: Optional[float] = None, max_pending: Optional[int] = None,
@@ -581,9 +577,11 @@ class SqlStorage(Storage):
         with self.transaction() as tx:
             # Client rows first, in id order: the same lock order as every other
             # transaction, so batches and deliveries cannot deadlock.
-            owners = {int(row[0]): row[1] for row in tx.fetchall(
-                f"SELECT id, owner_server_id FROM clients WHERE id IN ({ids_in}) ORDER BY id "
-                f"{self.lock_rows_sql}", client_ids)}
+            owner_sql = f", {self._live_owner_columns}" if find_owner else ""
+            owners = {int(row[0]): self._live_owner(*row[1:]) if find_owner else None
+                      for row in tx.fetchall(
+                          f"SELECT c.id, c.owner_server_id{owner_sql} FROM clients c "
+                          f"WHERE c.id IN ({ids_in}) ORDER BY c.id {self.lock_rows_sql}", client_ids)}
             pending: Dict[int, int] = {}
             if max_pending is not None:
                 pending = self._pending_counts(tx, items, client_ids, max_pending)
@@ -613,13 +611,7 @@ class SqlStorage(Storage):
                     results.append(len(rows))
                     rows.append((client_id, body, digest, PENDING))
             ids = self._insert_messages(tx, rows, ttl) if rows else []
-            live: Dict[Optional[int], Optional[ServerAddress]] = {}
-            if find_owner:
-                for server_id in {owners[client_id] for client_id, _, _, status in rows
-                                  if status == PENDING}:
-                    live[server_id] = self._live_server(tx, server_id)
-        return [Queued(ids[r], live.get(owners[rows[r][0]])) if isinstance(r, int) else r
-                for r in results]
+        return [Queued(ids[r], owners[rows[r][0]]) if isinstance(r, int) else r for r in results]
 
     # The queue cap counts pending messages that have not expired.  Expiry is not
     # in the pending index, so checking it reads each row: a first count that
@@ -803,23 +795,15 @@ class SqlStorage(Storage):
 
     def pending_count(self, client_id: int) -> int:
         with self.transaction() as tx:
-            return int(
-                tx.scalar(
-                    f"SELECT COUNT(*) FROM messages WHERE client_id = %s AND status = '{PENDING}'",
-                    (client_id,),
-                )
-            )
+            return self._pending(tx, client_id)
+
+    def _pending(self, tx: Tx, client_id: int) -> int:
+        """Messages that will still be sent: pending, and not past their TTL (the same
+        count the queue cap and the client's state go by)."""
+        return int(tx.scalar(f"SELECT COUNT(*) FROM messages WHERE client_id = %s "
+                             f"AND status = '{PENDING}' AND {self._unexpired}", (client_id,)))
 
     # --- for operators and the HTTP API ---
-
-    _SERVER_COLUMNS = ("s.id, s.host, s.port, s.event_host, s.event_port, s.pid, s.started_at, "
-                       "s.heartbeat_at")
-
-    def _server_info(self, row: Sequence[Any], clients: int) -> ServerInfo:
-        alive = row[8]
-        return ServerInfo(int(row[0]), str(row[1]), int(row[2]), str(row[3]), int(row[4]),
-                          int(row[5]), iso_time(row[6]) or "", iso_time(row[7]) or "",
-                          bool(alive), clients)
 
     def client_info(self, client_id: int) -> Optional[ClientInfo]:
         with self.transaction() as tx:
@@ -828,9 +812,7 @@ class SqlStorage(Storage):
             if not rows:
                 return None
             created, seen, has_secret, owner = rows[0]
-            pending = tx.scalar(
-                f"SELECT COUNT(*) FROM messages WHERE client_id = %s AND status = '{PENDING}' "
-                f"AND {self._unexpired}", (client_id,))
+            pending = self._pending(tx, client_id)
             server = None
             if owner is not None:
                 servers = self._servers(tx, "WHERE s.id = %s", (owner,))
@@ -860,10 +842,13 @@ class SqlStorage(Storage):
 
     def _servers(self, tx: Tx, where: str, params: Sequence[Any]) -> List[ServerInfo]:
         rows = tx.fetchall(
-            f"SELECT {self._SERVER_COLUMNS}, s.heartbeat_at > {self._ago(HEARTBEAT_STALE_S)}, "
+            "SELECT s.id, s.host, s.port, s.event_host, s.event_port, s.pid, s.started_at, "
+            f"s.heartbeat_at, {self._alive}, "
             "(SELECT COUNT(*) FROM clients c WHERE c.owner_server_id = s.id) "
             f"FROM servers s {where} ORDER BY s.id", params)
-        return [self._server_info(row, int(row[9])) for row in rows]
+        return [ServerInfo(int(r[0]), str(r[1]), int(r[2]), str(r[3]), int(r[4]), int(r[5]),
+                           iso_time(r[6]) or "", iso_time(r[7]) or "", bool(r[8]), int(r[9]))
+                for r in rows]
 
     # --- servers ---
 
