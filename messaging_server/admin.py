@@ -36,12 +36,6 @@ SECONDS_PER_DAY = 86_400
 Handler = Callable[[Storage, argparse.Namespace, Mapping[str, str]], Tuple[int, Any, str]]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def _retention_days(text: str) -> float:
     try:
         days = float(text)
@@ -64,13 +58,13 @@ def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def admin_parser(prog: str = "niki-admin") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Inspect a Niki database: servers, clients, message "
+    p = argparse.ArgumentParser(prog=prog, description="Inspect a Niki database: servers, clients, message "
                 "receipts; expire and purge old messages now.",
                 epilog="Exit status: 0 done, 1 unknown client or message, or database "
                 "unreachable, 2 usage error.")
     _add_common(p, None)
     p.set_defaults(json=False)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -180,13 +174,7 @@ def _purge(storage: Storage, args: argparse.Namespace, environ: Mapping[str, str
             days = _retention_days(configured) if configured else settings.RETENTION_DAYS
         except argparse.ArgumentTypeError as exc:
             raise ConfigurationError(f"NIKI_RETENTION_DAYS={configured!r}: {exc}") from None
-    expired = deleted = 0
-    while True:  # each call does at most PURGE_BATCH of each, in short transactions
-        more_expired, more_deleted = storage.expire_and_purge(days * SECONDS_PER_DAY, settings.PURGE_BATCH)
-        expired += more_expired
-        deleted += more_deleted
-        if more_expired < settings.PURGE_BATCH and more_deleted < settings.PURGE_BATCH:
-            break
+    expired, deleted = storage.purge(days * SECONDS_PER_DAY, settings.PURGE_BATCH)
     text = (f"{expired} expired, {deleted} deleted (delivered, ignored and expired messages older "
             f"than {days:g} days)")
     return EXIT_OK, {"expired": expired, "deleted": deleted, "retention_days": days}, text

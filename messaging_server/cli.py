@@ -46,6 +46,7 @@ from typing import (
 )
 
 from . import settings
+from .credentials import redact
 from .enqueue import MAX_BATCH, Enqueuer, check_body, check_ttl, client_id_of
 from .errors import (
     BodyRejected,
@@ -70,14 +71,8 @@ QUEUED, DUPLICATE, REJECTED = "queued", "duplicate", "rejected"
 ShownId = Union[int, str, None]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
 def enqueue_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = argparse.ArgumentParser(  # usage errors exit with 2 (EXIT_BAD_INPUT)
         prog="niki-enqueue",
         usage="%(prog)s [options] CLIENT_ID MESSAGE\n"
               "       %(prog)s [options] CLIENT_ID -            (one message per line of stdin)\n"
@@ -149,10 +144,8 @@ def shown_id(client_id: object) -> ShownId:
         return client_id
     if not isinstance(client_id, str):
         return None
-    head, dot, _ = client_id.strip().partition(".")
-    if dot:
-        return f"{head}.***"
-    return int(head) if head.isascii() and head.isdigit() else head
+    shown = redact(client_id.strip())
+    return int(shown) if shown.isascii() and shown.isdigit() else shown
 
 
 # --- output -----------------------------------------------------------------------------------------
@@ -412,17 +405,17 @@ def _enqueue_file(enqueuer: Enqueuer, args: argparse.Namespace, source: IO[Any])
         if items == MAX_BATCH:
             failure = _store_batch(enqueuer, batch, report)
             if failure is not None:
-                return _stopped(report, args, *failure)
+                return _stopped(report, *failure)
             batch, items = [], 0
     failure = _store_batch(enqueuer, batch, report)
     if failure is not None:
-        return _stopped(report, args, *failure)
+        return _stopped(report, *failure)
     status = EXIT_QUEUED if report.counts[REJECTED] == 0 else EXIT_ERROR
     report.finish(False, args.quiet and status == EXIT_QUEUED)
     return status
 
 
-def _stopped(report: _Report, args: argparse.Namespace, line: int, exc: NikiError) -> int:
+def _stopped(report: _Report, line: int, exc: NikiError) -> int:
     """The database failed at ``line``: what was committed before stays, the rest was not queued."""
     report.progress.write(
         f"niki-enqueue: line {line}: {exc}; stopping: the {report.counts[QUEUED]} messages queued "

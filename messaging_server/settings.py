@@ -11,6 +11,7 @@ tools read the file through :func:`config_environ`, which turns it into
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -82,9 +83,10 @@ def configured_peers(environ: Optional[Mapping[str, str]] = None) -> Optional[Li
 def default_max_pending(environ: Optional[Mapping[str, str]] = None) -> int:
     """NIKI_MAX_PENDING, else MAX_PENDING."""
     text = env_default("NIKI_MAX_PENDING", str(MAX_PENDING), environ)
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise ConfigurationError(f"NIKI_MAX_PENDING={text!r} is not a positive whole number")
-    return int(text)
+    try:
+        return positive_int(text)  # the rule the option table (and a config file) applies
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigurationError(f"NIKI_MAX_PENDING={text!r}: {exc}") from None
 
 
 def default_db(environ: Optional[Mapping[str, str]] = None) -> str:
@@ -153,31 +155,48 @@ def _log_format(text: str) -> str:
     return text
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    value = _finite(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
     return value
 
 
-def _whole_number(minimum: int) -> Callable[[str], int]:
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number, 0 or more."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number of at least ``minimum``."""
     def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        # ASCII digits, with a sign: int() would also take "1_000", " 5" and other scripts' digits.
+        digits = text[1:] if text[:1] in ("-", "+") else text
+        if not (digits.isascii() and digits.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}")
         return value
     return convert
 
 
-_positive_int = _whole_number(1)
-_non_negative_int = _whole_number(0)
+positive_int = whole_number(1)
+non_negative_int = whole_number(0)
 
 
 def _flag(text: str) -> bool:
@@ -228,38 +247,38 @@ SERVER_OPTIONS = (
            "database URL: sqlite:///FILE or mysql://USER:PASSWORD@HOST:PORT/DB"),
     Option(("--event-port",), "NIKI_EVENT_PORT", None, _port, "UDP port for wake-ups from enqueue",
            "default: port + 1"),
-    Option(("--handshake-timeout",), "NIKI_HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT_S, _positive_float,
+    Option(("--handshake-timeout",), "NIKI_HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT_S, positive_float,
            "seconds a client has to identify"),
-    Option(("--write-timeout",), "NIKI_WRITE_TIMEOUT", WRITE_TIMEOUT_S, _positive_float,
+    Option(("--write-timeout",), "NIKI_WRITE_TIMEOUT", WRITE_TIMEOUT_S, positive_float,
            "seconds a write to a client may take before it is disconnected"),
-    Option(("--pool-size",), "NIKI_POOL_SIZE", 8, _positive_int,
+    Option(("--pool-size",), "NIKI_POOL_SIZE", 8, positive_int,
            "database connections this server may open"),
     Option(("--advertise-host",), "NIKI_ADVERTISE_HOST", "", str,
            "address other boxes reach this server's event port at, recorded in the database "
            "for routed wake-ups", "default: --host if set, else this machine's host name"),
-    Option(("--sweep-interval",), "NIKI_SWEEP_INTERVAL", SWEEP_INTERVAL_S, _positive_float,
+    Option(("--sweep-interval",), "NIKI_SWEEP_INTERVAL", SWEEP_INTERVAL_S, positive_float,
            "seconds between this server's own checks for pending messages of its clients"),
-    Option(("--max-inflight",), "NIKI_MAX_INFLIGHT", MAX_INFLIGHT, _positive_int,
+    Option(("--max-inflight",), "NIKI_MAX_INFLIGHT", MAX_INFLIGHT, positive_int,
            "ACK clients: unacknowledged messages per connection before delivery pauses"),
-    Option(("--keepalive-idle",), "NIKI_KEEPALIVE_IDLE", KEEPALIVE_IDLE_S, _positive_float,
+    Option(("--keepalive-idle",), "NIKI_KEEPALIVE_IDLE", KEEPALIVE_IDLE_S, positive_float,
            "seconds of silence before TCP keepalive probes a client"),
     Option(("--keepalive-interval",), "NIKI_KEEPALIVE_INTERVAL", KEEPALIVE_INTERVAL_S,
-           _positive_float, "seconds between keepalive probes"),
-    Option(("--keepalive-count",), "NIKI_KEEPALIVE_COUNT", KEEPALIVE_COUNT, _positive_int,
+           positive_float, "seconds between keepalive probes"),
+    Option(("--keepalive-count",), "NIKI_KEEPALIVE_COUNT", KEEPALIVE_COUNT, positive_int,
            "unanswered probes before a client is dropped"),
-    Option(("--retention-days",), "NIKI_RETENTION_DAYS", RETENTION_DAYS, _positive_float,
+    Option(("--retention-days",), "NIKI_RETENTION_DAYS", RETENTION_DAYS, positive_float,
            "days delivered, ignored and expired messages are kept"),
-    Option(("--purge-interval",), "NIKI_PURGE_INTERVAL", PURGE_INTERVAL_S, _positive_float,
+    Option(("--purge-interval",), "NIKI_PURGE_INTERVAL", PURGE_INTERVAL_S, positive_float,
            "seconds between expiry and purge runs"),
     Option(("--tls-cert",), "NIKI_TLS_CERT", "", str,
            "PEM certificate (chain) file: clients must then connect with TLS", "default: no TLS"),
     Option(("--tls-key",), "NIKI_TLS_KEY", "", str,
            "PEM private key file for --tls-cert", "default: the key inside --tls-cert"),
-    Option(("--max-connections",), "NIKI_MAX_CONNECTIONS", MAX_CONNECTIONS, _positive_int,
+    Option(("--max-connections",), "NIKI_MAX_CONNECTIONS", MAX_CONNECTIONS, positive_int,
            "concurrent client connections; beyond it a new one gets 'ERROR: server busy'",
            "default %(default)s, lowered to fit the open-file limit"),
     Option(("--max-connections-per-address",), "NIKI_MAX_CONNECTIONS_PER_ADDRESS", 0,
-           _non_negative_int, "concurrent client connections from one remote address",
+           non_negative_int, "concurrent client connections from one remote address",
            "default: 0, no limit"),
     Option(("--http-port",), "NIKI_HTTP_PORT", None, _port,
            "TCP port of the HTTP API (queue messages, receipts, /healthz, /metrics); 0 picks a "
@@ -290,7 +309,7 @@ ENQUEUE_OPTIONS = (
     Option((), "NIKI_PEERS", "", _peers,
            "broadcast mode: servers to wake for every message, host:eventport,...",
            "default: none, routed mode"),
-    Option((), "NIKI_MAX_PENDING", MAX_PENDING, _positive_int,
+    Option((), "NIKI_MAX_PENDING", MAX_PENDING, positive_int,
            "pending messages one client may have; enqueue beyond it is refused"),
 )
 

@@ -29,7 +29,6 @@ error (credential file, stdout closed, certificate check), 2 usage error.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import datetime
 import json
@@ -40,17 +39,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Deque, Iterator, Optional, Sequence, Set, TextIO, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, Optional, Sequence, TextIO, Tuple
 
 from .backoff import DEFAULT_BASE, DEFAULT_CAP, ExponentialBackoff
 from .client import Client, ClientError
 from .credential_file import CredentialFile, default_credential_path
 from .credentials import parse_credential, redact
 from .errors import ConfigurationError, NikiError
-from .protocol import MAX_CLIENT_ID, Message
+from .protocol import MAX_CLIENT_ID, PING, PONG, Message
+from .settings import DEFAULT_PORT, non_negative_float, positive_float, positive_int
 
 PROG = "niki-client"
-DEFAULT_PORT = 8000
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 CONNECT_TIMEOUT = 10.0  # seconds for TCP connect, TLS and protocol handshake together
@@ -68,7 +67,6 @@ MIN_WAIT = 0.01  # never ask a socket for a zero timeout: that means non-blockin
 # ACK was lost come again, at most the server's in-flight limit (100 by default).
 REMEMBERED_IDS = 10_000
 
-PONG = "PONG"
 
 
 class OutputClosed(NikiError):
@@ -144,16 +142,14 @@ class RecentIds:
 
     def __init__(self, limit: int = REMEMBERED_IDS) -> None:
         self.limit = limit
-        self._order: Deque[int] = collections.deque()
-        self._ids: Set[int] = set()
+        self._ids: Dict[int, None] = {}  # insertion-ordered: the oldest first
 
     def add(self, message_id: int) -> None:
         if message_id in self._ids:
             return
-        self._order.append(message_id)
-        self._ids.add(message_id)
-        if len(self._order) > self.limit:
-            self._ids.discard(self._order.popleft())
+        self._ids[message_id] = None
+        if len(self._ids) > self.limit:
+            del self._ids[next(iter(self._ids))]
 
     def __contains__(self, message_id: object) -> bool:
         return message_id in self._ids
@@ -386,7 +382,7 @@ class Subscriber:
         if keepalive.ping_sent_at is not None:
             return f"no answer to PING within {keepalive.interval:g} s"
         try:
-            client.send_command("PING")
+            client.send_command(PING)
         except OSError as exc:
             return _describe(exc)
         keepalive.ping_sent_at = now
@@ -455,36 +451,8 @@ class Subscriber:
 
 # --- the command line ---
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _positive(kind: type) -> Callable[[str], object]:
-    def convert(text: str) -> object:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return value
-    return convert
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = argparse.ArgumentParser(  # usage errors exit with status 2, as documented
         prog=PROG,
         description="Subscribe to a Niki server: print every message for this client, one per "
         "line, reconnecting when the connection is lost.",
@@ -503,13 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="connect with TLS (a server with --tls-cert)")
     p.add_argument("--cafile", metavar="FILE",
                    help="trust this PEM certificate (e.g. the server's self-signed one); implies --tls")
-    p.add_argument("--count", type=_positive(int), metavar="N", help="exit after N messages")
-    p.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
+    p.add_argument("--count", type=positive_int, metavar="N", help="exit after N messages")
+    p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
                    help="exit (status 0) after SECONDS without a message")
-    p.add_argument("--max-backoff", type=_positive(float), default=DEFAULT_CAP, metavar="SECONDS",
+    p.add_argument("--max-backoff", type=positive_float, default=DEFAULT_CAP, metavar="SECONDS",
                    help=f"longest wait between reconnect attempts (default {DEFAULT_CAP:g}; "
                    f"the first waits up to {DEFAULT_BASE:g})")
-    p.add_argument("--keepalive", type=_non_negative, default=DEFAULT_KEEPALIVE, metavar="SECONDS",
+    p.add_argument("--keepalive", type=non_negative_float, default=DEFAULT_KEEPALIVE, metavar="SECONDS",
                    help="PING a server silent this long; no PONG within as long again means "
                    f"reconnect (default {DEFAULT_KEEPALIVE:g}; 0: never)")
     return p

@@ -130,13 +130,8 @@ class Purger(_Periodic):
 
     def purge_once(self) -> Tuple[int, int]:
         """Up to ``max_batches`` batches; return (expired, deleted)."""
-        expired = deleted = 0
-        for _ in range(self._max_batches):
-            e, d = self._storage.expire_and_purge(self._retention, self._batch)
-            metrics.MESSAGES_EXPIRED.inc(e)
-            expired, deleted = expired + e, deleted + d
-            if e < self._batch and d < self._batch:
-                break
+        expired, deleted = self._storage.purge(self._retention, self._batch, self._max_batches)
+        metrics.MESSAGES_EXPIRED.inc(expired)
         if expired or deleted:
             log.info("expired %d message(s), purged %d", expired, deleted)
         return expired, deleted

@@ -36,6 +36,7 @@ import abc
 import contextlib
 import datetime
 import hashlib
+import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -268,6 +269,17 @@ class Storage(abc.ABC):
     def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
         """Mark pending messages past their TTL expired; delete at most ``batch`` finished
         messages older than ``retention`` seconds.  Return (expired, deleted)."""
+
+    def purge(self, retention: float, batch: int, max_batches: Optional[int] = None) -> Tuple[int, int]:
+        """:meth:`expire_and_purge` until a batch comes back short (or ``max_batches`` times),
+        each batch its own short transaction; return (expired, deleted)."""
+        expired = deleted = 0
+        for _ in itertools.count() if max_batches is None else range(max_batches):
+            e, d = self.expire_and_purge(retention, batch)
+            expired, deleted = expired + e, deleted + d
+            if e < batch and d < batch:
+                break
+        return expired, deleted
 
     @abc.abstractmethod
     def pending_count(self, client_id: int) -> int:
