@@ -47,7 +47,7 @@ from typing import (
 
 from . import settings
 from .credentials import redact
-from .enqueue import MAX_BATCH, Enqueuer, check_body, check_ttl, client_id_of
+from .enqueue import MAX_BATCH, Enqueuer, Submitted, check_body, check_ttl, client_id_of
 from .errors import (
     BodyRejected,
     ConfigurationError,
@@ -287,16 +287,12 @@ def _worst(a: int, b: int) -> int:
 def _store_one(enqueuer: Enqueuer, client_id: str, body: Union[str, bytes], ttl: Optional[float],
                line: Optional[int] = None) -> Outcome:
     """Queue one message; StorageUnavailable propagates (the message was not stored)."""
-    shown = shown_id(client_id)
+    result: Submitted
     try:
-        message_id = enqueuer.submit(client_id, body, ttl=ttl)
-    except QueueFull as exc:
-        return Outcome(shown, REJECTED, error=str(exc), line=line, queue_full=True)
-    except (UnknownClient, BodyRejected) as exc:
-        return Outcome(shown, REJECTED, error=str(exc), line=line)
-    if message_id is None:
-        return Outcome(shown, DUPLICATE, line=line)
-    return Outcome(shown, QUEUED, message_id, line=line)
+        result = enqueuer.submit(client_id, body, ttl=ttl)
+    except (UnknownClient, BodyRejected, QueueFull) as exc:
+        result = exc
+    return _outcome(shown_id(client_id), line, result)
 
 
 def _enqueue_one(enqueuer: Enqueuer, client_id: str, body: str, args: argparse.Namespace) -> int:
@@ -478,53 +474,30 @@ def _json_entry(line: int, text: Union[str, bytes], default_ttl: Optional[float]
 
 def _store_batch(enqueuer: Enqueuer, batch: List[Entry],
                  report: _Report) -> Optional[Tuple[int, NikiError]]:
-    """Store a batch's messages and report every entry, in order.
-
-    enqueue_many takes one ttl per call, so each run of equal ttls is one
-    transaction (usually the whole batch).  When the database fails, the
-    entries before the failed run are reported (they are committed) and the
-    failed run's first line is returned with the error.
-    """
-    outcomes: Dict[int, Outcome] = {}
-    failure: Optional[Tuple[int, NikiError]] = None
-    for run in _runs([entry for entry in batch if isinstance(entry, _Item)]):
-        try:
-            outcomes.update(_store_run(enqueuer, run))
-        except StorageUnavailable as exc:
-            failure = (run[0].line, exc)
-            break
+    """Store a batch's messages in one transaction (each with its own ttl) and report every
+    entry, in order.  When the database fails, nothing of the batch was stored: its first
+    line is returned with the error."""
+    items = [entry for entry in batch if isinstance(entry, _Item)]
+    try:
+        results = enqueuer.submit_many([(item.client_id, item.body, item.ttl) for item in items])
+    except StorageUnavailable as exc:
+        return (batch[0].line, exc)
+    outcomes = {item.line: _outcome(item.shown, item.line, result)
+                for item, result in zip(items, results)}
     for entry in batch:
-        if failure is not None and entry.line >= failure[0]:
-            break
         report.add(entry if isinstance(entry, Outcome) else outcomes[entry.line])
     sys.stdout.flush()
-    return failure
+    return None
 
 
-def _runs(items: List[_Item]) -> Iterator[List[_Item]]:
-    """Consecutive items with the same ttl (order is kept: messages of a client stay in order)."""
-    start = 0
-    for end in range(1, len(items) + 1):
-        if end == len(items) or items[end].ttl != items[start].ttl:
-            yield items[start:end]
-            start = end
-
-
-def _store_run(enqueuer: Enqueuer, run: List[_Item]) -> Dict[int, Outcome]:
-    """One transaction (``submit_many``: ``enqueue_many`` with the message ids); the
-    outcome of each item by line number."""
-    results = enqueuer.submit_many([(item.client_id, item.body) for item in run], ttl=run[0].ttl)
-    outcomes: Dict[int, Outcome] = {}
-    for item, result in zip(run, results):
-        if isinstance(result, int):
-            outcome = Outcome(item.shown, QUEUED, result, line=item.line)
-        elif result is None:
-            outcome = Outcome(item.shown, DUPLICATE, line=item.line)
-        else:
-            outcome = Outcome(item.shown, REJECTED, error=str(result), line=item.line,
-                              queue_full=isinstance(result, QueueFull))
-        outcomes[item.line] = outcome
-    return outcomes
+def _outcome(shown: ShownId, line: Optional[int], result: Submitted) -> Outcome:
+    """What became of one message: queued (its message id), a duplicate, or refused."""
+    if isinstance(result, int):
+        return Outcome(shown, QUEUED, result, line=line)
+    if result is None:
+        return Outcome(shown, DUPLICATE, line=line)
+    return Outcome(shown, REJECTED, error=str(result), line=line,
+                   queue_full=isinstance(result, QueueFull))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ MAX_BATCH = 1000
 WakeHere = Callable[[int, Optional[ServerAddress]], bool]
 # What submit_many answers per item: the message id, None for a duplicate, or the error.
 Submitted = Union[int, None, NikiError]
+# An enqueue_many item: (client id, body), or (client id, body, ttl) with a ttl of its own.
+Item = Union[Tuple[ClientId, Union[str, bytes]], Tuple[ClientId, Union[str, bytes], Optional[float]]]
 
 
 def client_id_of(client_id: ClientId) -> int:
@@ -166,14 +168,15 @@ class Enqueuer:
         self._wake([(numeric_id, queued)])
         return queued.message_id
 
-    def enqueue_many(self, items: Iterable[Tuple[ClientId, Union[str, bytes]]], *,
+    def enqueue_many(self, items: Iterable[Item], *,
                      ttl: Optional[float] = None) -> List[Union[bool, NikiError]]:
         """Queue many messages in one transaction; one result per item, in order.
 
         A result is True (queued), False (a duplicate, also of an earlier item
         in the same call) or the error that refused that item alone:
         UnknownClient, BodyRejected or QueueFull (as with
-        ``asyncio.gather(return_exceptions=True)``).  Messages for one client
+        ``asyncio.gather(return_exceptions=True)``).  An item is ``(client_id, body)``,
+        or ``(client_id, body, ttl)`` for a ttl of its own.  Messages for one client
         keep the order given.  Each server is woken once, with a datagram naming
         all its clients.  At most MAX_BATCH items per call (ValueError beyond);
         StorageUnavailable means nothing of the call was stored.
@@ -181,20 +184,23 @@ class Enqueuer:
         return [outcome if isinstance(outcome, NikiError) else outcome is not None
                 for outcome in self.submit_many(items, ttl=ttl)]
 
-    def submit_many(self, items: Iterable[Tuple[ClientId, Union[str, bytes]]], *,
-                    ttl: Optional[float] = None) -> List[Submitted]:
+    def submit_many(self, items: Iterable[Item], *, ttl: Optional[float] = None) -> List[Submitted]:
         """As :meth:`enqueue_many`, but each stored item's result is its message id
-        (None for a duplicate) instead of True / False."""
+        (None for a duplicate) instead of True / False.  An item may carry its own ttl
+        as a third element (None: ``ttl``)."""
         items = list(items)
         if len(items) > MAX_BATCH:
             raise ValueError(f"at most {MAX_BATCH} messages per enqueue_many call, not {len(items)}")
         check_ttl(ttl)
         results: List[Submitted] = [None] * len(items)
-        valid: List[Tuple[int, str]] = []
+        valid: List[Tuple[int, str, Optional[float]]] = []
         positions: List[int] = []
-        for position, (client_id, body) in enumerate(items):
+        for position, item in enumerate(items):
+            item_ttl = item[2] if len(item) > 2 else None
             try:
-                valid.append((client_id_of(client_id), check_body(body, self.max_body_bytes)))
+                check_ttl(item_ttl)
+                valid.append((client_id_of(item[0]), check_body(item[1], self.max_body_bytes),
+                              item_ttl))
                 positions.append(position)
             except NikiError as exc:
                 results[position] = exc
@@ -202,7 +208,7 @@ class Enqueuer:
                                             max_pending=self.max_pending,
                                             find_owner=self.peers is None)
         queued: List[Tuple[int, Queued]] = []
-        for position, (client_id, _), outcome in zip(positions, valid, stored):
+        for position, (client_id, _, _), outcome in zip(positions, valid, stored):
             if isinstance(outcome, NikiError):
                 results[position] = outcome
             else:
@@ -281,7 +287,7 @@ def enqueue(client_id: ClientId, body: Union[str, bytes], *, db: Optional[str] =
     return _shared_enqueuer(db, peers).enqueue(client_id, body, ttl=ttl)
 
 
-def enqueue_many(items: Iterable[Tuple[ClientId, Union[str, bytes]]], *, db: Optional[str] = None,
+def enqueue_many(items: Iterable[Item], *, db: Optional[str] = None,
                  peers: Optional[Union[str, Sequence[Address]]] = None,
                  ttl: Optional[float] = None) -> List[Union[bool, NikiError]]:
     """Queue many ``(client_id, body)`` messages in one transaction; see

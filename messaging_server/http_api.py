@@ -375,38 +375,13 @@ class ApiHandler(BoundedRequestHandler):
                 if refused.reason is not None:
                     metrics.MESSAGES_REJECTED.labels(reason=refused.reason).inc()
                 results[position] = {"code": refused.status, "error": str(refused)}
-        self._store_runs(valid, results)
+        # One transaction for the whole batch (each item with its own ttl): when the
+        # database fails, nothing was stored and the request gets 503.
+        outcomes = self.server.backend.enqueuer.submit_many(
+            [(client_id, body, ttl) for _, client_id, body, ttl in valid])
+        for (position, *_), outcome in zip(valid, outcomes):
+            results[position] = self._outcome(outcome)
         self._reply(HTTPStatus.OK, {"results": results})
-
-    def _store_runs(self, valid: List[Tuple[int, int, str, Optional[float]]],
-                    results: List[Optional[Dict[str, Any]]]) -> None:
-        """Store the valid items: each run of consecutive items with one ttl in one transaction
-        (enqueue_many takes one ttl), in order, so a client's messages keep their order.
-
-        When the database fails, the items of that run and the later ones get 503
-        (nothing of them was stored); the whole request gets 503 when it was the first run.
-        """
-        enqueuer = self.server.backend.enqueuer
-        start = 0
-        while start < len(valid):
-            end = start
-            while end < len(valid) and valid[end][3] == valid[start][3]:
-                end += 1
-            run = valid[start:end]
-            try:
-                outcomes = enqueuer.submit_many([(cid, body) for _, cid, body, _ in run],
-                                                ttl=run[0][3])
-            except StorageUnavailable as exc:
-                if start == 0:
-                    raise
-                log.warning("HTTP batch: database unavailable after %d item(s): %s", start, exc)
-                for position, *_ in valid[start:]:
-                    results[position] = {"code": HTTPStatus.SERVICE_UNAVAILABLE,
-                                         "error": public_message(exc)}
-                return
-            for (position, *_), outcome in zip(run, outcomes):
-                results[position] = self._outcome(outcome)
-            start = end
 
     @staticmethod
     def _outcome(outcome: Submitted) -> Dict[str, Any]:

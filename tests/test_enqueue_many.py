@@ -208,6 +208,19 @@ def test_ttl_applies_to_every_row(storage: Storage, db_url: str) -> None:
     assert ttl_of(db_url) == [60.0, 60.0, 60.0, 60.0, None, None]
 
 
+def test_an_item_may_carry_its_own_ttl(storage: Storage, db_url: str) -> None:
+    """(client, body, ttl) items: each row gets its own expiry in the one INSERT; an item's
+    None, or no third element, takes the call's ttl."""
+    a, b = (storage.new_client().client_id for _ in range(2))
+    results = storage.enqueue_many([(a, "p", 30), (b, "q"), (a, "r", None), (b, "s", 90.5)],
+                                   WINDOW, ttl=60)
+    assert kinds(results) == ["id", "id", "id", "id"]
+    assert ttl_of(db_url) == [30.0, 60.0, 60.0, 90.5]
+    untimed = storage.enqueue_many([(a, "t", None), (b, "u", 15)], WINDOW)
+    assert kinds(untimed) == ["id", "id"]
+    assert ttl_of(db_url)[4:] == [None, 15.0]
+
+
 def test_storage_reports_live_owner_only_when_asked(storage: Storage, db_url: str,
                                                    counters: Callable[[], DatagramCounter]) -> None:
     """Routed mode needs each queued item's live owner; broadcast mode skips the lookup."""

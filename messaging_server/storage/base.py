@@ -185,6 +185,11 @@ class SweepResult:
     owned: Dict[int, Tuple[int, bool]] = field(default_factory=dict)
 
 
+# enqueue_many's items: (client id, body) or (client id, body, ttl or None).
+BatchItem = Union[Tuple[int, str], Tuple[int, str, Optional[float]]]
+# A message row as _insert_messages writes it: client id, body, body hash, status, ttl.
+Row = Tuple[int, str, bytes, str, Optional[float]]
+
 # write(messages) -> how many of them, from the first, reached the socket.
 Writer = Callable[[Sequence[StoredMessage]], int]
 
@@ -237,10 +242,13 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def enqueue_many(self, items: Sequence[Tuple[int, str]], duplicate_window: float,
+    def enqueue_many(self, items: Sequence[BatchItem], duplicate_window: float,
                      ttl: Optional[float] = None, max_pending: Optional[int] = None,
                      find_owner: bool = True) -> List[Union[Queued, NikiError]]:
         """Store many messages in one transaction: one result per item, in order.
+
+        An item is ``(client_id, body)`` or ``(client_id, body, ttl)``; an item's ttl
+        of None (or none at all) means ``ttl``.
 
         Each result is what :meth:`enqueue` would have returned for the item
         (a Queued; message_id None for a duplicate, also of an earlier item of
@@ -578,13 +586,13 @@ class SqlStorage(Storage):
                 return Queued(None)
             return Queued(tx.lastrowid, self._live_owner(*rows[0]) if find_owner else None)
 
-    def enqueue_many(self, items: Sequence[Tuple[int, str]], duplicate_window: float,
+    def enqueue_many(self, items: Sequence[BatchItem], duplicate_window: float,
                      ttl: Optional[float] = None, max_pending: Optional[int] = None,
                      find_owner: bool = True) -> List[Union[Queued, NikiError]]:
         if not items:
             return []
-        client_ids = sorted({client_id for client_id, _ in items})
-        digests = [body_hash(body) for _, body in items]
+        client_ids = sorted({item[0] for item in items})
+        digests = [body_hash(item[1]) for item in items]
         ids_in = ", ".join(["%s"] * len(client_ids))
         with self.transaction() as tx:
             # Client rows first, in id order: the same lock order as every other
@@ -605,8 +613,10 @@ class SqlStorage(Storage):
                 f"AND created_at > {self.micros_ago_sql}",
                 [*client_ids, *unique_digests, int(duplicate_window * 1_000_000)])}
             results: List[Union[Queued, NikiError, int]] = []  # int: index into rows, for now
-            rows: List[Tuple[int, str, bytes, str]] = []
-            for (client_id, body), digest in zip(items, digests):
+            rows: List[Row] = []
+            for item, digest in zip(items, digests):
+                client_id, body = item[0], item[1]
+                item_ttl = item[2] if len(item) > 2 and item[2] is not None else ttl
                 key = (client_id, digest)
                 # The checks in enqueue()'s order: unknown, queue full, duplicate.
                 if client_id not in owners:
@@ -615,14 +625,14 @@ class SqlStorage(Storage):
                     results.append(QueueFull(f"client {client_id} already has {max_pending} "
                                              "pending messages"))
                 elif key in recent:
-                    rows.append((client_id, body, digest, IGNORED))
+                    rows.append((client_id, body, digest, IGNORED, item_ttl))
                     results.append(Queued(None))
                 else:
                     pending[client_id] = pending.get(client_id, 0) + 1
                     recent.add(key)  # a later item with the same body duplicates this one
                     results.append(len(rows))
-                    rows.append((client_id, body, digest, PENDING))
-            ids = self._insert_messages(tx, rows, ttl) if rows else []
+                    rows.append((client_id, body, digest, PENDING, item_ttl))
+            ids = self._insert_messages(tx, rows) if rows else []
         return [Queued(ids[r], owners[rows[r][0]]) if isinstance(r, int) else r for r in results]
 
     # The queue cap counts pending messages that have not expired.  Expiry is not
@@ -640,7 +650,7 @@ class SqlStorage(Storage):
     def _capped_count(self, tx: Tx, client_id: int, cap: int, where: str) -> int:
         return int(tx.scalar(self._capped_count_sql(where), (client_id, cap)))
 
-    def _pending_counts(self, tx: Tx, items: Sequence[Tuple[int, str]], client_ids: List[int],
+    def _pending_counts(self, tx: Tx, items: Sequence[BatchItem], client_ids: List[int],
                         cap: int) -> Dict[int, int]:
         """Unexpired pending counts of the batch's clients, exact wherever the cap could matter."""
         def counts(ids: Sequence[int], where: str) -> Dict[int, int]:
@@ -650,8 +660,8 @@ class SqlStorage(Storage):
                 f"AND status = '{PENDING}'{where} GROUP BY client_id", ids)}
         pending = counts(client_ids, "")
         asked: Dict[int, int] = {}
-        for client_id, _ in items:
-            asked[client_id] = asked.get(client_id, 0) + 1
+        for item in items:
+            asked[item[0]] = asked.get(item[0], 0) + 1
         near = [c for c in client_ids if pending.get(c, 0) + asked[c] > cap and pending.get(c, 0)]
         if near:
             exact = counts(near, f" AND {self._unexpired}")
@@ -664,19 +674,20 @@ class SqlStorage(Storage):
     # INSERT of known row count).
     lastrowid_is_first = True
 
-    def _insert_messages(self, tx: Tx, rows: Sequence[Tuple[int, str, bytes, str]],
-                         ttl: Optional[float]) -> List[int]:
-        """One multi-row INSERT; return the ids given to ``rows``, in order."""
-        expires = "NULL" if ttl is None else self.micros_ahead_sql
-        values = f"(%s, %s, %s, %s, {self.now_sql}, {expires})"
+    def _insert_messages(self, tx: Tx, rows: Sequence[Row]) -> List[int]:
+        """One multi-row INSERT, each row with its own ttl; return the ids given to ``rows``,
+        in order."""
+        values: List[str] = []
         params: List[Any] = []
-        for row in rows:
-            params.extend(row)
+        for client_id, body, digest, status, ttl in rows:
+            expires = "NULL" if ttl is None else self.micros_ahead_sql
+            values.append(f"(%s, %s, %s, %s, {self.now_sql}, {expires})")
+            params += [client_id, body, digest, status]
             if ttl is not None:
                 params.append(int(ttl * 1_000_000))
         step = self._id_step(tx)  # before the INSERT: any statement resets lastrowid
         tx.execute("INSERT INTO messages (client_id, body, body_hash, status, created_at, expires_at) "
-                   f"VALUES {', '.join([values] * len(rows))}", params)
+                   f"VALUES {', '.join(values)}", params)
         first = tx.lastrowid if self.lastrowid_is_first else tx.lastrowid - (len(rows) - 1) * step
         return list(range(first, first + len(rows) * step, step))
 
