@@ -106,18 +106,24 @@ def unfinished_marks(conn: ClientConnection) -> List[Tuple[List[int], bool]]:
             ((conn.unmarked, False), (conn.acked_unmarked, True)) if ids]
 
 
+def commit_marks(storage: Storage, client_id: int, ids: Sequence[int], acknowledged: bool) -> None:
+    """Mark messages whose mark could not commit before delivered, and count them
+    (legacy writes, or ACKs); StorageUnavailable when it still fails."""
+    storage.mark_delivered(client_id, ids, acknowledged=acknowledged)
+    metrics.count_marked(len(ids), acknowledged)
+
+
 def _mark_remembered(storage: Storage, conn: ClientConnection) -> bool:
     """Commit marks that failed before (legacy writes, ACKs); False if it still fails."""
     if conn.client_id is None:
         return True
     for ids, acknowledged in unfinished_marks(conn):
         try:
-            storage.mark_delivered(conn.client_id, ids, acknowledged=acknowledged)
+            commit_marks(storage, conn.client_id, ids, acknowledged)
         except StorageUnavailable as exc:
             log.warning("client %s: %d delivered message(s) not yet marked: %s",
                         conn.client_id, len(ids), exc)
             return False
-        metrics.count_marked(len(ids), acknowledged)
         ids.clear()
     return True
 

@@ -172,7 +172,7 @@ class ApiHandler(BoundedRequestHandler):
             route, match = self._route(path)
             if route is None or not route.public:
                 self._authorize()
-            if route is None or match is None:
+            if route is None:
                 raise RequestRefused(HTTPStatus.NOT_FOUND, "no such resource")
             name = route.methods.get(self.command)
             if name is None:

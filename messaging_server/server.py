@@ -39,7 +39,7 @@ from .admission import Admission, connection_cap
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection
 from .credentials import Credential, accepts, hash_secret, new_secret, redact
-from .delivery import DeliveryThread, acknowledge, deliver, unfinished_marks
+from .delivery import DeliveryThread, acknowledge, commit_marks, deliver, unfinished_marks
 from .errors import StorageUnavailable
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerConnection, ServerEvent
 from .settings import PURGE_BATCH, ServerSettings
@@ -98,10 +98,9 @@ class UnfinishedMarks:
             for key in list(self._by_client):
                 client_id, acknowledged = key
                 try:
-                    storage.mark_delivered(client_id, self._by_client[key], acknowledged=acknowledged)
+                    commit_marks(storage, client_id, self._by_client[key], acknowledged)
                 except StorageUnavailable:
                     return  # still away: keep this one and the rest
-                metrics.count_marked(len(self._by_client[key]), acknowledged)
                 del self._by_client[key]
 
 
@@ -483,11 +482,9 @@ class NikiServer(socketserver.ThreadingTCPServer):
             return
         for ids, acknowledged in unfinished_marks(conn):
             try:
-                self.storage.mark_delivered(conn.client_id, ids, acknowledged=acknowledged)
+                commit_marks(self.storage, conn.client_id, ids, acknowledged)
             except StorageUnavailable:
                 self.marks.keep(conn.client_id, ids, acknowledged)
-            else:
-                metrics.count_marked(len(ids), acknowledged)
         if not self.server_id:
             return
         try:
@@ -554,24 +551,11 @@ def run(settings: ServerSettings, storage: Storage) -> None:
     With ``settings.http_port`` set, the HTTP API runs beside the client port
     (see :mod:`messaging_server.http_api`); it is bound before anything is
     started or registered, and stopped first, before the connections close.
-    An API that would be reachable from other machines without a token is a
-    configuration error: exit status 2, before anything is bound.
+    (An API reachable from other machines without a token is refused with
+    the other settings: see settings.py.)
     """
-    import sys
-
-    from .errors import ConfigurationError
     from .http_api import in_process_wake, open_http_api
-    from .http_auth import check_exposure
 
-    if settings.http_port is not None:
-        try:
-            check_exposure(settings.http_host, settings.api_token)
-        except ConfigurationError as exc:  # a bad setting: exit status 2, as for any other
-            if settings.log_format == "json":  # where every line on stderr is JSON
-                log.error("%s", exc)
-            else:
-                print(f"messaging_server: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
     # Every thread started from here on, one per client among them, reserves
     # this much address space for its stack instead of the default 8 MiB.
     threading.stack_size(THREAD_STACK_BYTES)

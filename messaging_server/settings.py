@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from .config_file import read_config, render
 from .errors import ConfigurationError
+from .http_auth import check_exposure
 from .wakeup import Address, parse_peers
 
 DEFAULT_PORT = 8000
@@ -488,3 +489,5 @@ def _check(values: Mapping[str, object], sources: Mapping[str, str]) -> None:
         raise ConfigurationError(f"--db must not be empty (db from {sources['db']})")
     if values["tls_key"] and not values["tls_cert"]:
         raise ConfigurationError(f"--tls-key needs --tls-cert (tls_key from {sources['tls_key']})")
+    if values["http_port"] is not None:
+        check_exposure(str(values["http_host"]), str(values["api_token"]))

@@ -159,8 +159,8 @@ class WakeupListener:
 
     def __init__(self, host: str, port: int,
                  max_per_receive: int = MAX_DATAGRAMS_PER_RECEIVE) -> None:
-        self.max_per_receive = max_per_receive
         """Bind ``host`` ("" = every interface, IPv4 and IPv6 where possible)."""
+        self.max_per_receive = max_per_receive
         # Datagrams taken, those that were not wake-ups, and client ids named again
         # within one receive() (merged into one); for metrics.  receive() runs
         # on one thread, the only one that writes them.

@@ -38,7 +38,6 @@ import datetime
 import hashlib
 import itertools
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
@@ -410,35 +409,20 @@ class SqlStorage(Storage):
         """
         try:
             with self._borrow() as connection:
-                with SqlStorage._borrowed_lock:
-                    self._borrowed += 1
+                self._begin(connection, durable)
+                cursor = connection.cursor()
                 try:
-                    self._begin(connection, durable)
-                    cursor = connection.cursor()
-                    try:
-                        yield Tx(cursor, self._convert)
-                        connection.commit()
-                    except BaseException:
-                        with contextlib.suppress(Exception):
-                            connection.rollback()
-                        raise
-                    finally:
-                        with contextlib.suppress(Exception):
-                            cursor.close()
+                    yield Tx(cursor, self._convert)
+                    connection.commit()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        connection.rollback()
+                    raise
                 finally:
-                    with SqlStorage._borrowed_lock:
-                        self._borrowed -= 1
+                    with contextlib.suppress(Exception):
+                        cursor.close()
         except self.unavailable_errors as exc:
             raise self.unavailable(exc) from exc
-
-    # Connections held by transaction() now, per storage object (the pool gauge).
-    # Every object updates its count under this one lock, held for the update
-    # only: a subclass's __init__ need not set anything up for it.
-    _borrowed_lock = threading.Lock()
-    _borrowed = 0
-
-    def connections_in_use(self) -> int:
-        return self._borrowed
 
     # Set by a backend whose durable commits are serialised (SQLite): short writes
     # of many threads then share one transaction and one flush.

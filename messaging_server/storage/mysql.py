@@ -19,6 +19,7 @@ Facts this relies on (see docs/STORAGE.md):
 from __future__ import annotations
 
 import contextlib
+import threading
 from importlib import resources
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -61,6 +62,8 @@ class MysqlStorage(SqlStorage):
             client_flag=pymysql.constants.CLIENT.FOUND_ROWS,
         )
         self._auto_increment_step: Optional[int] = None  # see _id_step
+        self._in_use = 0  # connections borrowed now (the pool gauge)
+        self._in_use_lock = threading.Lock()
         self._pool = PooledDB(
             creator=pymysql,
             mincached=0,
@@ -83,10 +86,17 @@ class MysqlStorage(SqlStorage):
     @contextlib.contextmanager
     def _borrow(self) -> Iterator[Any]:
         connection = self._pool.connection()
+        with self._in_use_lock:
+            self._in_use += 1
         try:
             yield connection
         finally:
             connection.close()  # back to the pool
+            with self._in_use_lock:
+                self._in_use -= 1
+
+    def connections_in_use(self) -> int:
+        return self._in_use
 
     def _begin(self, connection: Any, durable: bool = True) -> None:
         connection.begin()  # every commit is flushed (innodb_flush_log_at_trx_commit)

@@ -88,6 +88,10 @@ class SqliteStorage(SqlStorage):
             finally:
                 self._idle.put(connection)
 
+    def connections_in_use(self) -> int:
+        # A connection is borrowed only under the serialising lock: at most one.
+        return int(self._serial.locked())
+
     def _begin(self, connection: sqlite3.Connection, durable: bool = True) -> None:
         # FULL flushes the WAL at each commit ("queued" means on disk); NORMAL
         # leaves it to the next FULL commit or checkpoint.  Set per transaction,
