@@ -41,9 +41,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_OK
     settings = effective.settings
     configure_logging(settings.verbose, settings.log_format)
-    # This process's own enqueueing reads NIKI_PEERS / NIKI_MAX_PENDING; the file's count too.
-    for name, value in effective.enqueue_environ().items():
-        os.environ.setdefault(name, value)
+    # This process's own enqueueing (the HTTP API) reads NIKI_PEERS / NIKI_MAX_PENDING; a
+    # value from the file is one the environment left unset or empty, so it goes in as is.
+    os.environ.update(effective.enqueue_environ())
     fail = _reporter(settings.log_format)
     from .server import run
 

@@ -331,3 +331,26 @@ def recv_before(sock: socket.socket, deadline: float, failure: str, size: int = 
         except ConnectionResetError:
             return b""
 
+
+def run_threads(targets: List[Callable[[], None]], timeout: float = 30.0) -> None:
+    """Run ``targets`` in threads; re-raise the first exception any of them raised, and fail
+    if any is still running after ``timeout`` (a deadlock)."""
+    errors: List[BaseException] = []
+
+    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # re-raised in the test thread
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "threads still running after the timeout (deadlock?)"
+    if errors:
+        raise errors[0]

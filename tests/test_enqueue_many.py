@@ -28,6 +28,7 @@ from tests.helpers import (
     insert_message,
     numeric_id,
     query,
+    run_threads,
     seconds_ago_sql,
     wait_until,
 )
@@ -95,27 +96,6 @@ def add_poison_trigger(db_url: str) -> None:
               "END IF")
 
 
-def run_threads(targets: List[Callable[[], None]], timeout: float = 60.0) -> None:
-    """Run ``targets`` in threads; re-raise the first exception any of them raised."""
-    errors: List[BaseException] = []
-
-    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:  # re-raised in the test thread
-                errors.append(exc)
-        return run
-
-    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "threads still running after the timeout (deadlock?)"
-    if errors:
-        raise errors[0]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from messaging_server.errors import ConfigurationError, QueueFull, StorageUnavailable, UnknownClient
 from messaging_server.storage import Delivery, Storage, StoredMessage, describe_url, open_storage
 from messaging_server.storage.base import Claim
-from tests.helpers import insert_message, query, seconds_ago_sql, wait_until
+from tests.helpers import insert_message, query, run_threads, seconds_ago_sql, wait_until
 
 WINDOW = 5.0
 
@@ -50,27 +50,6 @@ def deliver_all(storage: Storage, client_id: int, session: int, batch: int = 100
             return out
 
 
-def run_threads(targets: List[Callable[[], None]], timeout: float = 30.0) -> None:
-    """Run ``targets`` in threads; re-raise the first exception any of them raised."""
-    errors: List[BaseException] = []
-
-    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:  # reported in the test thread
-                errors.append(exc)
-        return run
-
-    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "threads still running after the timeout"
-    if errors:
-        raise errors[0]
 
 
 # --- schema ---------------------------------------------------------------------------------------
