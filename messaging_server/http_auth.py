@@ -38,12 +38,9 @@ def is_loopback(host: str) -> bool:
     host = host.strip().strip("[]")
     if not host:
         return False
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
+    literal = _literal_loopback(host)
+    if literal is not None:
+        return literal
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
@@ -105,9 +102,15 @@ def loopback_host_header(host_header: Optional[str]) -> bool:
         host = host[1:].partition("]")[0]
     elif host.count(":") == 1:  # 127.0.0.1:8080, localhost:8080
         host = host.partition(":")[0]
+    return bool(_literal_loopback(host))
+
+
+def _literal_loopback(host: str) -> Optional[bool]:
+    """Whether ``host`` is a loopback name or address as written; None when it is some
+    other name (only a resolver could tell)."""
     if host.lower() in LOOPBACK_NAMES:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False
+        return None
