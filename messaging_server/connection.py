@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import List, Optional, Sequence, Set, Tuple, Union
 
 from . import metrics
 from .protocol import ServerConnection
@@ -32,10 +32,15 @@ from .storage import StoredMessage
 
 log = logging.getLogger(__name__)
 
-# Replies (PONG, Invalid command, errors) waiting to be written to one client.
-# A client that sends commands faster than it reads the answers would otherwise
-# make the server hold them without bound; past this it is disconnected.
+# Commands waiting for the handler thread (their replies: PONG, Invalid command,
+# errors; and ACKs), counted in bytes of reply.  A client that sends commands
+# faster than it reads the answers would otherwise make the server hold them
+# without bound; past this it is disconnected.
 MAX_UNWRITTEN_REPLIES = 64 * 1024
+# What a waiting ACK counts for against that cap: about the length of the error
+# line it may get (``ERROR: unknown message id <n>``), so the cap bounds the
+# replies an ACK flood can make the server write, too.
+ACK_COST = 32
 
 # Bytes taken per read: enough for many command lines at once.
 READ_CHUNK = 4096
@@ -45,12 +50,20 @@ READ_CHUNK = 4096
 TLS_RECORD = 16 * 1024
 
 
+# One command's work for the handler thread: a reply to write, as (line, close
+# reason or ""), or the id of an ACK to check and record.
+WorkItem = Union[Tuple[bytes, str], int]
+
+
 @dataclass
 class Work:
-    """What other threads asked the handler thread to do, taken all at once."""
+    """What other threads asked the handler thread to do, taken all at once.
 
-    replies: List[Tuple[bytes, str]] = field(default_factory=list)  # (line, close reason or "")
-    acks: List[int] = field(default_factory=list)
+    ``items`` are in the order of the client's commands, replies and ACKs alike,
+    so that the answers go out in that order too.
+    """
+
+    items: List[WorkItem] = field(default_factory=list)
     deliver: bool = False
 
 
@@ -89,6 +102,9 @@ class ClientConnection:
         self.unmarked: List[int] = []  # written, but the "delivered" mark did not commit
         self.inflight: Set[int] = set()  # ACK mode: written, not yet acknowledged
         self.acked_unmarked: List[int] = []  # ACK mode: acknowledged, mark not yet committed
+        # This session holds the client's delivery lease (see storage.Storage): it has
+        # sent messages it has not yet recorded as delivered, or is sending some.
+        self.holds_lease = False
         self.max_inflight = max_inflight
 
     def __repr__(self) -> str:
@@ -101,25 +117,24 @@ class ClientConnection:
     # --- asking the handler thread for work (any thread) ---
 
     def post(self, line: bytes, close_reason: str = "") -> None:
-        """Have ``line`` written; then close the connection if ``close_reason`` is given.
+        """Have ``line`` written; then close the connection if ``close_reason`` is given."""
+        self._add((line, close_reason), len(line))
 
-        A client whose unwritten replies pass MAX_UNWRITTEN_REPLIES is disconnected.
-        """
+    def post_ack(self, message_id: int) -> None:
+        """Have an ACK checked and recorded, in its place among the replies."""
+        self._add(message_id, ACK_COST)
+
+    def _add(self, item: WorkItem, cost: int) -> None:
+        """Queue ``item``; a client whose waiting commands pass MAX_UNWRITTEN_REPLIES is
+        disconnected instead (the bound is enforced here, where items are added)."""
         with self._cond:
-            if self._reply_bytes + len(line) > MAX_UNWRITTEN_REPLIES:
-                flooding = True
-            else:
-                flooding = False
-                self._reply_bytes += len(line)
-                self._work.replies.append((line, close_reason))
+            flooding = self._reply_bytes + cost > MAX_UNWRITTEN_REPLIES
+            if not flooding:
+                self._reply_bytes += cost
+                self._work.items.append(item)
                 self._cond.notify()
         if flooding:
             self.close("sent commands faster than it read the answers")
-
-    def post_ack(self, message_id: int) -> None:
-        with self._cond:
-            self._work.acks.append(message_id)
-            self._cond.notify()
 
     def request_delivery(self) -> bool:
         """Ask for a delivery pass; requests made while one runs coalesce into one more.
@@ -135,7 +150,7 @@ class ClientConnection:
     def take_work(self, timeout: float) -> Work:
         """Wait up to ``timeout`` for work (or close); take all of it."""
         with self._cond:
-            if not (self._work.replies or self._work.acks or self._work.deliver or self.closed):
+            if not (self._work.items or self._work.deliver or self.closed):
                 self._cond.wait(timeout)
             work, self._work = self._work, Work()
             self._reply_bytes = 0

@@ -3,17 +3,26 @@
 :func:`deliver` is the one way messages reach a socket, and it runs only on
 the connection's own handler thread: right after the handshake (the backlog),
 and whenever the delivery thread (a wake-up datagram), the sweeper or an ACK
-asks for a pass.  Requests coalesce, a connection runs one pass at a time,
-and the storage layer's transaction locks the client row, so deliveries of
-one client never overlap, in this process or across servers.
+asks for a pass.  Requests coalesce and a connection runs one pass at a time.
+
+No database connection or lock is held while a socket is written: a pass
+reads a batch in one short transaction, writes it with none open, then
+records what was written in another.  What keeps two connections of one
+client (an old one being taken over, on this server or another) from sending
+the same message is the client's delivery lease (see storage.Storage): only
+the session holding it delivers, and it keeps it until everything it sent is
+recorded (legacy: marked delivered; ACK mode: acknowledged, or its
+connection ended).  A session that finds the lease held waits, without
+polling, for the holder to give it back: the holder's server then wakes the
+client's current connection (:meth:`NikiServer.release`), and the sweep asks
+again anyway.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 from . import metrics
 from .connection import ClientConnection
@@ -23,124 +32,139 @@ from .wakeup import WakeupListener
 
 log = logging.getLogger(__name__)
 
-# A delivery lease outlives the write it covers by this much (SQLite; see storage).
-LEASE_MARGIN_S = 5.0
-# How long to wait before asking again when another delivery holds the lease.
-BUSY_RETRY_S = 0.05
+# Connected clients whose state one wake-up check reads in one query.
+WAKEUP_CHECK_CHUNK = 500
 
 
-def deliver(storage: Storage, conn: ClientConnection, batch: int) -> int:
+def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Optional[int]) -> int:
     """Write the pending messages of ``conn``'s client to it; return how many were written.
 
     Runs on the connection's handler thread only.  Legacy connections: each
-    batch is written and marked delivered in one transaction; if the mark
-    cannot commit (the database went away), the ids written are remembered
-    and marked first on the next pass, so nothing is written twice to this
-    connection.  ACK connections: nothing is marked here; at most
-    ``conn.max_inflight`` messages wait for their ACK, and delivery pauses
-    at that limit until acks free room.
+    batch is marked delivered once written; if the mark cannot commit (the
+    database went away), the ids written are remembered and marked first on
+    the next pass (or when the connection ends), so nothing is written twice
+    to this connection.  ACK connections: nothing is marked here; at most
+    ``conn.max_inflight`` messages wait for their ACK, and delivery pauses at
+    that limit until acks free room.
     """
-    if not _mark_remembered(storage, conn):
+    if conn.client_id is None or not _mark_remembered(storage, conn):
         return 0
+    metrics.DELIVERY_PASSES.inc()
+    client_id, session = conn.client_id, conn.session
     ack_mode = conn.protocol.ack_mode
     total = 0
-    while not conn.closed and not conn.leaving and conn.client_id is not None:
-        room = conn.max_inflight - len(conn.inflight) if ack_mode else batch
+    while not conn.closed and not conn.leaving:
+        room = min(batch, conn.max_inflight - len(conn.inflight)) if ack_mode else batch
         if room <= 0:
             break  # paused: acks will ask for the next pass
-        written: List[int] = []
-
-        def write(messages: Sequence[StoredMessage], written: List[int] = written) -> int:
-            count = conn.write_messages(messages)
-            written.extend(m.id for m in messages[:count])
-            metrics.observe_latency(m.created_at for m in messages[:count])
-            return count
-
         try:
-            result = storage.deliver_pending(conn.client_id, conn.session, write, min(batch, room),
-                                             after_id=conn.last_sent_id, mark=not ack_mode,
-                                             lease=conn.write_timeout + LEASE_MARGIN_S)
+            messages = storage.read_batch(client_id, session, room, after_id=conn.last_sent_id)
+            if messages and not conn.holds_lease:
+                acquired = storage.acquire_delivery(client_id, session, server_id, room,
+                                                    after_id=conn.last_sent_id)
+                if acquired.busy:
+                    # An older connection of this client has sent messages it has not
+                    # recorded yet; its server wakes us when it lets go.
+                    log.debug("client %s: waiting for an older connection to finish", client_id)
+                    break
+                messages = None if acquired.taken_over else acquired.messages
+                conn.holds_lease = not acquired.taken_over
         except StorageUnavailable as exc:
-            # Whatever was written stays "sent" for this connection.  The rest
-            # stays pending and goes out when a wake-up or sweep asks again.
-            _remember(conn, written, marked=False)
             metrics.DELIVERIES_POSTPONED.inc()
-            log.warning("delivery to client %s postponed: database unavailable: %s",
-                        conn.client_id, exc)
-            return total + len(written)
-        if result.busy:
-            # Another connection of this client (an older one, maybe in another
-            # process) is mid-write; it gives the lease back within its write timeout.
-            time.sleep(BUSY_RETRY_S)
-            conn.request_delivery()
+            log.warning("delivery to client %s postponed: database unavailable: %s", client_id, exc)
             break
-        _remember(conn, written, marked=True)
-        total += len(written)
-        if result.taken_over:
-            log.info("client %s: closing %s, taken over by a newer connection",
-                     conn.client_id, conn.peer)
+        if messages is None:
+            log.info("client %s: closing %s, taken over by a newer connection", client_id, conn.peer)
             conn.close("taken over by a newer connection")
-        if not result.more:
+            break
+        if not messages:
+            break
+        written = _write(conn, messages)
+        total += len(written)
+        full = len(written) == len(messages) == room
+        if not ack_mode and not _mark_written(storage, conn, written, release=not full):
+            break
+        if not full:
             break
     if total:
-        log.debug("client %s: delivered %d message(s)", conn.client_id, total)
+        log.debug("client %s: delivered %d message(s)", client_id, total)
     return total
 
 
-def _remember(conn: ClientConnection, written: List[int], marked: bool) -> None:
-    if not written:
-        return
-    if marked or conn.protocol.ack_mode:  # else counted when the mark commits (count_marked)
-        metrics.MESSAGES_DELIVERED.inc(len(written))
-    conn.last_sent_id = max(conn.last_sent_id, written[-1])
-    if conn.protocol.ack_mode:
-        conn.inflight.update(written)
-    elif not marked:
+def _write(conn: ClientConnection, messages: Sequence[StoredMessage]) -> List[int]:
+    """Write ``messages`` (no transaction open); the ids of those written whole."""
+    count = conn.write_messages(messages)
+    written = [m.id for m in messages[:count]]
+    if written:
+        metrics.observe_latency(m.created_at for m in messages[:count])
+        conn.last_sent_id = max(conn.last_sent_id, written[-1])
+        if conn.protocol.ack_mode:
+            conn.inflight.update(written)
+            metrics.MESSAGES_DELIVERED.inc(len(written))
+    return written
+
+
+def _mark_written(storage: Storage, conn: ClientConnection, written: List[int], release: bool) -> bool:
+    """Legacy: record ``written`` as delivered, giving the lease back when ``release``
+    (nothing more to send now); False when the database failed (they are remembered)."""
+    assert conn.client_id is not None
+    if not written and not release:
+        return True
+    try:
+        storage.mark_delivered(conn.client_id, written,
+                               release_session=conn.session if release else None)
+    except StorageUnavailable as exc:
         conn.unmarked.extend(written)
-
-
-def unfinished_marks(conn: ClientConnection) -> List[Tuple[List[int], bool]]:
-    """(ids, acknowledged) whose "delivered" mark did not commit: written (legacy, False)
-    and acknowledged (ACK, True)."""
-    return [(ids, acknowledged) for ids, acknowledged in
-            ((conn.unmarked, False), (conn.acked_unmarked, True)) if ids]
-
-
-def commit_marks(storage: Storage, client_id: int, ids: Sequence[int], acknowledged: bool) -> None:
-    """Mark messages whose mark could not commit before delivered, and count them
-    (legacy writes, or ACKs); StorageUnavailable when it still fails."""
-    storage.mark_delivered(client_id, ids, acknowledged=acknowledged)
-    metrics.count_marked(len(ids), acknowledged)
+        metrics.DELIVERIES_POSTPONED.inc()
+        log.warning("client %s: %d delivered message(s) not yet marked: %s",
+                    conn.client_id, len(written), exc)
+        return False
+    metrics.MESSAGES_DELIVERED.inc(len(written))
+    if release:
+        conn.holds_lease = False
+    return True
 
 
 def _mark_remembered(storage: Storage, conn: ClientConnection) -> bool:
-    """Commit marks that failed before (legacy writes, ACKs); False if it still fails."""
-    if conn.client_id is None:
-        return True
-    for ids, acknowledged in unfinished_marks(conn):
+    """Commit marks that failed before (legacy writes, ACKs); False if it still fails.
+
+    The lease goes back with them when nothing else is unconfirmed (legacy: the
+    pass that follows takes it again if there is more to send)."""
+    assert conn.client_id is not None
+    for ids, acknowledged in ((conn.unmarked, False), (conn.acked_unmarked, True)):
+        if not ids:
+            continue
+        last = not (conn.unmarked if acknowledged else conn.acked_unmarked)
+        release = last and not conn.inflight
         try:
-            commit_marks(storage, conn.client_id, ids, acknowledged)
+            storage.mark_delivered(conn.client_id, ids, acknowledged=acknowledged,
+                                   release_session=conn.session if release else None)
         except StorageUnavailable as exc:
             log.warning("client %s: %d delivered message(s) not yet marked: %s",
                         conn.client_id, len(ids), exc)
             return False
+        metrics.count_marked(len(ids), acknowledged)
+        if release:
+            conn.holds_lease = False
         ids.clear()
     return True
 
 
-def acknowledge(storage: Storage, conn: ClientConnection, message_ids: Sequence[int]) -> None:
-    """Record the client's ACKs (handler thread): each id must be in flight on this connection."""
-    known: List[int] = []
-    for message_id in message_ids:
-        if message_id in conn.inflight:
-            conn.inflight.discard(message_id)
-            known.append(message_id)
-        else:
-            conn.send(conn.protocol.error(f"unknown message id {message_id}"))
+def check_acks(conn: ClientConnection, message_ids: Sequence[int]) -> List[int]:
+    """Of the client's ACKs, those of messages in flight on this connection (taken out of
+    flight); unknown ones are the caller's to answer."""
+    known = [m for m in message_ids if m in conn.inflight]
+    conn.inflight.difference_update(known)
+    return known
+
+
+def acknowledge(storage: Storage, conn: ClientConnection, known: Sequence[int]) -> None:
+    """Record acknowledged messages (handler thread); on failure they are kept and
+    committed before the next delivery, or when the connection ends."""
     if not known:
         return
     conn.acked_unmarked.extend(known)
-    _mark_remembered(storage, conn)  # on failure, retried before the next delivery
+    _mark_remembered(storage, conn)
     conn.request_delivery()  # room was freed
 
 
@@ -151,16 +175,19 @@ class DeliveryThread(threading.Thread):
     """
 
     def __init__(self, listener: WakeupListener,
-                 lookup: Callable[[int], Optional[ClientConnection]]) -> None:
+                 lookup: Callable[[int], Optional[ClientConnection]],
+                 storage: Optional[Storage] = None) -> None:
         super().__init__(name="delivery", daemon=True)
         self._listener = listener
         self._lookup = lookup
+        self._storage = storage
         self._stopping = threading.Event()
         self.wakeups = 0  # coalesced wake-up batches handled
         # Client wake-ups that found a pass already due, and ones for a client not
         # connected here; written by this thread only, read by metrics scrapes.
         self.coalesced = 0
         self.not_connected = 0
+        self.nothing_new = 0  # wake-ups for a client with nothing new: no pass
 
     def stop(self) -> None:
         self._stopping.set()
@@ -169,12 +196,46 @@ class DeliveryThread(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             client_ids = self._listener.receive(timeout=0.5)
-            if client_ids:
-                self.wakeups += 1
-                log.debug("wake-up for client(s) %s", ",".join(map(str, sorted(client_ids))))
+            if not client_ids:
+                continue
+            self.wakeups += 1
+            log.debug("wake-up for %d client(s)", len(client_ids))
+            named: Dict[int, ClientConnection] = {}
             for client_id in client_ids:
                 conn = self._lookup(client_id)
                 if conn is None:
                     self.not_connected += 1
+                elif not conn.closed:
+                    named[client_id] = conn
+            try:
+                self._wake(named)
+            except Exception:  # a bug here would silence every wake-up: make it loud
+                log.exception("wake-up handling failed")
+
+    def _wake(self, named: Dict[int, ClientConnection]) -> None:
+        """Ask for a pass only where the database shows something new for the connection:
+        a newer session (taken over) or a pending message above the last one it wrote.
+
+        Anyone who can reach the UDP port can name every client id; this way a wake-up
+        for a client with nothing new costs a share of one indexed read, not a delivery
+        transaction, and the work per datagram is bounded by the connected clients it names.
+        """
+        ids = sorted(named)
+        for start in range(0, len(ids), WAKEUP_CHECK_CHUNK):
+            chunk = ids[start:start + WAKEUP_CHECK_CHUNK]
+            state: Dict[int, tuple] = {}
+            if self._storage is not None:
+                try:
+                    state = self._storage.wakeup_state(chunk)
+                except StorageUnavailable as exc:
+                    # A pass could do nothing either; the sweep asks once it is back.
+                    log.warning("wake-ups ignored: database unavailable: %s", exc)
+                    return
+            for client_id in chunk:
+                conn = named[client_id]
+                known = state.get(client_id)
+                if self._storage is not None and known is not None and \
+                        known[0] == conn.session and known[1] <= conn.last_sent_id:
+                    self.nothing_new += 1
                 elif not conn.request_delivery():
                     self.coalesced += 1

@@ -186,6 +186,11 @@ DELIVERY_LATENCY = BatchHistogram(
     LATENCY_BUCKETS,
 )
 REGISTRY.register(DELIVERY_LATENCY)
+DELIVERY_PASSES = Counter(
+    "niki_delivery_passes",
+    "Delivery passes run for connected clients (each reads the database at least once).",
+    registry=REGISTRY,
+)
 DELIVERIES_POSTPONED = Counter(
     "niki_deliveries_postponed",
     "Delivery passes cut short because the database was unavailable.",
@@ -268,6 +273,7 @@ class ServerProbes:
     wakeups_invalid: Callable[[], int]  # datagrams that were not wake-ups
     wakeups_coalesced: Callable[[], int]  # client wake-ups that caused no pass of their own
     wakeups_not_connected: Callable[[], int]  # client wake-ups naming a client not held here
+    wakeups_nothing_new: Callable[[], int]  # client wake-ups that found nothing new: no pass
 
 
 # (metric name, help, ServerProbes field) of the gauges, then of the counters, read at scrape.
@@ -291,6 +297,8 @@ _PROBED_COUNTERS = (
      "wakeups_coalesced"),
     ("niki_wakeups_not_connected", "Client wake-ups naming a client not connected to this "
      "server (ignored).", "wakeups_not_connected"),
+    ("niki_wakeups_nothing_new", "Client wake-ups for a connected client that the database "
+     "showed had nothing new (no delivery pass).", "wakeups_nothing_new"),
 )
 _INFO = ("niki_info", "Always 1; the version of this Niki server in its label.")
 
@@ -358,6 +366,7 @@ __all__ = [
     "CONTENT_TYPE",
     "CREDENTIALS_REJECTED",
     "DELIVERIES_POSTPONED",
+    "DELIVERY_PASSES",
     "DELIVERY_LATENCY",
     "DURATION_BUCKETS",
     "HANDSHAKES",

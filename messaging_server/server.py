@@ -32,14 +32,15 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import metrics
 from .admission import Admission, connection_cap
 from .commands import CommandListener, handle_events
-from .connection import ClientConnection
+from .connection import ClientConnection, WorkItem
 from .credentials import Credential, accepts, hash_secret, new_secret, redact
-from .delivery import DeliveryThread, acknowledge, commit_marks, deliver, unfinished_marks
+from .delivery import DeliveryThread, acknowledge, check_acks, deliver
 from .errors import StorageUnavailable
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerConnection, ServerEvent
 from .settings import PURGE_BATCH, ServerSettings
@@ -63,45 +64,48 @@ IDLE_WAIT_S = 60.0
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 
-class UnfinishedMarks:
-    """Delivered messages whose mark did not commit, kept after their connection ended.
+@dataclass(frozen=True)
+class EndedSession:
+    """A connection that ended before its end could be recorded (the database was away).
 
-    Without this a legacy message written just before the database went away,
-    or an ACK received then, would be sent again on the client's next
-    connection.  The sweeper commits them once the database is back; a new
-    connection of the client on this server takes them over first.
+    Its session keeps the client's delivery lease until it is, so that what it
+    wrote (legacy) or had acknowledged (ACK) and could not mark is never sent
+    again by the client's next connection.
     """
 
+    client_id: int
+    session: int
+    written: Tuple[int, ...] = ()
+    acknowledged: Tuple[int, ...] = ()
+
+
+class UnrecordedEnds:
+    """Ended sessions whose release did not commit; the sweeper retries them."""
+
     def __init__(self) -> None:
-        # (client id, acknowledged) -> message ids; see Storage.mark_delivered
-        self._by_client: Dict[Tuple[int, bool], List[int]] = {}
+        self._ended: List[EndedSession] = []
         self._lock = threading.Lock()
 
-    def keep(self, client_id: int, message_ids: List[int], acknowledged: bool) -> None:
+    def keep(self, ended: EndedSession) -> None:
         with self._lock:
-            self._by_client.setdefault((client_id, acknowledged), []).extend(message_ids)
+            self._ended.append(ended)
 
-    def take(self, client_id: int) -> Tuple[List[int], List[int]]:
-        """The client's kept marks: (written, acknowledged)."""
+    def retry(self, record: Callable[[EndedSession], None]) -> None:
+        """Record each kept end once (``record`` raises StorageUnavailable while the
+        database is away); keep what still fails, in order."""
         with self._lock:
-            return (self._by_client.pop((client_id, False), []),
-                    self._by_client.pop((client_id, True), []))
+            ended, self._ended = self._ended, []
+        for index, item in enumerate(ended):
+            try:
+                record(item)
+            except StorageUnavailable:
+                with self._lock:
+                    self._ended[:0] = ended[index:]
+                return
 
-    def commit(self, storage: Storage) -> None:
-        """Try every kept mark once (the sweeper); keep what still fails.
-
-        Holds the lock throughout, so that a reconnecting client's ``take()``
-        waits and then finds its marks either committed or still here, never
-        in between (it would read those messages as pending and send them again).
-        """
+    def __len__(self) -> int:
         with self._lock:
-            for key in list(self._by_client):
-                client_id, acknowledged = key
-                try:
-                    commit_marks(storage, client_id, self._by_client[key], acknowledged)
-                except StorageUnavailable:
-                    return  # still away: keep this one and the rest
-                del self._by_client[key]
+            return len(self._ended)
 
 
 class ConnectionRegistry:
@@ -219,13 +223,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
         try:
             if conn.send(conn.protocol.set_client_id(conn.credential)):
                 conn.ready.set()
-                # Marks an earlier connection of this client could not commit:
-                # commit them before anything is sent, so those are not sent again.
-                written, acknowledged = self.server.marks.take(conn.client_id)
-                conn.unmarked.extend(written)
-                conn.acked_unmarked.extend(acknowledged)
                 if not conn.new_client:  # a client created just now has no backlog
-                    deliver(self.server.storage, conn, settings.delivery_batch)
+                    deliver(self.server.storage, conn, settings.delivery_batch, self.server.server_id)
                 self._work_loop(conn)
         finally:
             if listened:
@@ -244,15 +243,13 @@ class ClientHandler(socketserver.BaseRequestHandler):
             # sleeps until there is something to do: thousands of idle clients
             # cost no wake-ups.  The timeout is only a safety net.
             work = conn.take_work(timeout=IDLE_WAIT_S)
-            if work.acks:  # first: what the client confirmed counts even if it then left
-                acknowledge(storage, conn, work.acks)
-            _write_replies(conn, work.replies)
+            _answer(storage, conn, work.items)
             if work.deliver and not conn.closed:
-                deliver(storage, conn, batch)
-        # Acks the client sent just before it went (``ACK n`` then DISCONNECT or EOF).
+                deliver(storage, conn, batch, self.server.server_id)
+        # Acks the client sent just before it went (``ACK n`` then DISCONNECT or EOF):
+        # recorded when the connection's end is (NikiServer.release).
         last = conn.take_work(timeout=0)
-        if last.acks:
-            acknowledge(storage, conn, last.acks)
+        conn.acked_unmarked.extend(check_acks(conn, [i for i in last.items if isinstance(i, int)]))
 
     def _read_identify(self, conn: ClientConnection, deadline: float,
                        timeout: float) -> List[ServerEvent]:
@@ -334,7 +331,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.settings = settings
         self.storage = storage
         self.registry = ConnectionRegistry()
-        self.marks = UnfinishedMarks()
+        self.unrecorded = UnrecordedEnds()
         self.tls_context = server_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
         cap = connection_cap(settings.max_connections)
         if cap < settings.max_connections:
@@ -354,9 +351,10 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.wakeups = WakeupListener(settings.host, settings.resolved_event_port)
         self.wakeup_sender = WakeupSender()
         self.commands = CommandListener()
-        self.delivery = DeliveryThread(self.wakeups, self.registry.get)
+        self.delivery = DeliveryThread(self.wakeups, self.registry.get, storage)
         self.sweeper = Sweeper(storage, lambda: self.server_id, self.registry.all,
-                               settings.sweep_interval, before=lambda: self.marks.commit(storage))
+                               settings.sweep_interval,
+                               before=lambda: self.unrecorded.retry(self._record_end))
         self.purger = Purger(storage, settings.purge_interval,
                              settings.retention_days * 86400, PURGE_BATCH)
         self.heartbeat = Heartbeat(storage, lambda: self.server_id, self._reregister)
@@ -376,6 +374,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
             wakeups_invalid=lambda: wakeups.invalid,
             wakeups_coalesced=lambda: wakeups.merged + delivery.coalesced,
             wakeups_not_connected=lambda: delivery.not_connected,
+            wakeups_nothing_new=lambda: delivery.nothing_new,
         )
 
     def server_bind(self) -> None:
@@ -473,25 +472,39 @@ class NikiServer(socketserver.ThreadingTCPServer):
             conn.close("server re-registered")
 
     def release(self, conn: ClientConnection) -> None:
-        """The connection ended: its client is offline unless it reconnected meanwhile.
+        """The connection ended: record it (its unrecorded marks, the lease, the owner).
 
-        Marks it could not commit (the database was away) outlive it: they are
-        committed now, or kept for the sweeper and the client's next connection.
+        If the database is away, the end is kept and the sweeper records it once
+        the database is back; until then the client's next connection waits for
+        the lease rather than send again what this one sent.
         """
         if conn.client_id is None:
             return
-        for ids, acknowledged in unfinished_marks(conn):
-            try:
-                commit_marks(self.storage, conn.client_id, ids, acknowledged)
-            except StorageUnavailable:
-                self.marks.keep(conn.client_id, ids, acknowledged)
-        if not self.server_id:
-            return
+        if not self.server_id and not (conn.unmarked or conn.acked_unmarked):
+            return  # shutting down: our row is gone, and with it our owners and leases
+        ended = EndedSession(conn.client_id, conn.session, tuple(conn.unmarked),
+                             tuple(conn.acked_unmarked))
         try:
-            self.storage.release_client(conn.client_id, conn.session, self.server_id)
+            self._record_end(ended)
         except StorageUnavailable as exc:
-            # The owner stays recorded; the client's next connection claims it anyway.
-            log.warning("client %s: could not record the disconnect: %s", conn.client_id, exc)
+            log.warning("client %s: could not record the disconnect (retried by the sweep): %s",
+                        conn.client_id, exc)
+            self.unrecorded.keep(ended)
+
+    def _record_end(self, ended: EndedSession) -> None:
+        """Commit an ended session's marks and release; wake a newer connection that waits."""
+        waiting = self.storage.release_client(ended.client_id, ended.session, self.server_id or None,
+                                              ended.written, ended.acknowledged)
+        metrics.count_marked(len(ended.written), False)
+        metrics.count_marked(len(ended.acknowledged), True)
+        if waiting is None:
+            return
+        if waiting.server_id == self.server_id:
+            conn = self.registry.get(ended.client_id)
+            if conn is not None:
+                conn.request_delivery()
+        else:
+            self.wakeup_sender.send((waiting.host, waiting.port), [ended.client_id])
 
     def stop(self) -> None:
         """Close every connection, stop the threads, forget this server."""
@@ -515,17 +528,29 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
-def _write_replies(conn: ClientConnection, replies: List[Tuple[bytes, str]]) -> None:
-    """Write queued replies, as few sends as possible; close where a reply asks to."""
-    chunk: List[bytes] = []
-    for line, close_reason in replies:
-        chunk.append(line)
+def _answer(storage: Storage, conn: ClientConnection, items: List[WorkItem]) -> None:
+    """Act on the client's commands in their order: replies, and ACKs checked against what
+    is in flight (an unknown one is answered with an error in its place).  The known ACKs
+    are recorded first, then the replies written in as few sends as possible, and the
+    connection closed where a reply asks for it (DISCONNECT, a line too long)."""
+    out: List[bytes] = []
+    known: List[int] = []
+    close_reason = ""
+    for item in items:
+        if isinstance(item, int):
+            if check_acks(conn, [item]):
+                known.append(item)
+            else:
+                out.append(conn.protocol.error(f"unknown message id {item}"))
+            continue
+        line, close_reason = item
+        out.append(line)
         if close_reason:
-            if conn.send(b"".join(chunk)):
-                conn.close(close_reason)
-            return
-    if chunk:
-        conn.send(b"".join(chunk))
+            break  # nothing after DISCONNECT counts
+    # Before the writes: what the client confirmed counts even if the write fails.
+    acknowledge(storage, conn, known)
+    if (out and conn.send(b"".join(out)) and close_reason) or close_reason:
+        conn.close(close_reason)
 
 
 def set_keepalive(sock: socket.socket, idle: float, interval: float, count: int) -> None:

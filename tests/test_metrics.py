@@ -143,7 +143,7 @@ def test_count_marked_splits_acknowledged_from_written():
 def probes(**values: int) -> metrics.ServerProbes:
     fields = ("clients_connected", "connections_open", "connections_refused", "db_connections_in_use",
               "db_pool_size", "wakeups_received", "wakeups_invalid", "wakeups_coalesced",
-              "wakeups_not_connected")
+              "wakeups_not_connected", "wakeups_nothing_new")
     return metrics.ServerProbes(**{f: constant(values.get(f, 0)) for f in fields})
 
 
@@ -157,7 +157,8 @@ def test_watched_server_is_read_at_scrape(unwatched):
     metrics.watch(metrics.ServerProbes(
         clients_connected=held.__len__, connections_open=lambda: 4, connections_refused=lambda: 5,
         db_connections_in_use=lambda: 1, db_pool_size=lambda: 8, wakeups_received=lambda: 9,
-        wakeups_invalid=lambda: 2, wakeups_coalesced=lambda: 3, wakeups_not_connected=lambda: 6))
+        wakeups_invalid=lambda: 2, wakeups_coalesced=lambda: 3, wakeups_not_connected=lambda: 6,
+        wakeups_nothing_new=lambda: 10))
     samples = scrape()
     assert samples["niki_clients_connected"] == 3
     assert samples["niki_connections_open"] == 4
@@ -168,6 +169,7 @@ def test_watched_server_is_read_at_scrape(unwatched):
     assert samples["niki_wakeups_invalid_total"] == 2
     assert samples["niki_wakeups_coalesced_total"] == 3
     assert samples["niki_wakeups_not_connected_total"] == 6
+    assert samples["niki_wakeups_nothing_new_total"] == 10
     held.append(4)
     assert scrape()["niki_clients_connected"] == 4  # read now, not when watched
     metrics.watch(probes(clients_connected=7))  # a later server replaces the earlier one

@@ -88,6 +88,15 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Acquired:
+    """What :meth:`Storage.acquire_delivery` got: the lease and a batch, or why not."""
+
+    messages: List[StoredMessage] = field(default_factory=list)
+    taken_over: bool = False  # the session is no longer the client's current one
+    busy: bool = False  # a connection of an older session still holds the lease
+
+
+@dataclass(frozen=True)
 class ServerAddress:
     """Where a server listens for wake-ups."""
 
@@ -192,6 +201,9 @@ Row = Tuple[int, str, bytes, str, Optional[float]]
 # write(messages) -> how many of them, from the first, reached the socket.
 Writer = Callable[[Sequence[StoredMessage]], int]
 
+# Client rows a departing server's clean-up locks per statement.
+FORGET_BATCH = 500
+
 # A server whose heartbeat is older than this is taken for dead: its clients
 # count as offline.  Servers beat every HEARTBEAT_INTERVAL_S, so this allows
 # several missed beats (a long delivery, a database hiccup) before that.
@@ -224,8 +236,18 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def release_client(self, client_id: int, session: int, server_id: int) -> None:
-        """The client's connection ended: it has no owner, unless a newer session took it."""
+    def release_client(self, client_id: int, session: int, server_id: Optional[int],
+                       written: Sequence[int] = (),
+                       acknowledged: Sequence[int] = ()) -> Optional[ServerAddress]:
+        """The client's connection ended: it has no owner, unless a newer session took it,
+        and the session's delivery lease is given back; all in one transaction.
+
+        ``written`` / ``acknowledged``: messages the connection wrote (legacy) or
+        had acknowledged (ACK mode) whose mark had not been committed: marked now,
+        before the lease goes, so that the next session never sends them again.
+        Returns the live server of a newer session that may be waiting for the
+        lease (it should be woken), else None.
+        """
 
     @abc.abstractmethod
     def enqueue(self, client_id: int, body: str, duplicate_window: float,
@@ -255,22 +277,50 @@ class Storage(abc.ABC):
         Messages of one client are stored in the order given.
         """
 
-    @abc.abstractmethod
-    def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int,
-                        after_id: int = 0, mark: bool = True) -> Delivery:
-        """Lock, write and (``mark``) mark delivered up to ``batch`` pending messages.
+    # Delivery never holds a database connection or a lock while it writes to a
+    # socket.  Deliveries of one client are kept from overlapping by its delivery
+    # lease instead: data on the client row naming the session (and server) whose
+    # connection may have sent messages it has not yet marked delivered (legacy:
+    # written, mark not committed; ACK mode: in flight, or acknowledged and not
+    # committed).  Only the holder delivers.  It keeps the lease until it has
+    # nothing unconfirmed (or its connection ends); a lease whose server is dead
+    # is free.  So a message is never sent by two live connections, and a
+    # takeover never repeats what the old connection sent.
 
-        Oldest first, only ids above ``after_id`` (those below were written to
-        this connection already), never expired ones.
-        """
+    @abc.abstractmethod
+    def read_batch(self, client_id: int, session: int, batch: int,
+                   after_id: int = 0) -> Optional[List[StoredMessage]]:
+        """Up to ``batch`` pending messages, oldest first, ids above ``after_id``, none
+        expired; None when ``session`` is no longer current.  Reads only: for a session
+        that holds the lease, or to see whether there is anything to take it for."""
+
+    @abc.abstractmethod
+    def acquire_delivery(self, client_id: int, session: int, server_id: Optional[int],
+                         batch: int, after_id: int = 0) -> Acquired:
+        """Take (or keep) the client's delivery lease for ``session`` on ``server_id`` and
+        read a batch as :meth:`read_batch` does, in one short transaction."""
+
+    def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int,
+                        after_id: int = 0, mark: bool = True,
+                        server_id: Optional[int] = None) -> Delivery:
+        """One whole delivery step: take the lease and a batch, ``write`` it (no
+        transaction open), then (``mark``) mark what was written and give the lease back."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def mark_delivered(self, client_id: int, message_ids: Sequence[int],
-                       acknowledged: bool = False) -> int:
+                       acknowledged: bool = False, release_session: Optional[int] = None) -> int:
         """Mark messages of ``client_id`` delivered; return how many were waiting.
 
         ``acknowledged``: an ACK-mode client confirmed them (their receipt says so).
+        ``release_session``: in the same transaction, give back that session's
+        delivery lease (it has nothing unconfirmed left).
         """
+
+    @abc.abstractmethod
+    def wakeup_state(self, client_ids: Sequence[int]) -> Dict[int, Tuple[int, int]]:
+        """For each existing client: (current session, id of its newest pending message or
+        0), in one read-only query: what a wake-up needs to know before it costs a pass."""
 
     @abc.abstractmethod
     def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
@@ -399,6 +449,10 @@ class SqlStorage(Storage):
         """Rewrite ``%s`` placeholders into the driver's style."""
         return sql
 
+    def read(self) -> contextlib.AbstractContextManager:
+        """A transaction that only reads (a backend may run it beside the writers)."""
+        return self.transaction(durable=False)
+
     @contextlib.contextmanager
     def transaction(self, durable: bool = True) -> Iterator[Tx]:
         """Borrow a connection, begin, and yield a :class:`Tx`.
@@ -505,25 +559,54 @@ class SqlStorage(Storage):
         if accept is not None and not accept(stored_hash):
             return None
         session, previous = int(rows[0][0]) + 1, rows[0][2]
-        # A delivery lease belongs to the session it was taken for: a client that
-        # reconnects after its server died mid-write must not wait for it to
-        # expire.  Should the older delivery still be running, its connection is
-        # being closed; what it wrote the client may not have read, so the new
-        # session sending those messages too costs at most a repeat, never a loss.
+        # The delivery lease stays where it is: a connection of an older session
+        # that is writing, or waiting for ACKs, keeps it until it has recorded what
+        # it sent (or ends), so that the new session never sends that again.
         tx.execute(
-            f"UPDATE clients SET session = %s, owner_server_id = %s, last_seen_at = {self.now_sql}, "
-            "delivery_lease_until = NULL WHERE id = %s",
+            f"UPDATE clients SET session = %s, owner_server_id = %s, last_seen_at = {self.now_sql} "
+            "WHERE id = %s",
             (session, server_id, client_id),
         )
         owner = None if previous == server_id else self._live_owner(*rows[0][2:5])
         return Claim(client_id, session, owner, has_secret=stored_hash is not None)
 
-    def release_client(self, client_id: int, session: int, server_id: int) -> None:
-        self._write(lambda tx: tx.execute(
-            f"UPDATE clients SET owner_server_id = NULL, last_seen_at = {self.now_sql} "
-            "WHERE id = %s AND session = %s AND owner_server_id = %s",
-            (client_id, session, server_id),
-        ))
+    def _lease_free(self, alias: str) -> str:
+        """SQL for a client row ``alias``: its delivery lease is held by nobody, or by a
+        server that is no longer alive (it crashed; its row is gone or its heartbeat stale)."""
+        return (f"({alias}.delivery_session IS NULL OR NOT EXISTS (SELECT 1 FROM servers s "
+                f"WHERE s.id = {alias}.delivery_server_id AND {self._alive}))")
+
+    def release_client(self, client_id: int, session: int, server_id: Optional[int],
+                       written: Sequence[int] = (),
+                       acknowledged: Sequence[int] = ()) -> Optional[ServerAddress]:
+        def release(tx: Tx) -> Optional[ServerAddress]:
+            # The client row first (by its primary key only), as every transaction
+            # here locks it: a release and a claim of the same client then queue on
+            # that one lock and never hold the owner index's entry in between.
+            rows = tx.fetchall(
+                f"SELECT c.session, c.owner_server_id, c.delivery_session, {self._live_owner_columns} "
+                f"FROM clients c WHERE c.id = %s {self.lock_rows_sql}", (client_id,))
+            if not rows:
+                return None
+            current, owner, lease_session = rows[0][0], rows[0][1], rows[0][2]
+            if written:
+                self._mark(tx, client_id, written)
+            if acknowledged:
+                self._mark(tx, client_id, acknowledged, acknowledged=True)
+            changes: List[str] = []
+            if current == session and owner == server_id:
+                changes.append(f"owner_server_id = NULL, last_seen_at = {self.now_sql}")
+            holder = lease_session is not None and int(lease_session) == session
+            if holder:
+                changes.append("delivery_session = NULL, delivery_server_id = NULL")
+            if changes:
+                tx.execute(f"UPDATE clients SET {', '.join(changes)} WHERE id = %s", (client_id,))
+            if holder and current != session:
+                # A newer connection may be waiting for this lease: its server wants to know.
+                return self._live_owner(*rows[0][1:2], *rows[0][3:5])
+            return None
+
+        return self._write(release)
 
     # --- messages ---
 
@@ -680,74 +763,30 @@ class SqlStorage(Storage):
         cluster's size)."""
         return 1
 
-    # Whether a delivery keeps its transaction (and locks) open while it writes
-    # to the socket.  MySQL: yes, it holds only this client's row, and deliveries
-    # of one client can then never overlap.  SQLite: no, its lock is the whole
-    # database's, and a client that reads slowly must not stall everyone else.
-    lock_while_writing = True
+    def read_batch(self, client_id: int, session: int, batch: int,
+                   after_id: int = 0) -> Optional[List[StoredMessage]]:
+        with self.read() as tx:
+            if tx.scalar("SELECT session FROM clients WHERE id = %s", (client_id,)) != session:
+                return None
+            return self._pending_batch(tx, client_id, batch, after_id)
 
-    def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int,
-                        after_id: int = 0, mark: bool = True, lease: float = 30.0) -> Delivery:
-        if not self.lock_while_writing:
-            return self._deliver_leased(client_id, session, write, batch, after_id, mark, lease)
-        with self.transaction() as tx:
-            messages = self._claim_batch(tx, client_id, session, batch, after_id)
-            if messages is None:
-                return Delivery(0, taken_over=True)
-            written = write(messages) if messages else 0
-            if written and mark:
-                self._mark(tx, client_id, [m.id for m in messages[:written]])
-            return self._delivery(messages, written, batch)
+    def acquire_delivery(self, client_id: int, session: int, server_id: Optional[int],
+                         batch: int, after_id: int = 0) -> Acquired:
+        def acquire(tx: Tx) -> Acquired:
+            if not tx.execute(
+                    "UPDATE clients SET delivery_session = %s, delivery_server_id = %s "
+                    "WHERE id = %s AND session = %s "
+                    f"AND (delivery_session = %s OR {self._lease_free('clients')})",
+                    (session, server_id, client_id, session, session)):
+                current = tx.scalar("SELECT session FROM clients WHERE id = %s", (client_id,))
+                return Acquired(taken_over=current != session, busy=current == session)
+            # Read under the lease: whatever an earlier holder marked before it let go
+            # is no longer pending here.
+            return Acquired(self._pending_batch(tx, client_id, batch, after_id))
 
-    def _deliver_leased(self, client_id: int, session: int, write: Writer, batch: int,
-                        after_id: int, mark: bool, lease: float) -> Delivery:
-        """Take the client's delivery lease and read a batch; write it with no transaction
-        open; mark what was written and give the lease back.
+        return self._write(acquire)
 
-        The lease (a time on the client row) keeps deliveries of one client from
-        overlapping, across processes too, without holding a lock during the
-        write; a delivery that dies mid-write leaves it to expire after ``lease``
-        seconds, which must exceed the write timeout.
-        """
-        # The lease is transient (it expires by itself), so its commit need not
-        # reach the disk before the write: on SQLite that saves a flush per delivery.
-        with self.transaction(durable=False) as tx:
-            messages = self._claim_batch(tx, client_id, session, batch, after_id)
-            if messages and not tx.execute(
-                    f"UPDATE clients SET delivery_lease_until = {self.micros_ahead_sql} "
-                    "WHERE id = %s AND (delivery_lease_until IS NULL "
-                    f"OR delivery_lease_until < {self.now_sql})",
-                    (int(lease * 1_000_000), client_id)):
-                return Delivery(0, busy=True)
-        if messages is None:
-            return Delivery(0, taken_over=True)
-        if not messages:
-            return Delivery(0)
-        written = 0
-
-        def finish(tx: Tx) -> None:
-            if mark and written:
-                self._mark(tx, client_id, [m.id for m in messages[:written]])
-            tx.execute("UPDATE clients SET delivery_lease_until = NULL WHERE id = %s", (client_id,))
-
-        try:
-            written = write(messages)
-        finally:
-            self._write(finish)
-        return self._delivery(messages, written, batch)
-
-    def _claim_batch(self, tx: Tx, client_id: int, session: int, batch: int,
-                     after_id: int) -> Optional[List[StoredMessage]]:
-        """The next pending messages, or None when ``session`` was taken over.
-
-        The client row's lock serialises every delivery of this client, on any
-        server; reading the session under it sees any takeover that committed
-        while we waited.
-        """
-        current = tx.scalar(
-            f"SELECT session FROM clients WHERE id = %s {self.lock_rows_sql}", (client_id,))
-        if current != session:
-            return None
+    def _pending_batch(self, tx: Tx, client_id: int, batch: int, after_id: int) -> List[StoredMessage]:
         rows = tx.fetchall(
             f"SELECT id, body, {self.epoch_micros_sql.format(column='created_at')} FROM messages "
             f"WHERE client_id = %s AND status = '{PENDING}' AND id > %s AND {self._unexpired} "
@@ -755,6 +794,28 @@ class SqlStorage(Storage):
             (client_id, after_id, batch),
         )
         return [StoredMessage(int(mid), body, int(micros) / 1e6) for mid, body, micros in rows]
+
+    def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int,
+                        after_id: int = 0, mark: bool = True,
+                        server_id: Optional[int] = None) -> Delivery:
+        acquired = self.acquire_delivery(client_id, session, server_id, batch, after_id)
+        if acquired.taken_over or acquired.busy:
+            return Delivery(0, taken_over=acquired.taken_over, busy=acquired.busy)
+        messages = acquired.messages
+        written = write(messages) if messages else 0
+        if mark:
+            self.mark_delivered(client_id, [m.id for m in messages[:written]], release_session=session)
+        return self._delivery(messages, written, batch)
+
+    def wakeup_state(self, client_ids: Sequence[int]) -> Dict[int, Tuple[int, int]]:
+        if not client_ids:
+            return {}
+        marks = ", ".join(["%s"] * len(client_ids))
+        with self.read() as tx:
+            rows = tx.fetchall(
+                "SELECT c.id, c.session, (SELECT MAX(m.id) FROM messages m WHERE m.client_id = c.id "
+                f"AND m.status = '{PENDING}') FROM clients c WHERE c.id IN ({marks})", list(client_ids))
+        return {int(cid): (int(session), int(newest or 0)) for cid, session, newest in rows}
 
     def _mark(self, tx: Tx, client_id: int, ids: Sequence[int], acknowledged: bool = False) -> int:
         marks = ", ".join(["%s"] * len(ids))
@@ -775,10 +836,18 @@ class SqlStorage(Storage):
         )
 
     def mark_delivered(self, client_id: int, message_ids: Sequence[int],
-                       acknowledged: bool = False) -> int:
-        if not message_ids:
+                       acknowledged: bool = False, release_session: Optional[int] = None) -> int:
+        if not message_ids and release_session is None:
             return 0
-        return self._write(lambda tx: self._mark(tx, client_id, message_ids, acknowledged))
+
+        def mark(tx: Tx) -> int:
+            if release_session is not None:
+                # The client row's lock first, as everywhere (see release_client).
+                tx.execute("UPDATE clients SET delivery_session = NULL, delivery_server_id = NULL "
+                           "WHERE id = %s AND delivery_session = %s", (client_id, release_session))
+            return self._mark(tx, client_id, message_ids, acknowledged) if message_ids else 0
+
+        return self._write(mark)
 
     def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
         expired = self._in_batch(
@@ -879,9 +948,20 @@ class SqlStorage(Storage):
         with self.transaction() as tx:
             self._forget_server(tx, server_id)
 
-    @staticmethod
-    def _forget_server(tx: Tx, server_id: int) -> None:
-        tx.execute("UPDATE clients SET owner_server_id = NULL WHERE owner_server_id = %s", (server_id,))
+    def _forget_server(self, tx: Tx, server_id: int) -> None:
+        # Found through the owner index without locking, then locked and changed by
+        # primary key in id order, like every other transaction on client rows: a
+        # statement that walked the owner index would lock its entries before the
+        # rows, the opposite order of a concurrent claim, and could deadlock with it.
+        # (Delivery leases need no change: a lease whose server row is gone is free.)
+        owned = [int(r[0]) for r in tx.fetchall(
+            "SELECT id FROM clients WHERE owner_server_id = %s ORDER BY id", (server_id,))]
+        for start in range(0, len(owned), FORGET_BATCH):
+            ids = owned[start:start + FORGET_BATCH]
+            marks = ", ".join(["%s"] * len(ids))
+            tx.fetchall(f"SELECT id FROM clients WHERE id IN ({marks}) ORDER BY id {self.lock_rows_sql}", ids)
+            tx.execute(f"UPDATE clients SET owner_server_id = NULL WHERE id IN ({marks}) "
+                       "AND owner_server_id = %s", [*ids, server_id])
         tx.execute("DELETE FROM servers WHERE id = %s", (server_id,))
 
     def heartbeat(self, server_id: int) -> bool:

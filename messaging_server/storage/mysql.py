@@ -47,7 +47,9 @@ class MysqlStorage(SqlStorage):
     epoch_micros_sql = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {column})"
     lock_rows_sql = "FOR UPDATE"
     unavailable_errors = (pymysql.err.MySQLError,)
-    added_columns = (("clients", "secret_hash", "BINARY(32) NULL AFTER delivery_lease_until"),
+    added_columns = (("clients", "secret_hash", "BINARY(32) NULL AFTER owner_server_id"),
+                     ("clients", "delivery_session", "BIGINT NULL AFTER owner_server_id"),
+                     ("clients", "delivery_server_id", "BIGINT NULL AFTER delivery_session"),
                      ("messages", "acknowledged_at", "DATETIME(6) NULL AFTER delivered_at"))
 
     def __init__(self, host: str, port: int, user: str, password: str, database: str,

@@ -6,7 +6,8 @@ CREATE TABLE IF NOT EXISTS clients (
     id            BIGINT      NOT NULL AUTO_INCREMENT,
     session       BIGINT      NOT NULL DEFAULT 0,   -- bumped on each identification
     owner_server_id BIGINT    NULL,                 -- servers.id holding its connection; NULL: offline
-    delivery_lease_until DATETIME(6) NULL,          -- unused on MySQL (the row lock serves); see SQLite
+    delivery_session BIGINT   NULL,                 -- the session holding the delivery lease (see STORAGE.md)
+    delivery_server_id BIGINT NULL,                 -- servers.id of that session; a dead server's lease is free
     secret_hash   BINARY(32)  NULL,                 -- sha256 of its credential's secret; NULL: bare id
     created_at    DATETIME(6) NOT NULL,
     last_seen_at  DATETIME(6) NULL,

@@ -5,7 +5,8 @@ CREATE TABLE IF NOT EXISTS clients (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     session       INTEGER NOT NULL DEFAULT 0,   -- bumped on each identification
     owner_server_id INTEGER,                    -- servers.id holding its connection; NULL: offline
-    delivery_lease_until TEXT,                  -- a delivery writing outside a transaction holds it
+    delivery_session INTEGER,                   -- the session holding the delivery lease (see STORAGE.md)
+    delivery_server_id INTEGER,                 -- servers.id of that session; a dead server's lease is free
     secret_hash   BLOB,                         -- sha256 of its credential's secret; NULL: bare id
     created_at    TEXT    NOT NULL,
     last_seen_at  TEXT

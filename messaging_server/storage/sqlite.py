@@ -36,10 +36,10 @@ class SqliteStorage(SqlStorage):
     micros_ahead_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || (%s / 1000000.0) || ' seconds')"
     epoch_micros_sql = "CAST((julianday({column}) - 2440587.5) * 86400000000.0 AS INTEGER)"
     lock_rows_sql = ""  # BEGIN IMMEDIATE already holds the write lock
-    lock_while_writing = False  # the write lock is the whole database's
     unavailable_errors = (sqlite3.Error,)
     lastrowid_is_first = False
-    added_columns = (("clients", "secret_hash", "BLOB"), ("messages", "acknowledged_at", "TEXT"))
+    added_columns = (("clients", "secret_hash", "BLOB"), ("clients", "delivery_session", "INTEGER"),
+                     ("clients", "delivery_server_id", "INTEGER"), ("messages", "acknowledged_at", "TEXT"))
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
         self.path = path
@@ -56,6 +56,9 @@ class SqliteStorage(SqlStorage):
         # lock, which wakes the next one at once, rather than in SQLite's busy
         # handler, which polls with sleeps of up to 100 ms.
         self._serial = threading.Lock()
+        # Readers (see read()) have connections of their own, as many as the pool.
+        self._idle_readers: queue.LifoQueue = queue.LifoQueue()
+        self._read_slots = threading.BoundedSemaphore(pool_size)
         self._sync_modes: Dict[int, str] = {}  # id(connection) -> its PRAGMA synchronous
         # Those transactions, and their flushes, come one at a time: handshakes,
         # connection ends and delivery marks of many threads share them instead.
@@ -87,6 +90,31 @@ class SqliteStorage(SqlStorage):
                 yield connection
             finally:
                 self._idle.put(connection)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A read-only transaction on a connection of its own, outside the writers'
+        queue: WAL lets it run beside the one writer, so a read never waits for writes."""
+        try:
+            with self._read_slots:
+                try:
+                    connection = self._idle_readers.get_nowait()
+                except queue.Empty:
+                    connection = self._connect()
+                try:
+                    connection.execute("BEGIN")
+                    cursor = connection.cursor()
+                    try:
+                        yield Tx(cursor, self._convert)
+                    finally:
+                        with contextlib.suppress(sqlite3.Error):
+                            cursor.close()
+                        with contextlib.suppress(sqlite3.Error):
+                            connection.execute("ROLLBACK")  # nothing to keep; ends the snapshot
+                finally:
+                    self._idle_readers.put(connection)
+        except self.unavailable_errors as exc:
+            raise self.unavailable(exc) from exc
 
     def connections_in_use(self) -> int:
         # A connection is borrowed only under the serialising lock: at most one.
