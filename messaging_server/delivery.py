@@ -78,6 +78,8 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Opt
             conn.close("taken over by a newer connection")
             break
         if not messages:
+            if conn.holds_lease and not conn.inflight:
+                _mark_written(storage, conn, [], release=True)  # nothing left unconfirmed
             break
         written = _write(conn, messages)
         total += len(written)
