@@ -92,7 +92,8 @@ HANDSHAKES = Counter(
     "niki_handshakes",
     "Protocol handshakes, by result: new (a client was created), identified (an existing "
     "client's credential was accepted), refused (database unavailable), failed (the peer "
-    "timed out, closed, sent a line too long, or failed TLS).",
+    "timed out, closed, sent a line too long, or failed TLS), throttled (too many failed "
+    "identifications or new clients from its address: no client was created).",
     ["result"],
     registry=REGISTRY,
 )
@@ -100,6 +101,7 @@ HANDSHAKE_NEW = HANDSHAKES.labels(result="new")
 HANDSHAKE_IDENTIFIED = HANDSHAKES.labels(result="identified")
 HANDSHAKE_REFUSED = HANDSHAKES.labels(result="refused")
 HANDSHAKE_FAILED = HANDSHAKES.labels(result="failed")
+HANDSHAKE_THROTTLED = HANDSHAKES.labels(result="throttled")
 
 CREDENTIALS_REJECTED = Counter(
     "niki_credentials_rejected",
@@ -374,6 +376,7 @@ __all__ = [
     "HANDSHAKE_IDENTIFIED",
     "HANDSHAKE_NEW",
     "HANDSHAKE_REFUSED",
+    "HANDSHAKE_THROTTLED",
     "LATENCY_BUCKETS",
     "MESSAGES_ACKNOWLEDGED",
     "MESSAGES_DELIVERED",

@@ -46,6 +46,7 @@ from .protocol import ConnectionClosed, Identify, LineTooLong, ServerConnection,
 from .settings import PURGE_BATCH, ServerSettings
 from .storage import Storage
 from .sweeper import Heartbeat, Purger, Sweeper
+from .throttle import IdentifyThrottle, Throttled
 from .tls import server_context
 from .wakeup import WakeupListener, WakeupSender
 
@@ -146,6 +147,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
     """One client connection, from greeting to close."""
 
     server: NikiServer
+    throttled = False  # refused by the identify throttle, which logs (within budget) for it
 
     def finish(self) -> None:
         self.server.admission.leave(self.client_address[0])
@@ -170,7 +172,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
             self.server.release(conn)
             sock.close()  # a TLS socket took the descriptor over from self.request
             who = f"client {conn.client_id}" if conn.client_id is not None else "unidentified client"
-            log.info("%s disconnected from %s (%s)", who, peer, conn.close_reason)
+            if not self.throttled:
+                log.info("%s disconnected from %s (%s)", who, peer, conn.close_reason)
 
     def _serve(self, conn: ClientConnection) -> None:
         settings = self.server.settings
@@ -205,6 +208,12 @@ class ClientHandler(socketserver.BaseRequestHandler):
             conn.send(conn.protocol.error("database unavailable, try again later"))
             conn.close("database unavailable")
             metrics.HANDSHAKE_REFUSED.inc()
+            return
+        except Throttled as exc:  # no client row made; the throttle logged within its budget
+            self.throttled = True
+            conn.send(conn.protocol.error(str(exc)))
+            conn.close("throttled")
+            metrics.HANDSHAKE_THROTTLED.inc()
             return
         (metrics.HANDSHAKE_NEW if conn.new_client else metrics.HANDSHAKE_IDENTIFIED).inc()
         previous = self.server.registry.register(conn)
@@ -281,8 +290,11 @@ class ClientHandler(socketserver.BaseRequestHandler):
 
         A wrong secret is answered exactly like an unknown id: the stranger gets
         a new client, and the real one keeps its messages and its connection.
+        Raises Throttled, before any client row is made, when the peer's address
+        has had too many failed identifications or new clients lately.
         """
         storage, server_id = self.server.storage, self.server.server_id
+        throttle, address = self.server.throttle, self.client_address[0]
         legacy_ids = self.server.settings.legacy_ids
         if identify.client_id is not None:
             claim = storage.claim_client(
@@ -290,9 +302,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 accept=lambda stored: accepts(identify.secret, stored, legacy_ids))
             if claim is None:
                 metrics.CREDENTIALS_REJECTED.inc()
-                log.warning("%s presented client id %s with %s: unknown id or wrong secret; "
-                            "issuing a new client", conn.peer, identify.client_id,
-                            "no secret" if identify.secret is None else "a secret")
+                throttle.failed(address, conn.peer, f"client id {identify.client_id} with "
+                                f"{'no secret' if identify.secret is None else 'a secret'}")
             else:
                 conn.client_id, conn.session = claim.client_id, claim.session
                 # Hand back only a secret that was checked: a --legacy-ids client
@@ -309,8 +320,9 @@ class ClientHandler(socketserver.BaseRequestHandler):
                     self.server.wakeup_sender.send((owner.host, owner.port), [conn.client_id])
                 return
         elif identify.malformed:
-            log.warning("%s presented malformed client id %r: issuing a new client",
-                        conn.peer, redact(identify.raw[:80]))
+            throttle.failed(address, conn.peer, f"malformed client id {redact(identify.raw[:80])!r}")
+        else:
+            throttle.new_client(address, conn.peer)
         secret = None if legacy_ids else new_secret()
         claim = storage.new_client(server_id, None if secret is None else hash_secret(secret))
         conn.client_id, conn.session = claim.client_id, claim.session
@@ -339,6 +351,8 @@ class NikiServer(socketserver.ThreadingTCPServer):
                         "(--max-connections %d)", cap, settings.max_connections)
         self.admission = Admission(cap, settings.max_connections_per_address)
         self._last_refusal_log = 0.0
+        self.throttle = IdentifyThrottle(settings.failed_identifications_per_minute,
+                                         settings.new_clients_per_minute, settings.throttle_exempt)
         self._connections: set = set()
         self._connections_lock = threading.Lock()
         host = settings.host

@@ -20,6 +20,12 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 from .config_file import read_config, render
 from .errors import ConfigurationError
 from .http_auth import check_exposure
+from .throttle import (
+    DEFAULT_EXEMPT,
+    FAILED_IDENTIFICATIONS_PER_MINUTE,
+    NEW_CLIENTS_PER_MINUTE,
+    parse_exempt,
+)
 from .wakeup import Address, parse_peers
 
 DEFAULT_PORT = 8000
@@ -118,6 +124,9 @@ class ServerSettings:
     tls_key: str = ""
     max_connections: int = MAX_CONNECTIONS
     max_connections_per_address: int = 0
+    failed_identifications_per_minute: int = FAILED_IDENTIFICATIONS_PER_MINUTE
+    new_clients_per_minute: int = NEW_CLIENTS_PER_MINUTE
+    throttle_exempt: str = DEFAULT_EXEMPT
     http_port: Optional[int] = None  # the HTTP API; None: off
     http_host: str = DEFAULT_HTTP_HOST
     api_token: str = ""
@@ -214,6 +223,14 @@ def _env_flag(text: str) -> bool:
     return text.strip().lower() in ENV_TRUE
 
 
+def _exempt(text: str) -> str:
+    try:
+        parse_exempt(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _peers(text: str) -> str:
     parse_peers(text)  # raises ConfigurationError, a ValueError, naming the bad entry
     return text
@@ -281,6 +298,18 @@ SERVER_OPTIONS = (
     Option(("--max-connections-per-address",), "NIKI_MAX_CONNECTIONS_PER_ADDRESS", 0,
            non_negative_int, "concurrent client connections from one remote address",
            "default: 0, no limit"),
+    Option(("--failed-identifications-per-minute",), "NIKI_FAILED_IDENTIFICATIONS_PER_MINUTE",
+           FAILED_IDENTIFICATIONS_PER_MINUTE, non_negative_int,
+           "per remote address (IPv6: /64): handshakes with a wrong secret, unknown or malformed "
+           "id, this many at once and again per minute; beyond, 'ERROR: too many failed "
+           "identifications from your address' and no new client", "default %(default)s; 0: no limit"),
+    Option(("--new-clients-per-minute",), "NIKI_NEW_CLIENTS_PER_MINUTE", NEW_CLIENTS_PER_MINUTE,
+           non_negative_int, "per remote address (IPv6: /64): new clients (NONE and failed "
+           "identifications), this many at once and again per minute; valid credentials never "
+           "count", "default %(default)s; 0: no limit"),
+    Option(("--throttle-exempt",), "NIKI_THROTTLE_EXEMPT", DEFAULT_EXEMPT, _exempt,
+           "addresses or networks the two limits above never apply to, comma-separated, or "
+           "'none': a local proxy, a load balancer that hides client addresses"),
     Option(("--http-port",), "NIKI_HTTP_PORT", None, _port,
            "TCP port of the HTTP API (queue messages, receipts, /healthz, /metrics); 0 picks a "
            "free one", "default: no HTTP API"),

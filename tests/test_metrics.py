@@ -81,7 +81,7 @@ def test_labelled_counters_start_at_zero_for_every_value():
     samples = scrape()
     for reason in ("unknown_client", "queue_full", "body_too_large", "bad_request"):
         assert f'niki_messages_rejected_total{{reason="{reason}"}}' in samples
-    for result in ("new", "identified", "refused", "failed"):
+    for result in ("new", "identified", "refused", "failed", "throttled"):
         assert f'niki_handshakes_total{{result="{result}"}}' in samples
     for command in ("ack", "ping", "disconnect", "invalid"):
         assert f'niki_commands_total{{command="{command}"}}' in samples
