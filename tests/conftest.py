@@ -33,7 +33,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 DATABASES = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
 
 
-def _mysql_connect(database: str = ""):
+def mysql_connect(database: str = ""):
     """A connection to the machine's server at MYSQL_URL."""
     parts = urlsplit(MYSQL_URL)
     return pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
@@ -44,7 +44,7 @@ def _mysql_connect(database: str = ""):
 @pytest.fixture(scope="session")
 def mysql_available() -> None:
     try:
-        _mysql_connect().close()
+        mysql_connect().close()
     except pymysql.err.MySQLError as exc:
         reason = (f"MariaDB/MySQL not reachable at {MYSQL_URL} ({exc}); start it, or point "
                   "NIKI_TEST_MYSQL_URL at one, to run the MySQL tests")
@@ -64,7 +64,7 @@ def fresh_mysql_url() -> Iterator[str]:
     base = urlsplit(MYSQL_URL)
     name = f"{base.path.lstrip('/') or 'niki_test'}_{uuid.uuid4().hex[:10]}"
     yield base._replace(path=f"/{name}").geturl()
-    con = _mysql_connect()
+    con = mysql_connect()
     try:
         con.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
@@ -160,9 +160,9 @@ def server_started_at(con: pymysql.connections.Connection) -> int:
         return int(cur.fetchone()[0])
 
 
-def _machine_server_started_at() -> Optional[int]:
+def machine_server_started_at() -> Optional[int]:
     try:
-        con = _mysql_connect()
+        con = mysql_connect()
     except pymysql.err.MySQLError:
         return None
     try:
@@ -177,14 +177,14 @@ def _is_worker(config: pytest.Config) -> bool:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not _is_worker(session.config):
-        session.config.stash[STARTED_AT_KEY] = _machine_server_started_at()
+        session.config.stash[STARTED_AT_KEY] = machine_server_started_at()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     before = session.config.stash.get(STARTED_AT_KEY, None)
     if _is_worker(session.config) or before is None:
         return
-    after = _machine_server_started_at()
+    after = machine_server_started_at()
     if after is None:
         problem = f"the MariaDB server at {MYSQL_URL} answered when the tests began and no longer does"
     elif abs(after - before) > START_TIME_TOLERANCE:

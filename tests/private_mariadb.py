@@ -6,14 +6,14 @@ and stops, kills or restarts only that process, by its PID; the machine's MariaD
 never touched.  Root connects with an empty password over TCP, as on the machine's
 server, so ``url`` works wherever ``NIKI_TEST_MYSQL_URL`` would.
 
-``mariadb-install-db`` takes about 0.8 s; ``template_datadir`` runs it once per cache
-directory (once per test session, shared by the xdist workers) and each instance copies
-the result (0.1 s), then starts in about 0.2 s.
+``mariadb-install-db`` takes about 0.8 s (4 s on a busy machine); ``template_datadir``
+runs it once per cache directory (once per test session, shared by the xdist workers)
+and each instance copies the result (0.1 s), then starts in about 0.2 s.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -29,6 +29,8 @@ import pymysql
 # /usr/sbin is not on every user's PATH; Debian puts mariadbd there.
 MARIADBD = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/local/sbin")
 INSTALL_DB = shutil.which("mariadb-install-db")
+# mariadb-install-db takes 0.8 s on an idle machine, 4 s on a busy one.
+INSTALL_TIMEOUT = 120.0
 # Starting takes about 0.2 s here (crash recovery after a kill -9 a little more); the
 # deadline leaves room for a loaded machine running the suite on two workers.
 START_TIMEOUT = 30.0
@@ -53,30 +55,36 @@ def _user_options() -> List[str]:
 
 
 def template_datadir(cache_root: Path) -> Path:
-    """An initialised data directory under ``cache_root``, created on first call.
+    """An initialised data directory under ``cache_root``, created by the first caller.
 
-    Concurrent callers (xdist workers) each install into their own directory and rename
-    it into place; the first rename wins and the others discard theirs, so no lock is needed.
+    xdist workers share ``cache_root``: a file lock makes the others wait for the first
+    one's install instead of running their own, and the install goes to a staging
+    directory renamed into place, so an interrupted one leaves no half-made template.
     """
     target = cache_root / TEMPLATE_NAME
-    if target.is_dir():
-        return target
+    with open(cache_root / f"{TEMPLATE_NAME}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_dir():
+            _install(target)
+    return target
+
+
+def _install(target: Path) -> None:
     if INSTALL_DB is None:
         raise RuntimeError(missing_tools())
-    staging = Path(tempfile.mkdtemp(prefix=f"{TEMPLATE_NAME}.", dir=cache_root))
-    datadir = staging / "data"
-    result = subprocess.run(
-        [INSTALL_DB, "--no-defaults", f"--datadir={datadir}", "--auth-root-authentication-method=normal",
-         "--skip-test-db", *_user_options(), *SIZE_OPTIONS],
-        capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise RuntimeError(f"mariadb-install-db failed ({result.returncode}):\n"
-                           f"{result.stdout}{result.stderr}")
-    with contextlib.suppress(OSError):  # when another worker got there first, theirs is used
+    staging = Path(tempfile.mkdtemp(prefix=f"{TEMPLATE_NAME}.", dir=target.parent))
+    try:
+        datadir = staging / "data"
+        result = subprocess.run(
+            [INSTALL_DB, "--no-defaults", f"--datadir={datadir}", "--auth-root-authentication-method=normal",
+             "--skip-test-db", *_user_options(), *SIZE_OPTIONS],
+            capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+        if result.returncode != 0:
+            raise RuntimeError(f"mariadb-install-db failed ({result.returncode}):\n"
+                               f"{result.stdout}{result.stderr}")
         datadir.rename(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import pytest
 
 from messaging_server import Enqueuer
 from messaging_server.storage import open_storage
-from tests.conftest import START_TIME_TOLERANCE, _machine_server_started_at, server_started_at
+from tests.conftest import START_TIME_TOLERANCE, machine_server_started_at, server_started_at
 from tests.helpers import wait_until
 from tests.private_mariadb import PrivateMariaDB
 
@@ -83,4 +83,4 @@ def test_the_start_time_check_sees_a_restart_and_nothing_else(private_mariadb: P
 
 def test_the_machine_server_is_read_the_same_way(mysql_available: None) -> None:
     """The session check reads the machine's server with this function; it answers there."""
-    assert _machine_server_started_at() is not None
+    assert machine_server_started_at() is not None
