@@ -29,6 +29,8 @@ from tests.helpers import ServerProcess
 from tests.private_mariadb import PrivateMariaDB, missing_tools, template_datadir
 
 MYSQL_URL = os.environ.get("NIKI_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/niki_test")
+# Where that server is, for messages (the URL may hold a password).
+MYSQL_ADDRESS = f"{urlsplit(MYSQL_URL).hostname}:{urlsplit(MYSQL_URL).port or 3306}"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DATABASES = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
 
@@ -186,9 +188,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     after = machine_server_started_at()
     if after is None:
-        problem = f"the MariaDB server at {MYSQL_URL} answered when the tests began and no longer does"
+        problem = f"the MariaDB server at {MYSQL_ADDRESS} answered when the tests began and no longer does"
     elif abs(after - before) > START_TIME_TOLERANCE:
-        problem = (f"the MariaDB server at {MYSQL_URL} restarted during the tests "
+        problem = (f"the MariaDB server at {MYSQL_ADDRESS} restarted during the tests "
                    f"(started at {before}, now at {after})")
     else:
         return
