@@ -317,8 +317,8 @@ def measure(scenario: str, side: Any, run: int, runs: int, call: Any, args: argp
             niki: Any, mqtt: Any, mysql: Any) -> Dict[str, Any]:
     """One run of one scenario on one system, after waiting for a quiet machine.
 
-    A Niki run during which MariaDB restarted (someone else's test restarts it
-    on this shared machine) is measured again, up to twice; the discarded
+    A Niki run during which MariaDB restarted (someone else restarted it on
+    this shared machine) is measured again, up to twice; the discarded
     runs are kept under ``discarded``.
     """
     discarded: List[Dict[str, Any]] = []

@@ -5,19 +5,19 @@ mysql://root@127.0.0.1:3306/niki_test); each test gets its own database named
 after that one, dropped afterwards.  When the server cannot be reached the
 MySQL tests are skipped, except with CI=true, where they fail.
 
-The suite runs on two workers (pytest-xdist, see setup.cfg).  A test that
-restarts MariaDB (marked ``exclusive_mariadb``) takes an exclusive file lock;
-every other MariaDB test holds it shared, so none runs during a restart.
+The suite never stops, starts or reconfigures that server: a test that needs a
+database to stop or die takes ``private_mariadb``, a ``mariadbd`` of its own on a free
+port (tests/private_mariadb.py; marked ``mariadbd``).  The session checks this: when the
+machine's server answered at the start, the run fails if it restarted meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import tempfile
 import uuid
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
 import pymysql
@@ -26,13 +26,17 @@ import pytest
 from messaging_server.storage import Storage, open_storage
 from messaging_server.wakeup import WakeupListener
 from tests.helpers import ServerProcess
+from tests.private_mariadb import PrivateMariaDB, missing_tools, template_datadir
 
 MYSQL_URL = os.environ.get("NIKI_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/niki_test")
+# Where that server is, for messages (the URL may hold a password).
+MYSQL_ADDRESS = f"{urlsplit(MYSQL_URL).hostname}:{urlsplit(MYSQL_URL).port or 3306}"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DATABASES = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
 
 
-def _mysql_connect(database: str = ""):
+def mysql_connect(database: str = ""):
+    """A connection to the machine's server at MYSQL_URL."""
     parts = urlsplit(MYSQL_URL)
     return pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
                            password=parts.password or "", database=database or None,
@@ -42,7 +46,7 @@ def _mysql_connect(database: str = ""):
 @pytest.fixture(scope="session")
 def mysql_available() -> None:
     try:
-        _mysql_connect().close()
+        mysql_connect().close()
     except pymysql.err.MySQLError as exc:
         reason = (f"MariaDB/MySQL not reachable at {MYSQL_URL} ({exc}); start it, or point "
                   "NIKI_TEST_MYSQL_URL at one, to run the MySQL tests")
@@ -51,25 +55,10 @@ def mysql_available() -> None:
         pytest.skip(reason)
 
 
-MARIADB_LOCK = os.path.join(tempfile.gettempdir(), "niki-tests-mariadb.lock")
-
-
-@contextlib.contextmanager
-def mariadb_lock(exclusive: bool) -> Iterator[None]:
-    """Shared: this test uses MariaDB; exclusive: this test stops and starts it."""
-    with open(MARIADB_LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @pytest.fixture
-def mysql_url(mysql_available: None, request) -> Iterator[str]:
+def mysql_url(mysql_available: None) -> Iterator[str]:
     """A URL to a database that does not exist yet (the code under test creates it)."""
-    with mariadb_lock(exclusive=request.node.get_closest_marker("exclusive_mariadb") is not None):
-        yield from fresh_mysql_url()
+    yield from fresh_mysql_url()
 
 
 def fresh_mysql_url() -> Iterator[str]:
@@ -77,11 +66,31 @@ def fresh_mysql_url() -> Iterator[str]:
     base = urlsplit(MYSQL_URL)
     name = f"{base.path.lstrip('/') or 'niki_test'}_{uuid.uuid4().hex[:10]}"
     yield base._replace(path=f"/{name}").geturl()
-    con = _mysql_connect()
+    con = mysql_connect()
     try:
         con.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
         con.close()
+
+
+@pytest.fixture(scope="session")
+def private_mariadb_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One initialised MariaDB data directory for the whole run, shared by the xdist
+    workers (their base temporary directories have the same parent)."""
+    reason = missing_tools()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"cannot start a private MariaDB: {reason}")
+        pytest.skip(f"cannot start a private MariaDB: {reason}")
+    root = tmp_path_factory.getbasetemp()
+    return template_datadir(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root)
+
+
+@pytest.fixture
+def private_mariadb(private_mariadb_template: Path) -> Iterator[PrivateMariaDB]:
+    """A running MariaDB server of this test's own, free to stop, kill and start again."""
+    with PrivateMariaDB(private_mariadb_template) as server:
+        yield server
 
 
 @pytest.fixture
@@ -132,3 +141,68 @@ def stack() -> Iterator[contextlib.ExitStack]:
     """Context managers entered by the test, all exited at its end."""
     with contextlib.ExitStack() as st:
         yield st
+
+
+# --- the machine's MariaDB is left alone ----------------------------------------------------
+# Checked in the process that runs the session (the xdist controller, or the only
+# process): its start and finish enclose every worker's tests.
+
+STARTED_AT_KEY = pytest.StashKey[Optional[int]]()
+MACHINE_PROBLEM_KEY = pytest.StashKey[str]()
+# Uptime is whole seconds, read at a whole-second clock: the same server's start time,
+# computed twice, may differ by one.
+START_TIME_TOLERANCE = 1
+
+
+def server_started_at(con: pymysql.connections.Connection) -> int:
+    """When the server behind ``con`` started (Unix seconds): a restart changes it."""
+    with con.cursor() as cur:
+        cur.execute("SELECT UNIX_TIMESTAMP() - VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
+                    "WHERE VARIABLE_NAME = 'UPTIME'")
+        return int(cur.fetchone()[0])
+
+
+def machine_server_started_at() -> Optional[int]:
+    try:
+        con = mysql_connect()
+    except pymysql.err.MySQLError:
+        return None
+    try:
+        return server_started_at(con)
+    finally:
+        con.close()
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not _is_worker(session.config):
+        session.config.stash[STARTED_AT_KEY] = machine_server_started_at()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    before = session.config.stash.get(STARTED_AT_KEY, None)
+    if _is_worker(session.config) or before is None:
+        return
+    after = machine_server_started_at()
+    if after is None:
+        problem = f"the MariaDB server at {MYSQL_ADDRESS} answered when the tests began and no longer does"
+    elif abs(after - before) > START_TIME_TOLERANCE:
+        problem = (f"the MariaDB server at {MYSQL_ADDRESS} restarted during the tests "
+                   f"(started at {before}, now at {after})")
+    else:
+        return
+    session.config.stash[MACHINE_PROBLEM_KEY] = (
+        f"{problem}. Tests must leave it alone: a test that needs a database to stop or die "
+        "uses the private_mariadb fixture.")
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    problem = config.stash.get(MACHINE_PROBLEM_KEY, None)
+    if problem:
+        terminalreporter.section("the machine's MariaDB", sep="=", red=True, bold=True)
+        terminalreporter.line(problem, red=True)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 from messaging_server.http_api import ROUTES
-from tests.conftest import fresh_mysql_url, mariadb_lock
+from tests.conftest import fresh_mysql_url
 from tests.helpers import ServerProcess
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
@@ -59,7 +59,6 @@ def api_server(request: pytest.FixtureRequest,
     with contextlib.ExitStack() as stack:
         if request.param == "mysql":
             request.getfixturevalue("mysql_available")
-            stack.enter_context(mariadb_lock(exclusive=False))
             urls = fresh_mysql_url()
             url = next(urls)
             stack.callback(lambda: next(urls, None))  # drops the database

@@ -13,6 +13,7 @@ import pytest
 from messaging_server.errors import ConfigurationError, QueueFull, StorageUnavailable, UnknownClient
 from messaging_server.storage import Delivery, Storage, StoredMessage, describe_url, open_storage
 from messaging_server.storage.base import Claim
+from tests.conftest import mysql_connect
 from tests.helpers import insert_message, query, run_threads, seconds_ago_sql, wait_until
 
 WINDOW = 5.0
@@ -945,8 +946,6 @@ def test_pooled_connections_the_server_killed_are_reopened(mysql_url):
     """A pooled connection the database closed (a restart, wait_timeout; here KILL) is
     replaced before it is used again, so no caller sees an error and nothing is lost or
     stored twice."""
-    import pymysql
-
     storage = open_storage(mysql_url, create=True, pool_size=4)
     try:
         storage.create_schema()
@@ -958,7 +957,7 @@ def test_pooled_connections_the_server_killed_are_reopened(mysql_url):
         for thread in threads:
             thread.join(10)
         database = mysql_url.rsplit("/", 1)[1]
-        admin = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+        admin = mysql_connect()  # the server at NIKI_TEST_MYSQL_URL, wherever it is
         try:
             with admin.cursor() as cursor:
                 cursor.execute("SELECT id FROM information_schema.processlist WHERE db = %s", (database,))
