@@ -201,7 +201,7 @@ class DeliveryThread(threading.Thread):
             if not client_ids:
                 continue
             self.wakeups += 1
-            log.debug("wake-up for %d client(s)", len(client_ids))
+            log.debug("wake-up for client(s) %s", ",".join(map(str, sorted(client_ids))))
             named: Dict[int, ClientConnection] = {}
             for client_id in client_ids:
                 conn = self._lookup(client_id)
@@ -236,8 +236,13 @@ class DeliveryThread(threading.Thread):
             for client_id in chunk:
                 conn = named[client_id]
                 known = state.get(client_id)
-                if self._storage is not None and known is not None and \
-                        known[0] == conn.session and known[1] <= conn.last_sent_id:
+                if known is not None and known[0] != conn.session:
+                    # Taken over: close it now, from here, even if its thread is in the
+                    # middle of a write, so that its session's lease comes back at once.
+                    log.info("client %s: closing %s, taken over by a newer connection",
+                             client_id, conn.peer)
+                    conn.close("taken over by a newer connection")
+                elif known is not None and known[1] <= conn.last_sent_id:
                     self.nothing_new += 1
                 elif not conn.request_delivery():
                     self.coalesced += 1

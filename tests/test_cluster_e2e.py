@@ -30,6 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 import pytest
 
 from messaging_server import Enqueuer
+from messaging_server.storage.base import LEASE_HANDOVER_S
 from tests.helpers import (
     RawClient,
     ServerProcess,
@@ -489,10 +490,12 @@ def test_sigkill_during_enqueue_loses_nothing(db_url: str) -> None:
             assert len(clean) == len(set(clean)), f"client {r.client_id} got a repeat that is not " \
                 f"A's in-flight tail: {show(figures)}"
 
-        # Every client is connected to B: what is still pending goes out within B's sweep (2 s).
+        # Every client is connected to B: what is still pending goes out within B's sweep
+        # (2 s), once B may take the delivery lease that the killed A held for a client it
+        # was writing to: LEASE_HANDOVER_S after the client identified on B.
         try:
             wait_until(lambda: tally()["received"] >= total and tally()["pending"] == 0,
-                       timeout=2 + 2 * MARGIN, message="B to deliver everything pending")
+                       timeout=LEASE_HANDOVER_S + 2 + 2 * MARGIN, message="B to deliver everything pending")
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {show(tally())}") from None
         for r in clients:

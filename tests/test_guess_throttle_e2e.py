@@ -29,7 +29,7 @@ from messaging_server.throttle import (
     NEW_CLIENTS_PER_MINUTE,
     REFILL_PERIOD_S,
 )
-from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, query
+from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, query, wait_until
 
 TIMEOUT = 10.0
 WRONG_SECRET = "A" * 24
@@ -108,6 +108,9 @@ def test_guessing_from_one_address_is_throttled_and_costs_bounded_rows_and_log(
     with Enqueuer(db_url) as enq:
         assert enq.enqueue(real, "for the real client") is True
     guess = f"{numeric_id(real)}.{WRONG_SECRET}"
+    # The real client's own lines first, so that they are not counted as the guesses'.
+    wait_until(lambda: f"client {numeric_id(real)} disconnected" in server.log, 10,
+               "the real client's disconnect to be logged")
     rows_before, log_before = client_rows(db_url), len(server.log.splitlines())
     count = FAILED_IDENTIFICATIONS_PER_MINUTE + 40
     started = time.monotonic()

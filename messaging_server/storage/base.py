@@ -201,6 +201,11 @@ Row = Tuple[int, str, bytes, str, Optional[float]]
 # write(messages) -> how many of them, from the first, reached the socket.
 Writer = Callable[[Sequence[StoredMessage]], int]
 
+# How long a new session waits for an older one to give the delivery lease back
+# before it takes it anyway (the older one's server crashed but is not yet taken
+# for dead).  Several sweep intervals: a live server gives it back sooner.
+LEASE_HANDOVER_S = 5.0
+
 # Client rows a departing server's clean-up locks per statement.
 FORGET_BATCH = 500
 
@@ -571,10 +576,15 @@ class SqlStorage(Storage):
         return Claim(client_id, session, owner, has_secret=stored_hash is not None)
 
     def _lease_free(self, alias: str) -> str:
-        """SQL for a client row ``alias``: its delivery lease is held by nobody, or by a
-        server that is no longer alive (it crashed; its row is gone or its heartbeat stale)."""
+        """SQL for a client row ``alias``, to be taken by its current session: its delivery
+        lease is held by nobody; or by a server that is no longer alive (it crashed: its row
+        is gone or its heartbeat stale); or by an older session that has not given it back
+        although the current one identified LEASE_HANDOVER_S ago.  A live server gives it
+        back within milliseconds of the takeover datagram, or at its next sweep (the
+        connection is closed at once, even mid-write); one that has not has crashed."""
         return (f"({alias}.delivery_session IS NULL OR NOT EXISTS (SELECT 1 FROM servers s "
-                f"WHERE s.id = {alias}.delivery_server_id AND {self._alive}))")
+                f"WHERE s.id = {alias}.delivery_server_id AND {self._alive}) "
+                f"OR {alias}.last_seen_at < {self._ago(LEASE_HANDOVER_S)})")
 
     def release_client(self, client_id: int, session: int, server_id: Optional[int],
                        written: Sequence[int] = (),
