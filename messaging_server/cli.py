@@ -134,8 +134,10 @@ class Outcome:
 
 
 def _shown(client_id: str) -> str:
-    """The id to print: never the secret of a credential (outputs end up in logs)."""
-    return client_id.partition(".")[0]
+    """The id to print, as the server knows it (``0001`` is client 1, as on the wire):
+    never the secret of a credential (outputs end up in logs)."""
+    head = client_id.strip().partition(".")[0]
+    return str(int(head)) if head.isascii() and head.isdigit() else head
 
 
 def shown_id(client_id: object) -> ShownId:

@@ -18,7 +18,9 @@ class UnknownClient(NikiError):
 
 
 class BodyRejected(NikiError, ValueError):
-    """The message body cannot be carried by the line protocol (empty, newline, too long)."""
+    """The message cannot be queued as given: its body cannot be carried by the line
+    protocol (empty, newline, too long), its ttl is out of range, or an enqueue_many
+    item is not a (client_id, body[, ttl]) tuple."""
 
 
 class QueueFull(NikiError):

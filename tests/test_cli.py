@@ -104,6 +104,18 @@ def test_queued(db_url, client, wakeups):
     assert wakeups.drain() == [[client]]
 
 
+def test_leading_zeros_name_the_same_client(sqlite_url, wakeups):
+    # As on the wire, 0001 is client 1: the output names the client the server knows.
+    with open_storage(sqlite_url, create=True) as store:
+        store.create_schema()
+        client = store.new_client().client_id
+    padded = f"{client:04d}"
+    result = run_cli(padded, "hello", db=sqlite_url, peers=wakeups.peers)
+    assert (result.status, result.stdout, result.stderr) == (0, f"queued for client {client}\n", "")
+    result = run_cli(padded, "hello", db=sqlite_url, peers=wakeups.peers)
+    assert result.status == 3 and f"for client {client} less" in result.stderr, result.stderr
+
+
 def test_queued_from_environment(db_url, client, wakeups):
     result = run_cli(str(client), "caf\u00e9 \U0001f600", db=db_url, peers=wakeups.peers)
     assert result.status == 0, result.stderr
@@ -425,7 +437,7 @@ def test_bad_ttl(sqlite_url, wakeups):
         store.create_schema()
         client = store.new_client().client_id
     db_url = sqlite_url
-    for ttl in ["0", "-5", "nan", "abc"]:
+    for ttl in ["0", "-5", "1e-300", "0.0001", "nan", "abc"]:
         result = run_cli("--ttl", ttl, str(client), "hello", db=db_url, peers=wakeups.peers)
         assert result.status == 2, (ttl, result.stderr)
         assert result.stdout == ""

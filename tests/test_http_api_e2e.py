@@ -155,7 +155,7 @@ def test_queue_one_message_every_status(db_url: str) -> None:
         assert api.post(cid, {"body": "x" * 4097}).status == 413
         assert api.post(cid, {"body": "é" * 2049}).status == 413
         for bad in ({"body": "two\nlines"}, {"body": "cr\r"}, {"body": ""}, {"body": 5},
-                    {"text": "no body"}, ["body"], {"body": "x", "ttl": 0},
+                    {"text": "no body"}, ["body"], {"body": "x", "ttl": 0}, {"body": "x", "ttl": 1e-300},
                     {"body": "x", "ttl": -1}, {"body": "x", "ttl": "60"}, {"body": "x", "ttl": True},
                     {"body": "x", "ttl": 10**12}):
             reply = api.post(cid, bad)
