@@ -22,7 +22,7 @@ import pytest
 from messaging_server.enqueue import MAX_BATCH
 from messaging_server.settings import DEFAULT_PORT, MAX_BODY_BYTES
 from messaging_server.storage import Storage, open_storage
-from tests.helpers import DatagramCounter, query, wait_until
+from tests.helpers import REFUSED_BODY, DatagramCounter, query, refuse_body, wait_until
 
 
 @pytest.fixture
@@ -405,6 +405,19 @@ def test_help_does_not_advertise_the_old_default_peer(tmp_path):
     result = run_cli("--help", cwd=str(tmp_path))
     assert result.status == 0
     assert f"127.0.0.1:{DEFAULT_PORT + 1}" not in result.stdout
+
+
+def test_a_statement_the_database_refuses_is_reported_as_a_bug(db_url, storage, client, wakeups):
+    refuse_body(db_url)
+    result = run_cli(str(client), REFUSED_BODY, db=db_url, peers=wakeups.peers)
+    assert result.status == 5, result.stderr
+    assert len(result.stderr_lines) == 1 and "bug in Niki" in result.stderr, result.stderr
+    result = run_cli(str(client), "-", db=db_url, peers=wakeups.peers, stdin=f"ok\n{REFUSED_BODY}\n".encode())
+    assert result.status == 5 and "line 2" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("--file", "-", str(client), db=db_url, peers=wakeups.peers,
+                     stdin=f"more\n{REFUSED_BODY}\n".encode())
+    assert result.status == 5 and "Traceback" not in result.stderr, result.stderr
+    assert bodies(db_url, client) == ["ok"]
 
 
 # --- --ttl ---------------------------------------------------------------------------------------------

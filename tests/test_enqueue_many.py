@@ -16,7 +16,14 @@ import pytest
 
 from messaging_server import Enqueuer, enqueue_many
 from messaging_server.enqueue import MAX_BATCH, MAX_TTL_S, MIN_TTL_S
-from messaging_server.errors import BodyRejected, NikiError, QueueFull, StorageUnavailable, UnknownClient
+from messaging_server.errors import (
+    BodyRejected,
+    NikiError,
+    QueueFull,
+    StorageFault,
+    StorageUnavailable,
+    UnknownClient,
+)
 from messaging_server.settings import DUPLICATE_WINDOW_S, MAX_BODY_BYTES
 from messaging_server.storage import Storage
 from messaging_server.storage.base import Queued, body_hash
@@ -242,9 +249,10 @@ def test_failed_insert_stores_nothing_and_wakes_nobody(storage: Storage, db_url:
     before = rows(db_url)
     batch = [(a, "x1"), (b, "y1"), (a, "x2")]
     with Enqueuer(db_url, "") as enqueuer:
-        with pytest.raises(StorageUnavailable, match="poisoned body"):
+        # A statement the database refuses is a fault (a bug), not "unavailable".
+        with pytest.raises(StorageFault, match="poisoned body"):
             enqueuer.enqueue_many([*batch, (b, "poison")])
-        with pytest.raises(StorageUnavailable):
+        with pytest.raises(StorageFault):
             storage.enqueue_many([(a, "poison"), *batch], WINDOW)
         assert rows(db_url) == before
         assert owner.drain() == []
