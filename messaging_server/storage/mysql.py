@@ -42,6 +42,8 @@ WRITE_TIMEOUT_S = 60
 # FOR UPDATE takes no gap locks; stored times are UTC, whatever the server's time
 # zone, as SQLite's are (the HTTP API and niki-admin show them as such).
 SESSION_SETUP = ("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", "SET time_zone = '+00:00'")
+# PyMySQL's "Lost connection to MySQL server during query", also for a greeting that never came.
+CR_SERVER_LOST = 2013
 # Error codes create_schema tells apart: a privilege is missing.
 ACCESS_DENIED = frozenset({1044, 1142})  # on the database; on a table
 
@@ -105,9 +107,7 @@ class MysqlStorage(SqlStorage):
     def _connect(self, database: Optional[str] = None) -> Any:
         """A new connection; its handshake bounded by CONNECT_TIMEOUT_S, its queries by
         READ_TIMEOUT_S."""
-        connection = pymysql.connect(database=database or self.database,
-                                     **{**self._params, "read_timeout": CONNECT_TIMEOUT_S})
-        _set_read_timeout(connection, READ_TIMEOUT_S)
+        connection = _open({**self._params, "database": database or self.database})
         try:
             with connection.cursor() as cursor:
                 for statement in SESSION_SETUP:
@@ -158,7 +158,7 @@ class MysqlStorage(SqlStorage):
 
     def _create_database(self) -> None:
         try:
-            server = pymysql.connect(**{**self._params, "read_timeout": CONNECT_TIMEOUT_S})
+            server = _open(self._params)
         except pymysql.err.MySQLError as exc:
             raise self.storage_error(exc) from exc
         try:
@@ -242,6 +242,21 @@ def _created_table(statement: str) -> Optional[str]:
     """The table a ``CREATE TABLE`` statement creates; None for any other statement."""
     match = re.match(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?`?(\w+)`?", statement, re.IGNORECASE)
     return match.group(1) if match else None
+
+
+def _open(params: Dict[str, Any]) -> Any:
+    """A new connection, its handshake bounded by CONNECT_TIMEOUT_S and its queries by
+    READ_TIMEOUT_S.  PyMySQL reads the server's greeting with the read timeout."""
+    try:
+        connection = pymysql.connect(**{**params, "read_timeout": CONNECT_TIMEOUT_S})
+    except pymysql.err.OperationalError as exc:
+        if exc.args[:1] == (CR_SERVER_LOST,) and "timed out" in str(exc):
+            raise pymysql.err.OperationalError(
+                CR_SERVER_LOST, f"the server accepted the connection but did not answer within "
+                f"{CONNECT_TIMEOUT_S} s (timed out)") from exc
+        raise
+    _set_read_timeout(connection, READ_TIMEOUT_S)
+    return connection
 
 
 def _set_read_timeout(connection: Any, seconds: float) -> None:
