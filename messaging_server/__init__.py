@@ -14,6 +14,8 @@ from .errors import (
     ConfigurationError,
     NikiError,
     QueueFull,
+    StorageError,
+    StorageFault,
     StorageUnavailable,
     UnknownClient,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "Enqueuer",
     "NikiError",
     "QueueFull",
+    "StorageError",
+    "StorageFault",
     "StorageUnavailable",
     "UnknownClient",
     "__version__",

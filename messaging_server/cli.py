@@ -3,7 +3,8 @@
 ``niki-enqueue CLIENT_ID MESSAGE`` queues one message.  Exit status: 0 queued,
 3 duplicate (same body for the same client within 5 s), 4 queue full (the
 client has the maximum of pending messages), 2 bad input (unknown client, bad
-body, bad arguments), 1 database or other error.
+body, bad arguments), 1 database unavailable or other error, 5 the database refused
+the statement (a bug in Niki, or a schema that does not match this version).
 
 ``niki-enqueue CLIENT_ID -`` reads one message per line of stdin and commits
 each as soon as it is read, so a pipe that stays open (``tail -f``) works.  The
@@ -17,7 +18,8 @@ format follows from the command line, never from the content: a body that looks
 like JSON is still a body.  Messages are stored MAX_BATCH at a time, one
 transaction per batch (far fewer commits than one per message).  Exit status:
 0 when every message was queued or a duplicate, 1 when some were rejected or
-the database failed (batches committed before it stay committed), 2 usage errors.
+the database failed (batches committed before it stay committed), 2 usage errors,
+5 the database refused the statement (as above).
 
 ``--json`` reports each message as one JSON object on stdout, and a bulk run
 ends with a summary object.  No output ever shows a credential's secret:
@@ -53,13 +55,19 @@ from .errors import (
     ConfigurationError,
     NikiError,
     QueueFull,
-    StorageUnavailable,
+    StorageError,
+    StorageFault,
     UnknownClient,
 )
 
 EXIT_QUEUED, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4
+EXIT_INTERNAL = 5  # the database refused a statement: a bug, not a state to wait out
 # Which outcome wins when a run of stdin lines has several.
-_SEVERITY = {EXIT_QUEUED: 0, EXIT_DUPLICATE: 1, EXIT_QUEUE_FULL: 2, EXIT_BAD_INPUT: 3, EXIT_ERROR: 4}
+_SEVERITY = {EXIT_QUEUED: 0, EXIT_DUPLICATE: 1, EXIT_QUEUE_FULL: 2, EXIT_BAD_INPUT: 3, EXIT_ERROR: 4,
+             EXIT_INTERNAL: 5}
+# Said after a StorageFault, so that it is reported rather than retried.
+FAULT_ADVICE = ("the database refused the statement: a bug in Niki, or a database schema that "
+                "does not match this version; please report it with this message")
 # A bulk run on a terminal shows a progress bar only past this many lines:
 # a shorter one is over before a bar could tell anything.
 PROGRESS_THRESHOLD = 500
@@ -80,8 +88,9 @@ def enqueue_parser() -> argparse.ArgumentParser:
         description="Queue messages for Niki clients. A message is delivered at once if its "
         "client is connected, or when it next connects.",
         epilog="Exit status: 0 queued, 3 duplicate (same message for the same client within 5 s, "
-        "ignored), 4 queue full, 2 bad input, 1 database or other error. With --file: 0 all "
-        "queued or duplicate, 1 some rejected or a database error, 2 usage error.",
+        "ignored), 4 queue full, 2 bad input, 1 database unavailable or other error, 5 the "
+        "database refused the statement (a bug: please report it). With --file: 0 all "
+        "queued or duplicate, 1 some rejected or the database unavailable, 2 usage error, 5 as above.",
     )
     p.add_argument("client_id", metavar="CLIENT_ID", nargs="?",
                    help="the client id: the number before the dot in what the server sent "
@@ -134,8 +143,10 @@ class Outcome:
 
 
 def _shown(client_id: str) -> str:
-    """The id to print: never the secret of a credential (outputs end up in logs)."""
-    return client_id.partition(".")[0]
+    """The id to print, as the server knows it (``0001`` is client 1, as on the wire):
+    never the secret of a credential (outputs end up in logs)."""
+    head = client_id.strip().partition(".")[0]
+    return str(int(head)) if head.isascii() and head.isdigit() else head
 
 
 def shown_id(client_id: object) -> ShownId:
@@ -298,6 +309,8 @@ def _store_one(enqueuer: Enqueuer, client_id: str, body: Union[str, bytes], ttl:
 def _enqueue_one(enqueuer: Enqueuer, client_id: str, body: str, args: argparse.Namespace) -> int:
     try:
         outcome = _store_one(enqueuer, client_id, body, args.ttl)
+    except StorageFault as exc:
+        return _fail(EXIT_INTERNAL, f"{exc}; {FAULT_ADVICE}")
     except NikiError as exc:
         return _fail(EXIT_ERROR, str(exc))
     if args.json:
@@ -321,11 +334,11 @@ def _enqueue_lines(enqueuer: Enqueuer, client_id: str, lines: Iterable[Union[str
     for number, body in _numbered(lines):
         try:
             outcome = _store_one(enqueuer, client_id, body, args.ttl, number)
-        except StorageUnavailable as exc:
-            print(f"niki-enqueue: line {number}: {exc}; stopping (lines from {number} on "
+        except StorageError as exc:
+            print(f"niki-enqueue: line {number}: {_reason(exc)}; stopping (lines from {number} on "
                   "were not queued)", file=sys.stderr)
             report.finish(False, False, str(exc), number)
-            return EXIT_ERROR
+            return _storage_status(exc)
         report.add(outcome)
         if args.json:
             sys.stdout.flush()  # a pipe that stays open sees each answer as its line is stored
@@ -411,13 +424,21 @@ def _enqueue_file(enqueuer: Enqueuer, args: argparse.Namespace, source: IO[Any])
     return status
 
 
-def _stopped(report: _Report, line: int, exc: NikiError) -> int:
+def _stopped(report: _Report, line: int, exc: StorageError) -> int:
     """The database failed at ``line``: what was committed before stays, the rest was not queued."""
     report.progress.write(
-        f"niki-enqueue: line {line}: {exc}; stopping: the {report.counts[QUEUED]} messages queued "
-        f"from the lines before stay queued; lines from {line} on were not queued")
+        f"niki-enqueue: line {line}: {_reason(exc)}; stopping: the {report.counts[QUEUED]} messages "
+        f"queued from the lines before stay queued; lines from {line} on were not queued")
     report.finish(False, False, str(exc), line)
-    return EXIT_ERROR
+    return _storage_status(exc)
+
+
+def _reason(exc: StorageError) -> str:
+    return f"{exc} ({FAULT_ADVICE})" if isinstance(exc, StorageFault) else str(exc)
+
+
+def _storage_status(exc: StorageError) -> int:
+    return EXIT_INTERNAL if isinstance(exc, StorageFault) else EXIT_ERROR
 
 
 def _entry(line: int, client_id: Union[int, str], body: Union[str, bytes],
@@ -473,14 +494,14 @@ def _json_entry(line: int, text: Union[str, bytes], default_ttl: Optional[float]
 
 
 def _store_batch(enqueuer: Enqueuer, batch: List[Entry],
-                 report: _Report) -> Optional[Tuple[int, NikiError]]:
+                 report: _Report) -> Optional[Tuple[int, StorageError]]:
     """Store a batch's messages in one transaction (each with its own ttl) and report every
     entry, in order.  When the database fails, nothing of the batch was stored: its first
     line is returned with the error."""
     items = [entry for entry in batch if isinstance(entry, _Item)]
     try:
         results = enqueuer.submit_many([(item.client_id, item.body, item.ttl) for item in items])
-    except StorageUnavailable as exc:
+    except StorageError as exc:
         return (batch[0].line, exc)
     outcomes = {item.line: _outcome(item.shown, item.line, result)
                 for item, result in zip(items, results)}

@@ -24,6 +24,10 @@ ClientId = Union[int, str]
 # The longest time to live: past it a ttl is surely a mistake (and dates
 # beyond year 9999 overflow the databases' datetime types).
 MAX_TTL_S = 10 * 366 * 86400
+# The shortest: no delivery completes within a millisecond, so a message with a
+# shorter ttl could never be sent; below it a value is a mistake (1e-300 would
+# store an expiry of "now", as times are kept to the microsecond).
+MIN_TTL_S = 0.001
 # An application rarely needs more: enqueue is one short transaction.
 ENQUEUE_POOL_SIZE = 4
 # Items per enqueue_many call: one transaction, and SQL statements of bounded
@@ -96,12 +100,26 @@ def _peer_list(peers: Optional[Union[str, Sequence[Address]]]) -> Optional[List[
 
 
 def check_ttl(ttl: Optional[float]) -> None:
-    """BodyRejected unless ``ttl`` is None or a number of seconds in (0, MAX_TTL_S]."""
+    """BodyRejected unless ``ttl`` is None or a number of seconds in [MIN_TTL_S, MAX_TTL_S]."""
     if ttl is None:
         return
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL_S:
-        raise BodyRejected(f"ttl must be a number of seconds above 0 and at most {MAX_TTL_S}, "
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or \
+            not MIN_TTL_S <= ttl <= MAX_TTL_S:
+        raise BodyRejected(f"ttl must be a number of seconds from {MIN_TTL_S:g} to {MAX_TTL_S}, "
                            f"not {ttl!r}")
+
+
+def unpack_item(item: object) -> Tuple[int, Union[str, bytes], Optional[float]]:
+    """An enqueue_many item as (client id, body, ttl or None), the id and ttl checked (the
+    body is checked against the caller's own limit); UnknownClient or BodyRejected (a
+    NikiError, so that it is that item's result, not the whole call's) when it is malformed."""
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+        shape = f"{len(item)} elements" if isinstance(item, (tuple, list)) else type(item).__name__
+        raise BodyRejected("an item must be (client_id, body) or (client_id, body, ttl), "
+                           f"not {shape}")
+    item_ttl = item[2] if len(item) == 3 else None
+    check_ttl(item_ttl)
+    return client_id_of(item[0]), item[1], item_ttl
 
 
 class Enqueuer:
@@ -176,7 +194,8 @@ class Enqueuer:
         in the same call) or the error that refused that item alone:
         UnknownClient, BodyRejected or QueueFull (as with
         ``asyncio.gather(return_exceptions=True)``).  An item is ``(client_id, body)``,
-        or ``(client_id, body, ttl)`` for a ttl of its own.  Messages for one client
+        or ``(client_id, body, ttl)`` for a ttl of its own; an item of another shape
+        gets BodyRejected, as a bad body or ttl does.  Messages for one client
         keep the order given.  Each server is woken once, with a datagram naming
         all its clients.  At most MAX_BATCH items per call (ValueError beyond);
         StorageUnavailable means nothing of the call was stored.
@@ -196,11 +215,9 @@ class Enqueuer:
         valid: List[Tuple[int, str, Optional[float]]] = []
         positions: List[int] = []
         for position, item in enumerate(items):
-            item_ttl = item[2] if len(item) > 2 else None
             try:
-                check_ttl(item_ttl)
-                valid.append((client_id_of(item[0]), check_body(item[1], self.max_body_bytes),
-                              item_ttl))
+                client_id, body, item_ttl = unpack_item(item)
+                valid.append((client_id, check_body(body, self.max_body_bytes), item_ttl))
                 positions.append(position)
             except NikiError as exc:
                 results[position] = exc

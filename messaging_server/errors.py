@@ -18,19 +18,33 @@ class UnknownClient(NikiError):
 
 
 class BodyRejected(NikiError, ValueError):
-    """The message body cannot be carried by the line protocol (empty, newline, too long)."""
+    """The message cannot be queued as given: its body cannot be carried by the line
+    protocol (empty, newline, too long), its ttl is out of range, or an enqueue_many
+    item is not a (client_id, body[, ttl]) tuple."""
 
 
 class QueueFull(NikiError):
     """The client already has the maximum number of pending messages; nothing was queued."""
 
 
-class StorageUnavailable(NikiError):
-    """The database could not be reached, or failed the operation.
+class StorageError(NikiError):
+    """The database failed an operation: one of the two below."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be used now (unreachable, gone away, busy, locked, read-only,
+    out of space, no connection free in time): trying again later may work.
 
     For ``enqueue`` this means the message was not queued, except in the one
     case no client can tell apart: the reply to a COMMIT that succeeded was lost.
     """
+
+
+class StorageFault(StorageError):
+    """The database refused an operation, and trying again will not help: a statement it
+    rejects (a bug in Niki) or a schema that does not match this version.  Nothing of the
+    operation was stored.  Never retried: the HTTP API answers 500 and logs the traceback,
+    niki-enqueue exits with status 5."""
 
 
 class ConfigurationError(NikiError, ValueError):
@@ -42,6 +56,8 @@ __all__ = [
     "ConfigurationError",
     "NikiError",
     "QueueFull",
+    "StorageError",
+    "StorageFault",
     "StorageUnavailable",
     "UnknownClient",
 ]

@@ -354,3 +354,19 @@ def run_threads(targets: List[Callable[[], None]], timeout: float = 30.0) -> Non
     assert not any(t.is_alive() for t in threads), "threads still running after the timeout (deadlock?)"
     if errors:
         raise errors[0]
+
+
+REFUSED_BODY = "refused by the database"
+
+
+def refuse_body(db_url: str, body: str = REFUSED_BODY) -> None:
+    """Make the database refuse to store ``body`` (a trigger): a statement error that is not
+    the database being unavailable, reachable through the public API."""
+    literal = "'" + body.replace("'", "''") + "'"  # a trigger takes no parameters
+    if db_url.startswith("sqlite:"):
+        query(db_url, f"CREATE TRIGGER refuse_body BEFORE INSERT ON messages WHEN NEW.body = {literal} "
+                      "BEGIN SELECT RAISE(ABORT, 'this body is refused'); END")
+    else:
+        query(db_url, "CREATE TRIGGER refuse_body BEFORE INSERT ON messages FOR EACH ROW "
+                      f"BEGIN IF NEW.body = {literal} THEN SIGNAL SQLSTATE '45000' "
+                      "SET MESSAGE_TEXT = 'this body is refused'; END IF; END")

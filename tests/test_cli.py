@@ -22,7 +22,7 @@ import pytest
 from messaging_server.enqueue import MAX_BATCH
 from messaging_server.settings import DEFAULT_PORT, MAX_BODY_BYTES
 from messaging_server.storage import Storage, open_storage
-from tests.helpers import DatagramCounter, query, wait_until
+from tests.helpers import REFUSED_BODY, DatagramCounter, query, refuse_body, wait_until
 
 
 @pytest.fixture
@@ -102,6 +102,18 @@ def test_queued(db_url, client, wakeups):
     assert result.stderr == ""
     assert bodies(db_url, client) == ["hello world"]
     assert wakeups.drain() == [[client]]
+
+
+def test_leading_zeros_name_the_same_client(sqlite_url, wakeups):
+    # As on the wire, 0001 is client 1: the output names the client the server knows.
+    with open_storage(sqlite_url, create=True) as store:
+        store.create_schema()
+        client = store.new_client().client_id
+    padded = f"{client:04d}"
+    result = run_cli(padded, "hello", db=sqlite_url, peers=wakeups.peers)
+    assert (result.status, result.stdout, result.stderr) == (0, f"queued for client {client}\n", "")
+    result = run_cli(padded, "hello", db=sqlite_url, peers=wakeups.peers)
+    assert result.status == 3 and f"for client {client} less" in result.stderr, result.stderr
 
 
 def test_queued_from_environment(db_url, client, wakeups):
@@ -395,6 +407,19 @@ def test_help_does_not_advertise_the_old_default_peer(tmp_path):
     assert f"127.0.0.1:{DEFAULT_PORT + 1}" not in result.stdout
 
 
+def test_a_statement_the_database_refuses_is_reported_as_a_bug(db_url, storage, client, wakeups):
+    refuse_body(db_url)
+    result = run_cli(str(client), REFUSED_BODY, db=db_url, peers=wakeups.peers)
+    assert result.status == 5, result.stderr
+    assert len(result.stderr_lines) == 1 and "bug in Niki" in result.stderr, result.stderr
+    result = run_cli(str(client), "-", db=db_url, peers=wakeups.peers, stdin=f"ok\n{REFUSED_BODY}\n".encode())
+    assert result.status == 5 and "line 2" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("--file", "-", str(client), db=db_url, peers=wakeups.peers,
+                     stdin=f"more\n{REFUSED_BODY}\n".encode())
+    assert result.status == 5 and "Traceback" not in result.stderr, result.stderr
+    assert bodies(db_url, client) == ["ok"]
+
+
 # --- --ttl ---------------------------------------------------------------------------------------------
 
 
@@ -425,7 +450,7 @@ def test_bad_ttl(sqlite_url, wakeups):
         store.create_schema()
         client = store.new_client().client_id
     db_url = sqlite_url
-    for ttl in ["0", "-5", "nan", "abc"]:
+    for ttl in ["0", "-5", "1e-300", "0.0001", "nan", "abc"]:
         result = run_cli("--ttl", ttl, str(client), "hello", db=db_url, peers=wakeups.peers)
         assert result.status == 2, (ttl, result.stderr)
         assert result.stdout == ""

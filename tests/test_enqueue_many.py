@@ -15,8 +15,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import pytest
 
 from messaging_server import Enqueuer, enqueue_many
-from messaging_server.enqueue import MAX_BATCH, MAX_TTL_S
-from messaging_server.errors import BodyRejected, NikiError, QueueFull, StorageUnavailable, UnknownClient
+from messaging_server.enqueue import MAX_BATCH, MAX_TTL_S, MIN_TTL_S
+from messaging_server.errors import (
+    BodyRejected,
+    NikiError,
+    QueueFull,
+    StorageFault,
+    StorageUnavailable,
+    UnknownClient,
+)
 from messaging_server.settings import DUPLICATE_WINDOW_S, MAX_BODY_BYTES
 from messaging_server.storage import Storage
 from messaging_server.storage.base import Queued, body_hash
@@ -242,9 +249,10 @@ def test_failed_insert_stores_nothing_and_wakes_nobody(storage: Storage, db_url:
     before = rows(db_url)
     batch = [(a, "x1"), (b, "y1"), (a, "x2")]
     with Enqueuer(db_url, "") as enqueuer:
-        with pytest.raises(StorageUnavailable, match="poisoned body"):
+        # A statement the database refuses is a fault (a bug), not "unavailable".
+        with pytest.raises(StorageFault, match="poisoned body"):
             enqueuer.enqueue_many([*batch, (b, "poison")])
-        with pytest.raises(StorageUnavailable):
+        with pytest.raises(StorageFault):
             storage.enqueue_many([(a, "poison"), *batch], WINDOW)
         assert rows(db_url) == before
         assert owner.drain() == []
@@ -403,7 +411,7 @@ def test_bad_ttl_refuses_the_whole_call(storage: Storage, db_url: str,
     counter = counters()
     a = storage.new_client().client_id
     with Enqueuer(db_url, counter.peers) as enqueuer:
-        for ttl in (0, -1, float("nan"), float("inf"), True, "60", MAX_TTL_S + 1):
+        for ttl in (0, -1, 1e-300, MIN_TTL_S / 2, float("nan"), float("inf"), True, "60", MAX_TTL_S + 1):
             with pytest.raises(BodyRejected, match="ttl"):
                 enqueuer.enqueue_many([(a, "fine"), (a, "also fine")], ttl=ttl)  # type: ignore[arg-type]
         assert enqueuer.datagrams_sent == 0
@@ -428,6 +436,21 @@ def test_bad_items_are_refused_alone(storage: Storage, db_url: str) -> None:
     assert rows_of(db_url, a) == [("ok1", "pending"), ("ok2", "pending"), ("ok1", "ignored"),
                                   ("ok3 \U0001f600", "pending"), ("y" * MAX_BODY_BYTES, "pending")]
     assert [r for r in rows(db_url) if r[1] != a] == []
+
+
+def test_malformed_items_are_refused_alone(storage: Storage, db_url: str) -> None:
+    """An item of the wrong shape, or with a bad ttl of its own, is that item's BodyRejected or
+    UnknownClient, not an IndexError or TypeError for the whole call."""
+    a = storage.new_client().client_id
+    items = [(a, "ok1"), (a,), (), a, "ab", None, {"client_id": a, "body": "x"}, (a, "x", 60, "extra"),
+             (a, 5), (a, None), (1.5, "float id"), (None, "no id"), (a, "tiny", 1e-300), (a, "neg", -1),
+             (a, "str ttl", "60"), [a, "ok2", 60], (a, "ok3", None)]
+    with Enqueuer(db_url, "") as enqueuer:
+        results = enqueuer.enqueue_many(items)  # type: ignore[arg-type]
+    assert kinds(results) == [True] + [BodyRejected] * 9 + [UnknownClient] * 2 + [BodyRejected] * 3 \
+        + [True, True]
+    assert "(client_id, body)" in str(results[1]) and "ttl" in str(results[12])
+    assert rows_of(db_url, a) == [("ok1", "pending"), ("ok2", "pending"), ("ok3", "pending")]
 
 
 # --- concurrency ---------------------------------------------------------------------------------------

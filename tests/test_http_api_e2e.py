@@ -41,7 +41,7 @@ import pytest
 
 from messaging_server.client import Client
 from messaging_server.http_server import KEEPALIVE_IDLE_S
-from tests.helpers import ServerProcess, numeric_id, query, wait_until
+from tests.helpers import REFUSED_BODY, ServerProcess, numeric_id, query, refuse_body, wait_until
 
 # Routed mode and no API token unless a test sets one: no NIKI_* setting may leak in.
 pytestmark = pytest.mark.usefixtures("no_niki_environment")
@@ -155,7 +155,7 @@ def test_queue_one_message_every_status(db_url: str) -> None:
         assert api.post(cid, {"body": "x" * 4097}).status == 413
         assert api.post(cid, {"body": "é" * 2049}).status == 413
         for bad in ({"body": "two\nlines"}, {"body": "cr\r"}, {"body": ""}, {"body": 5},
-                    {"text": "no body"}, ["body"], {"body": "x", "ttl": 0},
+                    {"text": "no body"}, ["body"], {"body": "x", "ttl": 0}, {"body": "x", "ttl": 1e-300},
                     {"body": "x", "ttl": -1}, {"body": "x", "ttl": "60"}, {"body": "x", "ttl": True},
                     {"body": "x", "ttl": 10**12}):
             reply = api.post(cid, bad)
@@ -354,6 +354,27 @@ def test_database_unavailable_is_503_and_recovers(db_url: str) -> None:
             _rename(db_url, "clients_away", "clients")
         assert api.get("/healthz").status == 200
         assert api.post(cid, {"body": "lost?"}).status == 201  # the refused one was not stored
+
+
+def test_a_statement_the_database_refuses_is_500_not_503(db_url: str) -> None:
+    # A bug is not "database unavailable": 500 with a generic body, the traceback logged once.
+    with running(db_url) as server:
+        api = Api(server.http_port)
+        cid = numeric_id(new_client(server))
+        refuse_body(db_url)
+        refused = api.post(cid, {"body": REFUSED_BODY})
+        assert (refused.status, refused.json) == (500, {"error": "internal error"})
+        batch = api.request("POST", "/v1/messages", {"messages": [{"client_id": cid, "body": "ok"},
+                                                                  {"client_id": cid, "body": REFUSED_BODY}]})
+        assert batch.status == 500
+        assert api.post(cid, {"body": "fine"}).status == 201
+        assert api.get("/healthz").status == 200
+        # Each logged once, with its traceback (the driver's error chained beneath it).
+        wait_until(lambda: server.log.count("messaging_server.errors.StorageFault") == 2, 5,
+                   message=server.log)
+        failed = [line for line in server.log.splitlines() if "failed" in line and "HTTP POST" in line]
+        assert len(failed) == 2 and "database unavailable" not in server.log, server.log
+    assert [row[0] for row in query(db_url, "SELECT body FROM messages")] == ["fine"]
 
 
 # --- who may call it ------------------------------------------------------------------------

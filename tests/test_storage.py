@@ -10,11 +10,25 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 
-from messaging_server.errors import ConfigurationError, QueueFull, StorageUnavailable, UnknownClient
+from messaging_server.errors import (
+    ConfigurationError,
+    QueueFull,
+    StorageFault,
+    StorageUnavailable,
+    UnknownClient,
+)
 from messaging_server.storage import Delivery, Storage, StoredMessage, describe_url, open_storage
 from messaging_server.storage.base import Claim
 from tests.conftest import mysql_connect
-from tests.helpers import insert_message, query, run_threads, seconds_ago_sql, wait_until
+from tests.helpers import (
+    REFUSED_BODY,
+    insert_message,
+    query,
+    refuse_body,
+    run_threads,
+    seconds_ago_sql,
+    wait_until,
+)
 
 WINDOW = 5.0
 
@@ -322,6 +336,37 @@ def test_four_byte_bodies_differing_only_in_emoji_are_distinct(storage: Storage)
     assert storage.enqueue(cid, "x \U0001f600", WINDOW).message_id is not None
     assert storage.enqueue(cid, "x \U0001f601", WINDOW).message_id is not None
     assert storage.enqueue(cid, "x \U0001f600", WINDOW).message_id is None
+
+
+# --- errors: unavailable or refused -------------------------------------------------------------------
+
+
+def test_a_statement_the_database_refuses_is_a_fault_not_unavailable(storage: Storage, db_url: str):
+    """Only "cannot use the database now" is StorageUnavailable (retried); a statement the
+    database refuses is StorageFault, a bug that no retry can fix."""
+    client = storage.new_client().client_id
+    refuse_body(db_url)
+    for attempt in (lambda: storage.enqueue(client, REFUSED_BODY, WINDOW),
+                    lambda: storage.enqueue_many([(client, "fine"), (client, REFUSED_BODY)], WINDOW)):
+        with pytest.raises(StorageFault, match="this body is refused") as caught:
+            attempt()
+        assert not isinstance(caught.value, StorageUnavailable)
+    assert storage.enqueue(client, "fine", WINDOW).message_id  # the rest of the database works
+    assert query(db_url, "SELECT body FROM messages") == [("fine",)]  # the batch stored nothing
+
+
+def test_a_schema_that_lacks_a_column_is_a_fault(storage: Storage, db_url: str):
+    message_id = storage.enqueue(storage.new_client().client_id, "hello", WINDOW).message_id
+    query(db_url, "ALTER TABLE messages DROP COLUMN acknowledged_at")
+    with pytest.raises(StorageFault, match="older than this version"):
+        storage.message_info(message_id)
+
+
+def test_a_missing_schema_is_unavailable(storage: Storage, db_url: str):
+    # Not a bug: the database was not set up yet (the server's start creates the schema).
+    query(db_url, "DROP TABLE messages")
+    with pytest.raises(StorageUnavailable, match="no Niki schema yet"):
+        storage.pending_count(1)
 
 
 # --- duplicate window ---------------------------------------------------------------------------

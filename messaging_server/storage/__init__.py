@@ -37,13 +37,19 @@ def open_storage(url: str, pool_size: int = DEFAULT_POOL_SIZE, create: bool = Fa
         return SqliteStorage(unquote(path), pool_size=pool_size, create=create)
     if scheme in ("mysql", "mysql+pymysql", "mariadb"):
         database = parts.path.lstrip("/")
+        try:
+            port = parts.port  # ValueError for a port that is not a number from 0 to 65535
+        except ValueError:
+            port = 0
+        if not port and parts.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
+            raise ConfigurationError(f"{describe_url(url)!r}: the port must be a number from 1 to 65535")
         if not database or not parts.hostname:
-            raise ConfigurationError(f"{url!r}: expected mysql://user:password@host:port/dbname")
+            raise ConfigurationError(f"{describe_url(url)!r}: expected mysql://user:password@host:port/dbname")
         from .mysql import MysqlStorage
 
         return MysqlStorage(
             host=parts.hostname,
-            port=parts.port or 3306,
+            port=port or 3306,
             user=unquote(parts.username or "root"),
             password=unquote(parts.password or ""),
             database=unquote(database),

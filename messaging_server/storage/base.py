@@ -53,7 +53,7 @@ from typing import (
     Union,
 )
 
-from ..errors import NikiError, QueueFull, StorageUnavailable, UnknownClient
+from ..errors import NikiError, QueueFull, StorageError, StorageFault, StorageUnavailable, UnknownClient
 
 if TYPE_CHECKING:
     from .group_commit import GroupCommit
@@ -415,8 +415,18 @@ class SqlStorage(Storage):
     # read once per delivered message, for the latency histogram).
     epoch_micros_sql = ""
 
-    # Driver exceptions that mean "the database is not usable now".
-    unavailable_errors: Tuple[type, ...] = ()
+    # The driver's exceptions, mapped at this boundary (see storage_error).
+    driver_errors: Tuple[type, ...] = ()
+
+    def _is_unavailable(self, exc: BaseException) -> bool:
+        """Whether a driver error means "the database cannot be used now" (gone away,
+        busy, locked, read-only, full: try again later), not "it refuses this statement"
+        (a bug, or a schema that does not match: trying again cannot help).
+
+        A missing table counts as unavailable: the database has no schema yet, and
+        the server's start creates it.
+        """
+        return False
 
     # Columns added to a table after its first release, as (table, column, type):
     # a database created by an older version gets them at the server's start.
@@ -463,7 +473,7 @@ class SqlStorage(Storage):
         """Borrow a connection, begin, and yield a :class:`Tx`.
 
         Commits on success, rolls back on any exception, always returns the
-        connection, and raises StorageUnavailable for driver errors.
+        connection, and raises StorageUnavailable or StorageFault for driver errors.
         ``durable``: see :meth:`_begin`.
         """
         try:
@@ -480,8 +490,8 @@ class SqlStorage(Storage):
                 finally:
                     with contextlib.suppress(Exception):
                         cursor.close()
-        except self.unavailable_errors as exc:
-            raise self.unavailable(exc) from exc
+        except self.driver_errors as exc:
+            raise self.storage_error(exc) from exc
 
     # Set by a backend whose durable commits are serialised (SQLite): short writes
     # of many threads then share one transaction and one flush.
@@ -495,15 +505,20 @@ class SqlStorage(Storage):
                 return operation(tx)
         try:
             return self._group.run(operation)
-        except self.unavailable_errors as exc:  # raised inside a shared transaction
-            raise self.unavailable(exc) from exc
+        except self.driver_errors as exc:  # raised inside a shared transaction
+            raise self.storage_error(exc) from exc
 
     # Where the data lives, for error messages (no password).
     location = ""
 
-    def unavailable(self, exc: BaseException) -> StorageUnavailable:
-        """The StorageUnavailable for a driver error, naming the database."""
-        return StorageUnavailable(f"{self.location}: {describe_driver_error(exc)}")
+    def storage_error(self, exc: BaseException) -> StorageError:
+        """The StorageUnavailable or StorageFault for a driver error, naming the database."""
+        kind = StorageUnavailable if self._is_unavailable(exc) else StorageFault
+        return kind(f"{self.location}: {self.describe_error(exc)}")
+
+    def describe_error(self, exc: BaseException) -> str:
+        """A driver error in one line, with a hint where one helps."""
+        return describe_driver_error(exc)
 
     @property
     def _unexpired(self) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -21,13 +20,31 @@ from importlib import resources
 from typing import Dict, Iterator, List
 from urllib.request import pathname2url
 
+from ..errors import StorageUnavailable
 from .base import SqlStorage, Tx, split_sql_script
 from .group_commit import GroupCommit
+from .pool import ConnectionPool
 
 # How long a writer waits for another process's write lock before giving up.
 # Longer than the server's socket write timeout, which bounds how long a
 # delivery can hold the lock.
 BUSY_TIMEOUT_S = 30.0
+
+# SQLite's primary result codes that mean the file cannot be used now, whatever the
+# statement: busy or locked by another process, out of memory, read-only, an I/O
+# error, a damaged file, a full disk, a file that cannot be opened, not a database.
+# Any other code (SQLITE_ERROR: no such column, a syntax error; SQLITE_CONSTRAINT;
+# SQLITE_TOOBIG; SQLITE_MISMATCH) is a statement the database refuses.
+# (Numbers: the sqlite3 module names them only from Python 3.11 on.)
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6
+UNAVAILABLE_CODES = frozenset({
+    5, 6, 7, 8,  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_NOMEM, SQLITE_READONLY
+    10, 11, 13, 14,  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_CANTOPEN
+    15, 26,  # SQLITE_PROTOCOL, SQLITE_NOTADB
+})
+# The same, from the message, where Python (before 3.11) gives no code.
+UNAVAILABLE_TEXTS = ("locked", "readonly", "read-only", "disk i/o error", "malformed", "disk is full",
+                     "unable to open", "not a database", "out of memory")
 
 
 class SqliteStorage(SqlStorage):
@@ -36,7 +53,7 @@ class SqliteStorage(SqlStorage):
     micros_ahead_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || (%s / 1000000.0) || ' seconds')"
     epoch_micros_sql = "CAST((julianday({column}) - 2440587.5) * 86400000000.0 AS INTEGER)"
     lock_rows_sql = ""  # BEGIN IMMEDIATE already holds the write lock
-    unavailable_errors = (sqlite3.Error,)
+    driver_errors = (sqlite3.Error,)
     lastrowid_is_first = False
     added_columns = (("clients", "secret_hash", "BLOB"), ("clients", "delivery_session", "INTEGER"),
                      ("clients", "delivery_server_id", "INTEGER"), ("messages", "acknowledged_at", "TEXT"))
@@ -47,18 +64,16 @@ class SqliteStorage(SqlStorage):
         # Only the server creates the file; a typo in an enqueuer's URL must
         # not leave an empty database behind.
         self._uri = f"file:{pathname2url(os.path.abspath(path))}?mode={'rwc' if create else 'rw'}"
-        self._idle: queue.LifoQueue = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(pool_size)
-        self._all: list = []
-        self._lock = threading.Lock()
+        self._pool: ConnectionPool[sqlite3.Connection] = ConnectionPool(
+            self._connect, _close, pool_size, self.location)
         # Every transaction here takes the database's write lock (BEGIN IMMEDIATE),
         # so they run one at a time anyway.  Threads of this process queue on this
         # lock, which wakes the next one at once, rather than in SQLite's busy
         # handler, which polls with sleeps of up to 100 ms.
         self._serial = threading.Lock()
         # Readers (see read()) have connections of their own, as many as the pool.
-        self._idle_readers: queue.LifoQueue = queue.LifoQueue()
-        self._read_slots = threading.BoundedSemaphore(pool_size)
+        self._readers: ConnectionPool[sqlite3.Connection] = ConnectionPool(
+            self._connect, _close, pool_size, self.location)
         self._sync_modes: Dict[int, str] = {}  # id(connection) -> its PRAGMA synchronous
         # Those transactions, and their flushes, come one at a time: handshakes,
         # connection ends and delivery marks of many threads share them instead.
@@ -72,49 +87,46 @@ class SqliteStorage(SqlStorage):
             isolation_level=None,  # we issue BEGIN ourselves
             check_same_thread=False,  # pooled: used by one thread at a time
         )
-        _set_wal(connection)
-        connection.execute("PRAGMA synchronous=FULL")  # "queued" means on disk
-        with self._lock:
-            self._all.append(connection)
-            self._sync_modes[id(connection)] = "FULL"
+        try:
+            _set_wal(connection)
+            connection.execute("PRAGMA synchronous=FULL")  # "queued" means on disk
+        except BaseException:
+            connection.close()
+            raise
+        self._sync_modes[id(connection)] = "FULL"
         return connection
 
     @contextlib.contextmanager
     def _borrow(self) -> Iterator[sqlite3.Connection]:
-        with self._slots, self._serial:
-            try:
-                connection = self._idle.get_nowait()
-            except queue.Empty:
-                connection = self._connect()
-            try:
+        # The same time limit as the pool's: a thread of this process that holds the
+        # database too long (waiting on another process's lock) fails the others in time.
+        if not self._serial.acquire(timeout=self._pool.wait_s):
+            raise StorageUnavailable(
+                f"{self.location}: no transaction could start within {self._pool.wait_s:g} s; "
+                "another one of this process held the database all that time")
+        try:
+            with self._pool.borrow() as connection:
                 yield connection
-            finally:
-                self._idle.put(connection)
+        finally:
+            self._serial.release()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
         """A read-only transaction on a connection of its own, outside the writers'
         queue: WAL lets it run beside the one writer, so a read never waits for writes."""
         try:
-            with self._read_slots:
+            with self._readers.borrow() as connection:
+                connection.execute("BEGIN")
+                cursor = connection.cursor()
                 try:
-                    connection = self._idle_readers.get_nowait()
-                except queue.Empty:
-                    connection = self._connect()
-                try:
-                    connection.execute("BEGIN")
-                    cursor = connection.cursor()
-                    try:
-                        yield Tx(cursor, self._convert)
-                    finally:
-                        with contextlib.suppress(sqlite3.Error):
-                            cursor.close()
-                        with contextlib.suppress(sqlite3.Error):
-                            connection.execute("ROLLBACK")  # nothing to keep; ends the snapshot
+                    yield Tx(cursor, self._convert)
                 finally:
-                    self._idle_readers.put(connection)
-        except self.unavailable_errors as exc:
-            raise self.unavailable(exc) from exc
+                    with contextlib.suppress(sqlite3.Error):
+                        cursor.close()
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")  # nothing to keep; ends the snapshot
+        except self.driver_errors as exc:
+            raise self.storage_error(exc) from exc
 
     def connections_in_use(self) -> int:
         # A connection is borrowed only under the serialising lock: at most one.
@@ -144,12 +156,37 @@ class SqliteStorage(SqlStorage):
     def _column_names(self, tx: Tx, table: str) -> List[str]:
         return [str(row[1]) for row in tx.fetchall(f"PRAGMA table_info({table})")]
 
+    def describe_error(self, exc: BaseException) -> str:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if ("unable to open" in text or "readonly" in text) and os.path.exists(self.path) \
+                and not _writable(self.path):
+            return (f"{text} (the file or its directory is read-only: the server writes the file "
+                    "and creates its -wal and -shm files beside it, and niki-enqueue writes the file)")
+        return super().describe_error(exc)
+
+    def _is_unavailable(self, exc: BaseException) -> bool:
+        text = str(exc).lower()
+        if "no such table" in text or "closed database" in text:
+            return True  # no schema yet; or this storage was closed (the server stopping)
+        code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+        if code is not None:
+            return code & 0xFF in UNAVAILABLE_CODES  # the primary code of an extended one
+        return isinstance(exc, sqlite3.OperationalError) and any(t in text for t in UNAVAILABLE_TEXTS)
+
     def close(self) -> None:
-        with self._lock:
-            connections, self._all = self._all, []
-        for connection in connections:
-            with contextlib.suppress(sqlite3.Error):
-                connection.close()
+        self._pool.close()
+        self._readers.close()
+
+
+def _close(connection: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        connection.close()
+
+
+def _writable(path: str) -> bool:
+    """Whether this process may write ``path`` and create files beside it (False on a
+    read-only mount, even for root)."""
+    return os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
 
 
 def _set_wal(connection: sqlite3.Connection, timeout: float = BUSY_TIMEOUT_S) -> None:
@@ -157,15 +194,16 @@ def _set_wal(connection: sqlite3.Connection, timeout: float = BUSY_TIMEOUT_S) ->
 
     Changing the journal mode needs an exclusive lock and does not wait on the
     busy timeout, so two servers starting on a new file at once could fail:
-    retry with a short back-off until ``timeout``.
+    retry with a short back-off until ``timeout``, but only while the file is locked
+    (a read-only or unopenable file fails at once).
     """
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
         try:
             mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except sqlite3.OperationalError:
-            if time.monotonic() + delay > deadline:
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc) or time.monotonic() + delay > deadline:
                 raise
             time.sleep(delay)  # back-off while another connection holds the lock
             delay = min(delay * 2, 0.25)
@@ -173,3 +211,11 @@ def _set_wal(connection: sqlite3.Connection, timeout: float = BUSY_TIMEOUT_S) ->
         if str(mode).lower() == "wal":
             return
         raise sqlite3.OperationalError(f"cannot switch {connection} to WAL mode (got {mode})")
+
+
+def _is_locked(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds a lock, which it will let go."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+    return "locked" in str(exc)
