@@ -166,7 +166,7 @@ class ApiHandler(BoundedRequestHandler):
 
     def _dispatch(self) -> None:
         self._body_unread = bool(self.headers.get("Transfer-Encoding")) or \
-            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+            bool(self.content_length())
         path = self.path.partition("?")[0]
         try:
             route, match = self._route(path)
@@ -224,19 +224,14 @@ class ApiHandler(BoundedRequestHandler):
         if headers.get("Transfer-Encoding"):
             raise RequestRefused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length "
                                  "(chunked bodies are not accepted)", "bad_request", close=True)
-        length_text = headers.get("Content-Length")
-        if length_text is None:
+        length = self.content_length()  # one, of ASCII digits: the transport saw to that
+        if length is None:
             raise RequestRefused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required",
                                  "bad_request")
-        length_text = length_text.strip()
-        if not (length_text.isascii() and length_text.isdigit()):
-            raise RequestRefused(HTTPStatus.BAD_REQUEST, "malformed Content-Length", "bad_request",
-                                 close=True)
-        length = int(length_text)
         if length > MAX_REQUEST_BYTES:
             raise RequestRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                 f"the request body is {length} bytes; the limit is "
-                                 f"{MAX_REQUEST_BYTES}", "body_too_large", close=True)
+                                 f"the request body is over the limit of {MAX_REQUEST_BYTES} bytes",
+                                 "body_too_large", close=True)
         if headers.get_content_type() != JSON_TYPE:
             raise RequestRefused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                                  f"the request body must be {JSON_TYPE}", "bad_request", close=True)
@@ -419,12 +414,13 @@ class ApiHandler(BoundedRequestHandler):
 
     def send_error(self, code: int, message: Optional[str] = None,
                    explain: Optional[str] = None) -> None:
-        """``http.server``'s own refusals (bad request line, oversized headers) as JSON."""
+        """The transport's own refusals (bad request line, oversized headers, ambiguous
+        framing) as JSON: the status's phrase, and what was wrong."""
         try:
             phrase = HTTPStatus(code).phrase.lower()
         except ValueError:
             phrase = "error"
-        self._reply(code, {"error": phrase}, close=True)
+        self._reply(code, {"error": f"{phrase}: {message}" if message else phrase}, close=True)
 
     # --- logging: never the query string, a credential's secret or a header ---
 
