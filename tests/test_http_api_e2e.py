@@ -48,6 +48,7 @@ import pytest
 
 from messaging_server.client import Client
 from messaging_server.http_server import KEEPALIVE_IDLE_S, MAX_HTTP_CONNECTIONS
+from messaging_server.storage.base import HEARTBEAT_INTERVAL_S
 from tests.helpers import ServerProcess, numeric_id, query, wait_until
 
 # Routed mode and no API token unless a test sets one: no NIKI_* setting may leak in.
@@ -346,20 +347,26 @@ def _rename(db_url: str, old: str, new: str) -> None:
 
 
 def test_database_unavailable_is_503_and_recovers(db_url: str) -> None:
+    """Tables gone: every route answers 503; /healthz within a heartbeat or so (it reports
+    the server's own writes, and the heartbeat's fails too); all back once they return."""
     with running(db_url) as server:
         api = Api(server.http_port)
         cid = numeric_id(new_client(server))
         _rename(db_url, "clients", "clients_away")
+        _rename(db_url, "servers", "servers_away")
         try:
-            health = api.get("/healthz")
-            assert health.status == 503 and health.json["database"] == "unavailable"
             assert api.post(cid, {"body": "lost?"}).status == 503
             assert api.get(f"/v1/clients/{cid}").status == 503
             batch = api.request("POST", "/v1/messages", {"messages": [{"client_id": cid, "body": "b"}]})
             assert batch.status == 503 and "error" in batch.json
+            wait_until(lambda: api.get("/healthz").status == 503, 3 * HEARTBEAT_INTERVAL_S,
+                       "/healthz to say the database is unavailable")
+            assert api.get("/healthz").json["database"] == "unavailable"
         finally:
             _rename(db_url, "clients_away", "clients")
-        assert api.get("/healthz").status == 200
+            _rename(db_url, "servers_away", "servers")
+        wait_until(lambda: api.get("/healthz").status == 200, 3 * HEARTBEAT_INTERVAL_S,
+                   "/healthz to say ok again")
         assert api.post(cid, {"body": "lost?"}).status == 201  # the refused one was not stored
 
 

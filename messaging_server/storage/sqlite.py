@@ -42,6 +42,7 @@ class SqliteStorage(SqlStorage):
     added_columns = (("clients", "secret_hash", "BLOB"), ("messages", "acknowledged_at", "TEXT"))
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
+        super().__init__()
         self.path = path
         self.location = f"SQLite database {path}"
         # Only the server creates the file; a typo in an enqueuer's URL must
