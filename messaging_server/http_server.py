@@ -5,8 +5,18 @@ caller can make them hold.
 client trickles bytes, read headers without limit, and accept connections without
 end.  Here:
 
-- at most MAX_HTTP_CONNECTIONS connections; beyond them, a 503 written by the
-  accepting thread and the connection closed, before any thread exists for it;
+- at most MAX_HTTP_CONNECTIONS connections.  One still waiting for a request head
+  (a new connection, a kept-alive one between requests, or a slow stranger that
+  never finishes its head) gives way to a newcomer when the cap is reached: the
+  one that has waited longest is closed.  So connections that need no token
+  cannot lock out ``/healthz`` or a caller with the token; only when every
+  connection is serving a request does a newcomer get a 503, written by the
+  accepting thread before any thread exists for it;
+- a request whose body framing two HTTP implementations could read differently
+  (RFC 9112 section 6.3: several Content-Length headers, one with
+  Transfer-Encoding, one that is not ASCII digits, a malformed header line) gets
+  400 and the connection is closed: a proxy reading it the other way would see
+  another request;
 - each request must arrive in full within ``request_timeout`` (an overall
   deadline, not one per read), its head within MAX_HEAD_BYTES (431 beyond);
 - a body declared over MAX_REQUEST_BYTES is refused before a byte of it is read;
@@ -25,15 +35,18 @@ import socket
 import socketserver
 import threading
 import time
+from email.message import Message
 from http import HTTPStatus
 from http.client import HTTPException
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional, Type
+from typing import Any, Dict, List, Optional, Type
 
 log = logging.getLogger("messaging_server.http")
 
 # Concurrent HTTP connections; each costs a thread and, while it runs a
-# request, a database connection from the server's pool.
+# request, a database connection from the server's pool.  Those waiting for a
+# request head give way to newcomers (ConnectionSlots), so the cap bounds the
+# threads without letting slow strangers lock everyone out.
 MAX_HTTP_CONNECTIONS = 64
 # A request body is refused beyond this, from its Content-Length.  A batch of
 # the API's 100 bodies of 4 KiB fits with room for JSON escapes.
@@ -61,6 +74,93 @@ BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application
 class HeadTooLarge(HTTPException):
     """The request line and headers passed MAX_HEAD_BYTES.  An HTTPException, so that
     ``http.server`` answers 431 when it happens among the headers."""
+
+
+def framing_problem(headers: Message) -> str:
+    """Why the request's body framing is ambiguous, as RFC 9112 section 6.3 judges it;
+    "" when it is not.
+
+    Two lengths, even equal ones (the RFC allows refusing them, and nothing
+    legitimate sends them), a length beside Transfer-Encoding, a length that is
+    not plain ASCII digits: another implementation in the path (a proxy, a
+    balancer) may pick another reading, and see another request in the same bytes.
+    A header line the parser could not read (whitespace before the colon, no
+    colon) ends ``http.client``'s headers early, dropping those after it, and a
+    folded line (obs-fold) is read differently by different parsers: both refused.
+    """
+    if headers.defects or headers.get_payload():
+        return "malformed header line"
+    if any("\r" in value or "\n" in value for value in headers.values()):
+        return "folded header line (obs-fold)"
+    lengths = headers.get_all("Content-Length") or []
+    if len(lengths) > 1:
+        return "more than one Content-Length header"
+    if lengths and headers.get("Transfer-Encoding") is not None:
+        return "Content-Length together with Transfer-Encoding"
+    digits = lengths[0].strip(" \t") if lengths else "0"
+    if not (digits.isascii() and digits.isdigit()):
+        return "malformed Content-Length: not a number of ASCII digits"
+    return ""
+
+
+class ConnectionSlots:
+    """The MAX_HTTP_CONNECTIONS slots, and which of their connections only wait for a request.
+
+    A connection waits from its accept (and again after each answer, kept alive)
+    until its request head is read; then it serves the request.  At the cap, a
+    newcomer takes the slot of the connection that has waited longest, which is
+    shut down (its thread, blocked reading, sees the end and exits); only when
+    every connection is serving is the newcomer refused.  A stranger holding
+    connections open with half a head therefore delays nobody: each newcomer
+    (the probe, a caller with the token) displaces the oldest of them, and the
+    stranger would have to open the cap's worth of new connections within the
+    few milliseconds a caller takes to send its head to displace that caller.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        # Every connection holding a slot -> since when it waits for a request
+        # head (time.monotonic()), or None while it serves a request.
+        self._held: Dict[socket.socket, Optional[float]] = {}
+
+    def admit(self, conn: socket.socket) -> bool:
+        """Give ``conn`` a slot, displacing the longest-waiting connection at the cap;
+        False when every slot is serving a request."""
+        with self._lock:
+            if len(self._held) >= self._limit:
+                waiting = [(since, id(held), held) for held, since in self._held.items()
+                           if since is not None]
+                if not waiting:
+                    return False
+                _, _, displaced = min(waiting)
+                del self._held[displaced]
+                with contextlib.suppress(OSError):
+                    displaced.shutdown(socket.SHUT_RDWR)
+            self._held[conn] = time.monotonic()
+            return True
+
+    def waiting(self, conn: socket.socket) -> None:
+        """``conn`` waits for its next request head (or lingers after its last answer)."""
+        with self._lock:
+            if conn in self._held:
+                self._held[conn] = time.monotonic()
+
+    def serving(self, conn: socket.socket) -> bool:
+        """``conn``'s request head is read; False if it was displaced meanwhile."""
+        with self._lock:
+            if conn not in self._held:
+                return False
+            self._held[conn] = None
+            return True
+
+    def release(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._held.pop(conn, None)
+
+    def connections(self) -> List[socket.socket]:
+        with self._lock:
+            return list(self._held)
 
 
 class DeadlineReader(io.RawIOBase):
@@ -128,6 +228,7 @@ class BoundedRequestHandler(BaseHTTPRequestHandler):
             super().finish()
         finally:
             if self._linger:
+                self.server.slots.waiting(self.connection)  # only draining: it may give way
                 self._drain()
 
     def _drain(self) -> None:
@@ -146,16 +247,47 @@ class BoundedRequestHandler(BaseHTTPRequestHandler):
                     break
                 dropped += len(chunk)
 
+    def parse_request(self) -> bool:
+        """``http.server``'s parsing, then the checks of a head that is complete."""
+        if not super().parse_request():
+            return False
+        return self._head_read()  # again, for a request without Expect: 100-continue
+
     def handle_expect_100(self) -> bool:
         """Refuse an oversized body before the client sends it (``Expect: 100-continue``)."""
-        length = (self.headers.get("Content-Length") or "").strip()
-        if length.isascii() and length.isdigit() and int(length) > MAX_REQUEST_BYTES:
+        if not self._head_read():
+            return False
+        length = self.content_length()
+        if length is not None and length > MAX_REQUEST_BYTES:
             self._body_unread = True
             self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             return False
         return super().handle_expect_100()
 
+    def _head_read(self) -> bool:
+        """The head is in: the connection now serves a request (unless it was displaced
+        meanwhile), if the head's body framing is unambiguous."""
+        if not self.server.slots.serving(self.connection):
+            self.close_connection = True
+            return False
+        problem = framing_problem(self.headers)
+        if problem:
+            self._body_unread = True
+            self.send_error(HTTPStatus.BAD_REQUEST, problem)
+            return False
+        return True
+
+    def content_length(self) -> Optional[int]:
+        """The request's Content-Length (None without one); valid once the head was read.
+        Lengths too long to be worth converting count as one past MAX_REQUEST_BYTES."""
+        text = self.headers.get("Content-Length")
+        if text is None:
+            return None
+        digits = text.strip(" \t").lstrip("0") or "0"
+        return int(digits) if len(digits) <= len(str(MAX_REQUEST_BYTES)) else MAX_REQUEST_BYTES + 1
+
     def handle_one_request(self) -> None:
+        self.server.slots.waiting(self.connection)
         if self._answered and not self._next_request_comes():
             self.close_connection = True
             return
@@ -195,9 +327,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.request_timeout = request_timeout
         self.write_timeout = write_timeout
-        self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
-        self._active: set = set()
-        self._active_lock = threading.Lock()
+        self.slots = ConnectionSlots(MAX_HTTP_CONNECTIONS)
         self._thread: Optional[threading.Thread] = None
         super().__init__((host, port), handler)
 
@@ -216,11 +346,12 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Admit the connection, or answer 503 at once and close it (on the accepting thread,
-        before a thread exists for it; the answer goes into an empty send buffer)."""
-        if self._slots.acquire(blocking=False):
+        """Admit the connection (displacing one that only waits, at the cap), or answer 503
+        at once and close it (on the accepting thread, before a thread exists for it; the
+        answer goes into an empty send buffer)."""
+        if self.slots.admit(request):
             return True
-        log.warning("HTTP connection from %s refused: %d connections already",
+        log.warning("HTTP connection from %s refused: %d connections already serving requests",
                     client_address[0], MAX_HTTP_CONNECTIONS)
         with contextlib.suppress(OSError):
             request.setblocking(False)
@@ -231,18 +362,14 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread for it: it never ran, so it never frees its slot
-            self._slots.release()
+            self.slots.release(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._active_lock:
-            self._active.add(request)
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._active_lock:
-                self._active.discard(request)
-            self._slots.release()
+            self.slots.release(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that failed outside a request (reset, closed mid-request): no traceback
@@ -259,9 +386,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         if self._thread is not None:
             self.shutdown()
             self._thread.join(timeout=5)
-        with self._active_lock:
-            active = list(self._active)
-        for request in active:
+        for request in self.slots.connections():
             with contextlib.suppress(OSError):
                 request.shutdown(socket.SHUT_RDWR)
         self.server_close()

@@ -20,7 +20,13 @@ What is proved here:
   the Host check without one, 404 / 405 with Allow, /metrics counting.
 * Bounds: a slow (trickling) request is dropped after the timeout, an
   oversized body is refused from its Content-Length before it is sent, an
-  oversized head gets 431, connections beyond the cap get 503.
+  oversized head gets 431, connections beyond the cap get 503 when every one is
+  serving a request, and connections still waiting for a request head (slow
+  strangers, idle keep-alives) give way, oldest first, so that they cannot lock
+  out /healthz or a caller with the token.
+* Ambiguous framing (RFC 9112 6.3): two Content-Length headers (even equal),
+  Content-Length with Transfer-Encoding, a Content-Length that is not ASCII
+  digits, a malformed header line: 400, connection closed, nothing stored.
 * No secret (credential, token) in any response or log line.
 """
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -40,7 +47,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from messaging_server.client import Client
-from messaging_server.http_server import KEEPALIVE_IDLE_S
+from messaging_server.http_server import KEEPALIVE_IDLE_S, MAX_HTTP_CONNECTIONS
+from messaging_server.storage.base import HEARTBEAT_INTERVAL_S
 from tests.helpers import REFUSED_BODY, ServerProcess, numeric_id, query, refuse_body, wait_until
 
 # Routed mode and no API token unless a test sets one: no NIKI_* setting may leak in.
@@ -339,20 +347,26 @@ def _rename(db_url: str, old: str, new: str) -> None:
 
 
 def test_database_unavailable_is_503_and_recovers(db_url: str) -> None:
+    """Tables gone: every route answers 503; /healthz within a heartbeat or so (it reports
+    the server's own writes, and the heartbeat's fails too); all back once they return."""
     with running(db_url) as server:
         api = Api(server.http_port)
         cid = numeric_id(new_client(server))
         _rename(db_url, "clients", "clients_away")
+        _rename(db_url, "servers", "servers_away")
         try:
-            health = api.get("/healthz")
-            assert health.status == 503 and health.json["database"] == "unavailable"
             assert api.post(cid, {"body": "lost?"}).status == 503
             assert api.get(f"/v1/clients/{cid}").status == 503
             batch = api.request("POST", "/v1/messages", {"messages": [{"client_id": cid, "body": "b"}]})
             assert batch.status == 503 and "error" in batch.json
+            wait_until(lambda: api.get("/healthz").status == 503, 3 * HEARTBEAT_INTERVAL_S,
+                       "/healthz to say the database is unavailable")
+            assert api.get("/healthz").json["database"] == "unavailable"
         finally:
             _rename(db_url, "clients_away", "clients")
-        assert api.get("/healthz").status == 200
+            _rename(db_url, "servers_away", "servers")
+        wait_until(lambda: api.get("/healthz").status == 200, 3 * HEARTBEAT_INTERVAL_S,
+                   "/healthz to say ok again")
         assert api.post(cid, {"body": "lost?"}).status == 201  # the refused one was not stored
 
 
@@ -500,6 +514,44 @@ def test_slow_and_oversized_requests_are_refused(sqlite_url: str) -> None:
         assert Api(port).get("/healthz").status == 200  # still serving
 
 
+# Heads whose body framing two HTTP implementations could read differently (RFC 9112 6.3):
+# a proxy that honours the other reading would see another request than the server.
+AMBIGUOUS_FRAMING = {
+    "two different lengths": b"Content-Length: 0\r\nContent-Length: 13\r\n",
+    "the same length twice": b"Content-Length: 13\r\nContent-Length: 13\r\n",
+    "a list of lengths": b"Content-Length: 13, 13\r\n",
+    "length and chunked": b"Content-Length: 13\r\nTransfer-Encoding: chunked\r\n",
+    "chunked and length": b"Transfer-Encoding: chunked\r\ncontent-length: 13\r\n",
+    "a sign": b"Content-Length: +13\r\n",
+    "hexadecimal": b"Content-Length: 0xd\r\n",
+    "non-ASCII digits": b"Content-Length: \xb9\xb3\r\n",  # Latin-1 superscripts 1 and 3
+    "space before the colon": b"Content-Length : 13\r\n",
+    "a folded value": b"Content-Length: 1\r\n 3\r\n",
+}
+
+
+def test_ambiguous_body_framing_is_400_and_closes(sqlite_url: str) -> None:
+    with running(sqlite_url) as server:
+        cid = numeric_id(new_client(server))
+        for framing, header in AMBIGUOUS_FRAMING.items():
+            for path in (f"/v1/clients/{cid}/messages", "/healthz"):
+                with _connect(server.http_port) as sock:
+                    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+                                 + b"Content-Type: application/json\r\n" + header + b"\r\n"
+                                 + b'{"body": "x"}' + b"GET /healthz HTTP/1.1\r\n\r\n")
+                    data, _ = _read_all(sock, 5)
+                head, _, body = data.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 400 "), (framing, path, data)
+                assert b"Connection: close" in head
+                assert b"HTTP/1.1" not in body, "the rest was read as another request"
+                error = json.loads(body)["error"]
+                assert "Content-Length" in error or "header" in error, error
+        api = Api(server.http_port)
+        assert api.get(f"/v1/clients/{cid}").json["pending"] == 0  # nothing stored
+        # Optional whitespace around one plain length is fine.
+        assert api.post(cid, raw=b'{"body": "x"}', headers={"Content-Length": " 13\t"}).status == 201
+
+
 def test_idle_keep_alive_and_refused_callers_do_not_hold_connections(sqlite_url: str) -> None:
     """A kept-alive connection idle for KEEPALIVE_IDLE_S is closed, though a request may take
     longer to arrive (the request timeout, 30 s here); one whose request lacked the token is
@@ -517,17 +569,20 @@ def test_idle_keep_alive_and_refused_callers_do_not_hold_connections(sqlite_url:
             assert data.startswith(b"HTTP/1.1 401 ") and took < 0.5, took
 
 
-def test_connections_beyond_the_cap_get_503(sqlite_url: str) -> None:
-    from messaging_server.http_server import MAX_HTTP_CONNECTIONS
+def _busy(port: int) -> socket.socket:
+    """A connection serving a request: its POST head read (the server said 100 Continue),
+    its body coming slowly (held until the request timeout)."""
+    sock = _connect(port)
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+    sock.sendall(b'{"messages": [')
+    return sock
 
+
+def test_connections_beyond_the_cap_get_503_when_all_are_serving(sqlite_url: str) -> None:
     with running(sqlite_url) as server, contextlib.ExitStack() as held:
-        socks = [held.enter_context(_connect(server.http_port)) for _ in range(MAX_HTTP_CONNECTIONS)]
-        # Each of those holds a thread once accepted: make sure all were.
-        for sock in socks:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        for sock in socks:
-            sock.settimeout(10)
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        socks = [held.enter_context(_busy(server.http_port)) for _ in range(MAX_HTTP_CONNECTIONS)]
         with _connect(server.http_port) as extra:
             data, _ = _read_all(extra, 10)
             assert data.startswith(b"HTTP/1.1 503 ")
@@ -535,3 +590,48 @@ def test_connections_beyond_the_cap_get_503(sqlite_url: str) -> None:
             sock.close()
         wait_until(lambda: Api(server.http_port).get("/healthz").status == 200, 10,
                    "the API to serve again once connections were closed")
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _resident_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_slow_strangers_do_not_lock_out_the_probe_or_token_holders(sqlite_url: str) -> None:
+    """Twice the cap's worth of connections that need no token send half a request head and
+    never finish it; /healthz and a caller with the token still get their answers at once,
+    and the server holds no more threads than the cap allows."""
+    with running(sqlite_url, "--api-token", TOKEN) as server, contextlib.ExitStack() as held:
+        port, pid = server.http_port, server.proc.pid
+        api = Api(port, TOKEN)
+        cid = numeric_id(new_client(server))
+        assert api.get(f"/v1/clients/{cid}").status == 200
+        threads, resident = _threads(pid), _resident_bytes(pid)
+        slow = []
+        for _ in range(2 * MAX_HTTP_CONNECTIONS):
+            sock = held.enter_context(_connect(port))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            slow.append(sock)
+        for _ in range(3):
+            began = time.monotonic()
+            health = Api(port).get("/healthz")
+            assert health.status == 200, health.raw
+            assert api.get(f"/v1/clients/{cid}").status == 200
+            assert api.post(cid, {"body": f"through {began}"}).status == 201
+            assert time.monotonic() - began < PROMPT_S
+            slow.append(held.enter_context(_connect(port)))  # the strangers come back
+            slow[-1].sendall(b"GET /metrics HTTP/1.1\r\n")
+        # The oldest strangers gave way (closed without an answer); the thread count is
+        # bounded by the cap, and so is what they cost.
+        data, _ = _read_all(slow[0], 5)
+        assert data == b""
+        wait_until(lambda: _threads(pid) <= threads + MAX_HTTP_CONNECTIONS, 5,
+                   "the threads of the closed connections to end")
+        assert _resident_bytes(pid) - resident < 32 * 1024 * 1024

@@ -54,6 +54,7 @@ from typing import (
 )
 
 from ..errors import NikiError, QueueFull, StorageError, StorageFault, StorageUnavailable, UnknownClient
+from .write_health import WriteHealth
 
 if TYPE_CHECKING:
     from .group_commit import GroupCommit
@@ -214,10 +215,19 @@ FORGET_BATCH = 500
 # several missed beats (a long delivery, a database hiccup) before that.
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_STALE_S = 15.0
+# No committed write for this long (three heartbeats missed) and /healthz says
+# the database is unavailable: writes are stuck (a lock held elsewhere, a
+# database that hangs).  Well before HEARTBEAT_STALE_S, when other servers
+# take this one for dead.
+WRITE_STALE_S = 3 * HEARTBEAT_INTERVAL_S
 
 
 class Storage(abc.ABC):
     """What Niki needs from a database.  All methods are thread-safe."""
+
+    def __init__(self) -> None:
+        # The outcome of this process's writes, for /healthz (see write_health).
+        self.write_health = WriteHealth(WRITE_STALE_S)
 
     @abc.abstractmethod
     def create_schema(self) -> None:
@@ -481,8 +491,11 @@ class SqlStorage(Storage):
                 self._begin(connection, durable)
                 cursor = connection.cursor()
                 try:
-                    yield Tx(cursor, self._convert)
+                    tx = Tx(cursor, self._convert)
+                    yield tx
                     connection.commit()
+                    if tx.wrote:
+                        self.write_health.succeeded()
                 except BaseException:
                     with contextlib.suppress(Exception):
                         connection.rollback()
@@ -512,7 +525,9 @@ class SqlStorage(Storage):
     location = ""
 
     def storage_error(self, exc: BaseException) -> StorageError:
-        """The StorageUnavailable or StorageFault for a driver error, naming the database."""
+        """The StorageUnavailable or StorageFault for a driver error, naming the database
+        (and noted for /healthz: every driver error the storage raises passes here)."""
+        self.write_health.failed()
         kind = StorageUnavailable if self._is_unavailable(exc) else StorageFault
         return kind(f"{self.location}: {self.describe_error(exc)}")
 
@@ -1010,6 +1025,10 @@ class SqlStorage(Storage):
                                       for cid, session, pending in rows})
 
 
+# How the statements that change rows begin (a SELECT's rowcount counts rows read).
+WRITE_VERBS = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
+
+
 class Tx:
     """The cursor helper a backend's ``transaction()`` yields."""
 
@@ -1017,6 +1036,7 @@ class Tx:
         self._cursor = cursor
         self._convert = convert
         self.lastrowid = 0
+        self.wrote = False  # a statement changed rows: the commit is evidence that writes work
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; return the affected row count."""
@@ -1024,7 +1044,10 @@ class Tx:
         log.debug("SQL %s %r", sql, tuple(params))
         self._cursor.execute(sql, tuple(params))
         self.lastrowid = int(self._cursor.lastrowid or 0)
-        return self._cursor.rowcount
+        rowcount = self._cursor.rowcount
+        if rowcount > 0 and sql.split(None, 1)[0].upper() in WRITE_VERBS:
+            self.wrote = True
+        return rowcount
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         self.execute(sql, params)

@@ -93,6 +93,7 @@ class MysqlStorage(SqlStorage):
 
     def __init__(self, host: str, port: int, user: str, password: str, database: str,
                  pool_size: int = 8) -> None:
+        super().__init__()
         self.database = database
         self.location = f"MySQL database {database!r} at {host}:{port}"
         self._params: Dict[str, Any] = dict(

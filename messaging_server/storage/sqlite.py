@@ -59,6 +59,7 @@ class SqliteStorage(SqlStorage):
                      ("clients", "delivery_server_id", "INTEGER"), ("messages", "acknowledged_at", "TEXT"))
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
+        super().__init__()
         self.path = path
         self.location = f"SQLite database {path}"
         # Only the server creates the file; a typo in an enqueuer's URL must
