@@ -31,7 +31,7 @@ from messaging_server.errors import StorageUnavailable
 from messaging_server.storage import open_storage
 from messaging_server.storage.base import split_sql_script
 from messaging_server.storage.mysql import CONNECT_TIMEOUT_S
-from tests.conftest import MYSQL_URL, _mysql_connect
+from tests.conftest import MYSQL_URL, mysql_connect
 from tests.helpers import ServerProcess, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_niki_environment")
@@ -191,7 +191,7 @@ def data_only_user(mysql_url: str) -> Iterator[str]:
     that has SELECT, INSERT, UPDATE, DELETE on it and nothing else (dropped afterwards)."""
     database = urlsplit(mysql_url).path.lstrip("/")
     user, password = f"niki_data_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    root = _mysql_connect()
+    root = mysql_connect()
     try:
         with root.cursor() as cur:
             cur.execute(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
@@ -222,7 +222,7 @@ def test_a_user_with_data_privileges_runs_on_a_prepared_schema(data_only_user: s
 @pytest.mark.mysql
 def test_what_a_data_only_user_may_not_create_is_named(data_only_user: str) -> None:
     database = urlsplit(data_only_user).path.lstrip("/")
-    root = _mysql_connect(database)
+    root = mysql_connect(database)
     try:
         root.cursor().execute("DROP TABLE servers")
         result = server(data_only_user)
