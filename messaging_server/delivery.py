@@ -74,8 +74,7 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Opt
             log.warning("delivery to client %s postponed: database unavailable: %s", client_id, exc)
             break
         if messages is None:
-            log.info("client %s: closing %s, taken over by a newer connection", client_id, conn.peer)
-            conn.close("taken over by a newer connection")
+            close_taken_over(conn)
             break
         if not messages:
             if conn.holds_lease and not conn.inflight:
@@ -91,6 +90,12 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Opt
     if total:
         log.debug("client %s: delivered %d message(s)", client_id, total)
     return total
+
+
+def close_taken_over(conn: ClientConnection) -> None:
+    """Close a connection whose client identified again elsewhere (any thread)."""
+    log.info("client %s: closing %s, taken over by a newer connection", conn.client_id, conn.peer)
+    conn.close("taken over by a newer connection")
 
 
 def _write(conn: ClientConnection, messages: Sequence[StoredMessage]) -> List[int]:
@@ -239,9 +244,7 @@ class DeliveryThread(threading.Thread):
                 if known is not None and known[0] != conn.session:
                     # Taken over: close it now, from here, even if its thread is in the
                     # middle of a write, so that its session's lease comes back at once.
-                    log.info("client %s: closing %s, taken over by a newer connection",
-                             client_id, conn.peer)
-                    conn.close("taken over by a newer connection")
+                    close_taken_over(conn)
                 elif known is not None and known[1] <= conn.last_sent_id:
                     self.nothing_new += 1
                 elif not conn.request_delivery():

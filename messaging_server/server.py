@@ -104,10 +104,6 @@ class UnrecordedEnds:
                     self._ended[:0] = ended[index:]
                 return
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._ended)
-
 
 class ConnectionRegistry:
     """The identified clients connected to this server, by client id."""
