@@ -29,6 +29,7 @@ from typing import List, Optional, Sequence, Set, Tuple, Union
 from . import metrics
 from .protocol import ServerConnection
 from .storage import StoredMessage
+from .wakeup import Carried
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ MAX_UNWRITTEN_REPLIES = 64 * 1024
 # line it may get (``ERROR: unknown message id <n>``), so the cap bounds the
 # replies an ACK flood can make the server write, too.
 ACK_COST = 32
+
+# Carried messages waiting for the handler thread, at most; past it a delivery
+# pass is asked for instead (it reads them from the database).
+MAX_WAITING_CARRIED = 64
 
 # Bytes taken per read: enough for many command lines at once.
 READ_CHUNK = 4096
@@ -65,6 +70,7 @@ class Work:
 
     items: List[WorkItem] = field(default_factory=list)
     deliver: bool = False
+    carried: List[Carried] = field(default_factory=list)  # messages wake-ups carried
 
 
 class ClientConnection:
@@ -99,9 +105,7 @@ class ClientConnection:
         self._cond = threading.Condition()
         # Delivery bookkeeping, touched only by the handler thread.
         self.last_sent_id = 0  # every pending message up to here was written to this socket
-        self.unmarked: List[int] = []  # written, but the "delivered" mark did not commit
         self.inflight: Set[int] = set()  # ACK mode: written, not yet acknowledged
-        self.acked_unmarked: List[int] = []  # ACK mode: acknowledged, mark not yet committed
         # This session holds the client's delivery lease (see storage.Storage): it has
         # sent messages it has not yet recorded as delivered, or is sending some.
         self.holds_lease = False
@@ -147,10 +151,20 @@ class ClientConnection:
             self._cond.notify()
         return not due
 
+    def post_carried(self, message: Carried) -> None:
+        """Have a message a wake-up carried written (or, past MAX_WAITING_CARRIED waiting,
+        a delivery pass made instead)."""
+        with self._cond:
+            if len(self._work.carried) < MAX_WAITING_CARRIED:
+                self._work.carried.append(message)
+            else:
+                self._work.deliver = True
+            self._cond.notify()
+
     def take_work(self, timeout: float) -> Work:
         """Wait up to ``timeout`` for work (or close); take all of it."""
         with self._cond:
-            if not (self._work.items or self._work.deliver or self.closed):
+            if not (self._work.items or self._work.deliver or self._work.carried or self.closed):
                 self._cond.wait(timeout)
             work, self._work = self._work, Work()
             self._reply_bytes = 0

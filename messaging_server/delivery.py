@@ -1,34 +1,45 @@
 """Delivering pending messages to a connected client, and the delivery thread.
 
-:func:`deliver` is the one way messages reach a socket, and it runs only on
-the connection's own handler thread: right after the handshake (the backlog),
-and whenever the delivery thread (a wake-up datagram), the sweeper or an ACK
-asks for a pass.  Requests coalesce and a connection runs one pass at a time.
+Messages reach a socket only on the connection's own handler thread, two ways:
 
-No database connection or lock is held while a socket is written: a pass
-reads a batch in one short transaction, writes it with none open, then
-records what was written in another.  What keeps two connections of one
-client (an old one being taken over, on this server or another) from sending
-the same message is the client's delivery lease (see storage.Storage): only
-the session holding it delivers, and it keeps it until everything it sent is
-recorded (legacy: marked delivered; ACK mode: acknowledged, or its
-connection ended).  A session that finds the lease held waits, without
+* :func:`deliver`, a *pass*: read the client's pending messages after the last
+  one this connection wrote, write them.  It runs right after the handshake
+  (the backlog), and whenever the delivery thread (a wake-up), the sweeper or
+  an ACK asks for one.  Requests coalesce; a connection runs one pass at a time.
+* :func:`write_carried`: a wake-up datagram that carries its message (see
+  wakeup.py) is written without reading the database when the chain is
+  unbroken: the connection holds the client's delivery lease, the message is
+  of the connection's session, and the client's previous pending message (as
+  the producer saw it, under the client's row lock) is one this connection has
+  already written.  Every pending message before it was then written here, in
+  order; anything else (a lost or reordered datagram, a backlog in progress, a
+  takeover) falls back to a pass, which reads the database.
+
+No database connection or lock is held while a socket is written.  Marks (legacy:
+written; ACK mode: acknowledged) go to the MarkWriter, which commits many
+connections' marks together; the connection does not wait for them, since it
+never reads again what it wrote (``last_sent_id``).  What keeps two
+connections of one client (an old one being taken over, on this server or
+another) from sending the same message is the client's delivery lease (see
+storage.Storage): only the session holding it delivers, and it keeps it for as
+long as the connection lives, giving it back with its last marks when it ends
+(NikiServer.release).  A session that finds the lease held waits, without
 polling, for the holder to give it back: the holder's server then wakes the
-client's current connection (:meth:`NikiServer.release`), and the sweep asks
-again anyway.
+client's current connection, and the sweep asks again anyway.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from . import metrics
 from .connection import ClientConnection
 from .errors import StorageUnavailable
+from .marks import MarkWriter
 from .storage import Storage, StoredMessage
-from .wakeup import WakeupListener
+from .wakeup import Carried, WakeupListener
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +47,16 @@ log = logging.getLogger(__name__)
 WAKEUP_CHECK_CHUNK = 500
 
 
-def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Optional[int]) -> int:
+def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Optional[int],
+            marks: MarkWriter) -> int:
     """Write the pending messages of ``conn``'s client to it; return how many were written.
 
-    Runs on the connection's handler thread only.  Legacy connections: each
-    batch is marked delivered once written; if the mark cannot commit (the
-    database went away), the ids written are remembered and marked first on
-    the next pass (or when the connection ends), so nothing is written twice
-    to this connection.  ACK connections: nothing is marked here; at most
-    ``conn.max_inflight`` messages wait for their ACK, and delivery pauses at
-    that limit until acks free room.
+    Runs on the connection's handler thread only.  Legacy connections: what is
+    written is handed to ``marks`` to be marked delivered.  ACK connections:
+    nothing is marked here; at most ``conn.max_inflight`` messages wait for their
+    ACK, and delivery pauses at that limit until acks free room.
     """
-    if conn.client_id is None or not _mark_remembered(storage, conn):
+    if conn.client_id is None:
         return 0
     metrics.DELIVERY_PASSES.inc()
     client_id, session = conn.client_id, conn.session
@@ -77,19 +86,38 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Opt
             close_taken_over(conn)
             break
         if not messages:
-            if conn.holds_lease and not conn.inflight:
-                _mark_written(storage, conn, [], release=True)  # nothing left unconfirmed
             break
-        written = _write(conn, messages)
+        written = _write(conn, messages, marks)
         total += len(written)
-        full = len(written) == len(messages) == room
-        if not ack_mode and not _mark_written(storage, conn, written, release=not full):
-            break
-        if not full:
+        if len(written) < len(messages) or len(messages) < room:
             break
     if total:
         log.debug("client %s: delivered %d message(s)", client_id, total)
     return total
+
+
+def write_carried(conn: ClientConnection, carried: Sequence[Carried], marks: MarkWriter) -> bool:
+    """Write the carried messages whose chain is unbroken (handler thread); True when every
+    one was written or had been, False when a pass must read the database for the rest."""
+    ready: List[StoredMessage] = []
+    last = conn.last_sent_id
+    room = conn.max_inflight - len(conn.inflight) if conn.protocol.ack_mode else len(carried)
+    complete = True
+    for message in sorted(carried, key=lambda m: m.message_id):
+        if message.message_id <= last:
+            continue  # written already (by a pass that read it, or a repeated datagram)
+        if not conn.holds_lease or message.session != conn.session or message.previous > last \
+                or len(ready) >= room:
+            complete = False  # chain broken (or ACK window full): the database knows the rest
+            break
+        ready.append(StoredMessage(message.message_id, message.body, message.queued_at))
+        last = message.message_id
+    if ready and len(_write(conn, ready, marks)) < len(ready):
+        return True  # the write failed: the connection is closed
+    if ready:
+        metrics.CARRIED_WRITTEN.inc(len(ready))
+        log.debug("client %s: delivered %d message(s) carried by wake-ups", conn.client_id, len(ready))
+    return complete
 
 
 def close_taken_over(conn: ClientConnection) -> None:
@@ -98,8 +126,9 @@ def close_taken_over(conn: ClientConnection) -> None:
     conn.close("taken over by a newer connection")
 
 
-def _write(conn: ClientConnection, messages: Sequence[StoredMessage]) -> List[int]:
-    """Write ``messages`` (no transaction open); the ids of those written whole."""
+def _write(conn: ClientConnection, messages: Sequence[StoredMessage], marks: MarkWriter) -> List[int]:
+    """Write ``messages`` (no transaction open); the ids of those written whole, which
+    go to ``marks`` (legacy) or in flight (ACK mode)."""
     count = conn.write_messages(messages)
     written = [m.id for m in messages[:count]]
     if written:
@@ -108,53 +137,9 @@ def _write(conn: ClientConnection, messages: Sequence[StoredMessage]) -> List[in
         if conn.protocol.ack_mode:
             conn.inflight.update(written)
             metrics.MESSAGES_DELIVERED.inc(len(written))
+        else:
+            marks.add(conn, conn.client_id or 0, written)
     return written
-
-
-def _mark_written(storage: Storage, conn: ClientConnection, written: List[int], release: bool) -> bool:
-    """Legacy: record ``written`` as delivered, giving the lease back when ``release``
-    (nothing more to send now); False when the database failed (they are remembered)."""
-    assert conn.client_id is not None
-    if not written and not release:
-        return True
-    try:
-        storage.mark_delivered(conn.client_id, written,
-                               release_session=conn.session if release else None)
-    except StorageUnavailable as exc:
-        conn.unmarked.extend(written)
-        metrics.DELIVERIES_POSTPONED.inc()
-        log.warning("client %s: %d delivered message(s) not yet marked: %s",
-                    conn.client_id, len(written), exc)
-        return False
-    metrics.MESSAGES_DELIVERED.inc(len(written))
-    if release:
-        conn.holds_lease = False
-    return True
-
-
-def _mark_remembered(storage: Storage, conn: ClientConnection) -> bool:
-    """Commit marks that failed before (legacy writes, ACKs); False if it still fails.
-
-    The lease goes back with them when nothing else is unconfirmed (legacy: the
-    pass that follows takes it again if there is more to send)."""
-    assert conn.client_id is not None
-    for ids, acknowledged in ((conn.unmarked, False), (conn.acked_unmarked, True)):
-        if not ids:
-            continue
-        last = not (conn.unmarked if acknowledged else conn.acked_unmarked)
-        release = last and not conn.inflight
-        try:
-            storage.mark_delivered(conn.client_id, ids, acknowledged=acknowledged,
-                                   release_session=conn.session if release else None)
-        except StorageUnavailable as exc:
-            log.warning("client %s: %d delivered message(s) not yet marked: %s",
-                        conn.client_id, len(ids), exc)
-            return False
-        metrics.count_marked(len(ids), acknowledged)
-        if release:
-            conn.holds_lease = False
-        ids.clear()
-    return True
 
 
 def check_acks(conn: ClientConnection, message_ids: Sequence[int]) -> List[int]:
@@ -165,13 +150,12 @@ def check_acks(conn: ClientConnection, message_ids: Sequence[int]) -> List[int]:
     return known
 
 
-def acknowledge(storage: Storage, conn: ClientConnection, known: Sequence[int]) -> None:
-    """Record acknowledged messages (handler thread); on failure they are kept and
-    committed before the next delivery, or when the connection ends."""
+def acknowledge(marks: MarkWriter, conn: ClientConnection, known: Sequence[int]) -> None:
+    """Record acknowledged messages (handler thread): the mark writer commits them, or
+    the connection's end does."""
     if not known:
         return
-    conn.acked_unmarked.extend(known)
-    _mark_remembered(storage, conn)
+    marks.add(conn, conn.client_id or 0, acknowledged=known)
     conn.request_delivery()  # room was freed
 
 
@@ -202,22 +186,38 @@ class DeliveryThread(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.is_set():
-            client_ids = self._listener.receive(timeout=0.5)
-            if not client_ids:
+            taken = self._listener.receive(timeout=0.5)
+            if not taken:
                 continue
             self.wakeups += 1
-            log.debug("wake-up for client(s) %s", ",".join(map(str, sorted(client_ids))))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("wake-up for client(s) %s", ",".join(map(str, sorted(taken.clients()))))
             named: Dict[int, ClientConnection] = {}
-            for client_id in client_ids:
-                conn = self._lookup(client_id)
-                if conn is None:
-                    self.not_connected += 1
-                elif not conn.closed:
-                    named[client_id] = conn
             try:
+                check = self._hand_over(taken.carried)
+                for client_id in taken.ids | check:
+                    conn = self._lookup(client_id)
+                    if conn is None:
+                        self.not_connected += 1
+                    elif not conn.closed:
+                        named[client_id] = conn
                 self._wake(named)
             except Exception:  # a bug here would silence every wake-up: make it loud
                 log.exception("wake-up handling failed")
+
+    def _hand_over(self, carried: Sequence[Carried]) -> Set[int]:
+        """Give each carried message to its client's connection here; the clients whose
+        connection is of another session (to be checked against the database)."""
+        check: Set[int] = set()
+        for message in carried:
+            conn = self._lookup(message.client_id)
+            if conn is None:
+                self.not_connected += 1
+            elif conn.session != message.session:
+                check.add(message.client_id)
+            elif not conn.closed:
+                conn.post_carried(message)
+        return check
 
     def _wake(self, named: Dict[int, ClientConnection]) -> None:
         """Ask for a pass only where the database shows something new for the connection:

@@ -9,7 +9,9 @@ nothing is half-queued.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from . import settings
@@ -18,7 +20,7 @@ from .errors import BodyRejected, ConfigurationError, NikiError, UnknownClient
 from .protocol import MAX_CLIENT_ID
 from .storage import Queued, Storage, open_storage
 from .storage.base import ServerAddress
-from .wakeup import Address, WakeupSender, parse_peers
+from .wakeup import Address, Carried, WakeupSender, encode_carried, parse_peers
 
 ClientId = Union[int, str]
 # The longest time to live: past it a ttl is surely a mistake (and dates
@@ -33,6 +35,12 @@ ENQUEUE_POOL_SIZE = 4
 # Items per enqueue_many call: one transaction, and SQL statements of bounded
 # size (4 KiB bodies x 1000 stay well inside MySQL's default max_allowed_packet).
 MAX_BATCH = 1000
+
+# How long "this database has no wake-up key yet" is believed before asking again.
+KEY_RECHECK_S = 10.0
+
+# What was stored, as the wake-up needs it: client id, outcome, body, ttl.
+Stored = Tuple[int, Queued, str, Optional[float]]
 
 # wake_here(client_id, owner) -> True when the client's own connection, in this
 # very process, was asked for a delivery pass and no datagram is needed.
@@ -159,6 +167,8 @@ class Enqueuer:
         self._sender = WakeupSender(self.peers or ())
         self._count_lock = threading.Lock()
         self.datagrams_sent = 0  # for operators and tests: the cost of wake-ups
+        self._key: Optional[bytes] = None  # signs wake-ups that carry their message
+        self._key_checked = float("-inf")
 
     @property
     def mode(self) -> str:
@@ -183,7 +193,7 @@ class Enqueuer:
         queued = self._storage.enqueue(numeric_id, text, settings.DUPLICATE_WINDOW_S,
                                        ttl=ttl, max_pending=self.max_pending,
                                        find_owner=self.peers is None)
-        self._wake([(numeric_id, queued)])
+        self._wake([(numeric_id, queued, text, ttl)])
         return queued.message_id
 
     def enqueue_many(self, items: Iterable[Item], *,
@@ -224,40 +234,76 @@ class Enqueuer:
         stored = self._storage.enqueue_many(valid, settings.DUPLICATE_WINDOW_S, ttl=ttl,
                                             max_pending=self.max_pending,
                                             find_owner=self.peers is None)
-        queued: List[Tuple[int, Queued]] = []
-        for position, (client_id, _, _), outcome in zip(positions, valid, stored):
+        queued: List[Stored] = []
+        for position, (client_id, body, item_ttl), outcome in zip(positions, valid, stored):
             if isinstance(outcome, NikiError):
                 results[position] = outcome
             else:
                 results[position] = outcome.message_id
-                queued.append((client_id, outcome))
+                queued.append((client_id, outcome, body, ttl if item_ttl is None else item_ttl))
         self._wake(queued)
         return results
 
-    def _wake(self, queued: Sequence[Tuple[int, Queued]]) -> None:
+    def _wake(self, queued: Sequence[Stored]) -> None:
         """Tell the servers about what was stored (duplicates excepted), one datagram set
         per server: every peer in broadcast mode, each live owner in routed mode (an
-        offline client costs none)."""
-        stored = [(client_id, q) for client_id, q in queued if q.message_id is not None]
+        offline client costs none).  A client's only message of the call travels in
+        its wake-up (see wakeup.py) when it fits and has no ttl; the others are named."""
+        stored = [(client_id, q, body, ttl) for client_id, q, body, ttl in queued
+                  if q.message_id is not None]
         if self._wake_here is not None:
             # Broadcast mode still tells every peer: this process cannot tell
             # which of them (if any) is itself.
-            owners = {client_id: q.owner for client_id, q in stored}
+            owners = {client_id: q.owner for client_id, q, _, _ in stored}
             here = {client_id for client_id, owner in owners.items()
                     if self._wake_here(client_id, owner)}
             if self.peers is None:
-                stored = [(client_id, q) for client_id, q in stored if client_id not in here]
-        if self.peers is not None:
-            sent = self._sender.broadcast(sorted({cid for cid, _ in stored})) if stored else 0
-        else:
-            by_owner: Dict[Tuple[str, int], Set[int]] = {}
-            for client_id, q in stored:
-                if q.owner is not None:
-                    by_owner.setdefault((q.owner.host, q.owner.port), set()).add(client_id)
-            sent = sum(self._sender.send(address, sorted(ids)) for address, ids in by_owner.items())
+                stored = [item for item in stored if item[0] not in here]
+        if not stored:
+            return
+        per_client: Dict[int, int] = {}
+        for client_id, _, _, _ in stored:
+            per_client[client_id] = per_client.get(client_id, 0) + 1
+        key = self._wakeup_key()
+        # Per destination (None: every peer): datagrams carrying a message, and ids.
+        carried: Dict[Optional[Tuple[str, int]], List[bytes]] = {}
+        named: Dict[Optional[Tuple[str, int]], Set[int]] = {}
+        now = time.time()
+        for client_id, q, body, ttl in stored:
+            if self.peers is not None:
+                where: Optional[Tuple[str, int]] = None
+            elif q.owner is not None:
+                where = (q.owner.host, q.owner.port)
+            else:
+                continue  # offline: its connection's backlog pass will find it
+            datagram = None
+            if key is not None and ttl is None and q.session and per_client[client_id] == 1:
+                assert q.message_id is not None
+                datagram = encode_carried(key, Carried(client_id, q.session, q.message_id,
+                                                       q.previous, now, body))
+            if datagram is not None:
+                carried.setdefault(where, []).append(datagram)
+            else:
+                named.setdefault(where, set()).add(client_id)
+        sent = 0
+        for where, datagrams in carried.items():
+            sent += (self._sender.broadcast_datagrams(datagrams) if where is None
+                     else self._sender.send_datagrams(where, datagrams))
+        for where, ids in named.items():
+            sent += (self._sender.broadcast(sorted(ids)) if where is None
+                     else self._sender.send(where, sorted(ids)))
         if sent:
             with self._count_lock:
                 self.datagrams_sent += sent
+
+    def _wakeup_key(self) -> Optional[bytes]:
+        """The database's wake-up key, read once (a database without one yet: asked
+        again every KEY_RECHECK_S; a failure to read it costs only the carrying)."""
+        if self._key is None and time.monotonic() - self._key_checked > KEY_RECHECK_S:
+            self._key_checked = time.monotonic()
+            with contextlib.suppress(NikiError):
+                self._key = self._storage.wakeup_key()
+        return self._key
 
     def close(self) -> None:
         self._sender.close()

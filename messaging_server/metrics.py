@@ -124,6 +124,11 @@ COMMAND_INVALID = COMMANDS.labels(command="invalid")
 
 # -- delivery -------------------------------------------------------------------------
 
+CARRIED_WRITTEN = Counter(
+    "niki_carried_messages_written",
+    "Messages written as a wake-up datagram carried them, without reading the database.",
+    registry=REGISTRY,
+)
 MESSAGES_DELIVERED = Counter(
     "niki_messages_delivered",
     "Messages written whole to a client socket (legacy clients: counted when the "
@@ -360,6 +365,7 @@ def render() -> Tuple[bytes, str]:
 
 __all__ = [
     "BACKGROUND_ERRORS",
+    "CARRIED_WRITTEN",
     "COMMANDS",
     "COMMAND_ACK",
     "COMMAND_DISCONNECT",

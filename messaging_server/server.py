@@ -40,8 +40,9 @@ from .admission import Admission, connection_cap
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection, WorkItem
 from .credentials import Credential, accepts, hash_secret, new_secret, redact
-from .delivery import DeliveryThread, acknowledge, check_acks, deliver
+from .delivery import DeliveryThread, acknowledge, check_acks, deliver, write_carried
 from .errors import StorageUnavailable
+from .marks import MarkWriter
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerConnection, ServerEvent
 from .settings import PURGE_BATCH, ServerSettings
 from .storage import Storage
@@ -229,7 +230,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
             if conn.send(conn.protocol.set_client_id(conn.credential)):
                 conn.ready.set()
                 if not conn.new_client:  # a client created just now has no backlog
-                    deliver(self.server.storage, conn, settings.delivery_batch, self.server.server_id)
+                    deliver(self.server.storage, conn, settings.delivery_batch, self.server.server_id,
+                            self.server.marks)
                 self._work_loop(conn)
         finally:
             if listened:
@@ -243,18 +245,23 @@ class ClientHandler(socketserver.BaseRequestHandler):
         read holds up only this thread (for at most the write timeout).
         """
         storage, batch = self.server.storage, self.server.settings.delivery_batch
+        marks = self.server.marks
         while not conn.closed:
             # Posting work and close() both notify, so an idle connection's thread
             # sleeps until there is something to do: thousands of idle clients
             # cost no wake-ups.  The timeout is only a safety net.
             work = conn.take_work(timeout=IDLE_WAIT_S)
-            _answer(storage, conn, work.items)
-            if work.deliver and not conn.closed:
-                deliver(storage, conn, batch, self.server.server_id)
+            _answer(marks, conn, work.items)
+            need_pass = work.deliver
+            if work.carried and not conn.closed and not conn.leaving:
+                need_pass = not write_carried(conn, work.carried, marks) or need_pass
+            if need_pass and not conn.closed:
+                deliver(storage, conn, batch, self.server.server_id, marks)
         # Acks the client sent just before it went (``ACK n`` then DISCONNECT or EOF):
         # recorded when the connection's end is (NikiServer.release).
         last = conn.take_work(timeout=0)
-        conn.acked_unmarked.extend(check_acks(conn, [i for i in last.items if isinstance(i, int)]))
+        marks.add(conn, conn.client_id or 0,
+                  acknowledged=check_acks(conn, [i for i in last.items if isinstance(i, int)]))
 
     def _read_identify(self, conn: ClientConnection, deadline: float,
                        timeout: float) -> List[ServerEvent]:
@@ -322,6 +329,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
         secret = None if legacy_ids else new_secret()
         claim = storage.new_client(server_id, None if secret is None else hash_secret(secret))
         conn.client_id, conn.session = claim.client_id, claim.session
+        conn.holds_lease = claim.holds_lease
         conn.credential = str(Credential(claim.client_id, secret))
         # Nobody can have queued for it yet: its id reaches the application only
         # through the client, after SET_CLIENT_ID.  (A wake-up or the sweep would
@@ -362,6 +370,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.wakeup_sender = WakeupSender()
         self.commands = CommandListener()
         self.delivery = DeliveryThread(self.wakeups, self.registry.get, storage)
+        self.marks = MarkWriter(storage)
         self.sweeper = Sweeper(storage, lambda: self.server_id, self.registry.all,
                                settings.sweep_interval,
                                before=lambda: self.unrecorded.retry(self._record_end))
@@ -442,8 +451,10 @@ class NikiServer(socketserver.ThreadingTCPServer):
     def start(self) -> None:
         """Record this server in the database and start the helper threads."""
         self._register()
+        self.wakeups.key = self.storage.wakeup_key()  # create_schema made it
         self.commands.start()
         self.delivery.start()
+        self.marks.start()
         self.sweeper.start()
         self.heartbeat.start()
         self.purger.start()
@@ -490,10 +501,11 @@ class NikiServer(socketserver.ThreadingTCPServer):
         """
         if conn.client_id is None:
             return
-        if not self.server_id and not (conn.unmarked or conn.acked_unmarked):
+        marks = self.marks.withdraw(conn)  # what the mark writer has not committed yet
+        if not self.server_id and not marks:
             return  # shutting down: our row is gone, and with it our owners and leases
-        ended = EndedSession(conn.client_id, conn.session, tuple(conn.unmarked),
-                             tuple(conn.acked_unmarked))
+        ended = EndedSession(conn.client_id, conn.session, tuple(marks.written),
+                             tuple(marks.acknowledged))
         try:
             self._record_end(ended)
         except StorageUnavailable as exc:
@@ -527,6 +539,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.sweeper.stop()
         self.commands.stop()
         self.delivery.stop()
+        self.marks.stop()  # commits what is waiting
         self.wakeups.close()
         self.wakeup_sender.close()
         if self.server_id:
@@ -538,7 +551,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
-def _answer(storage: Storage, conn: ClientConnection, items: List[WorkItem]) -> None:
+def _answer(marks: MarkWriter, conn: ClientConnection, items: List[WorkItem]) -> None:
     """Act on the client's commands in their order: replies, and ACKs checked against what
     is in flight (an unknown one is answered with an error in its place).  The known ACKs
     are recorded first, then the replies written in as few sends as possible, and the
@@ -558,7 +571,7 @@ def _answer(storage: Storage, conn: ClientConnection, items: List[WorkItem]) -> 
         if close_reason:
             break  # nothing after DISCONNECT counts
     # Before the writes: what the client confirmed counts even if the write fails.
-    acknowledge(storage, conn, known)
+    acknowledge(marks, conn, known)
     if (out and conn.send(b"".join(out)) and close_reason) or close_reason:
         conn.close(close_reason)
 

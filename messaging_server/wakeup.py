@@ -1,24 +1,40 @@
 """Wake-up datagrams: how ``enqueue`` tells servers that a client has new messages.
 
-A datagram carries no message data, only client ids, so a lost, forged or
-repeated one can cause nothing worse than a delivery check; the database stays
-the only source of truth.  Format (ASCII)::
+Two kinds, both ASCII-framed::
 
     NIKI1 <id>[,<id>…]
+    NIKI2 <tag> <client id> <session> <message id> <previous id> <queued ms>\n<body>
 
-The codec (:func:`encode`, :func:`decode`) is pure.  :class:`WakeupSender` is
-what ``enqueue`` (and a server taking a client over) uses; :class:`WakeupListener`
-is what a server's delivery
-thread reads, coalescing every datagram waiting in the socket into one set of
-ids so that a burst of wake-ups for one client costs one delivery pass.
+``NIKI1`` names client ids only: a lost, forged or repeated one can cause
+nothing worse than a delivery check, and the database stays the only source
+of truth.  ``NIKI2`` *carries* one message, so that the server owning the
+client's connection can write it without reading the database: it names the
+client's session when the message was stored and the client's previous
+pending message (0: none), which tell the owner whether its connection has
+already written everything before it (see delivery.py).  Because such a
+datagram becomes a line on a client's socket, it is signed: ``tag`` is an
+HMAC-SHA256 (first 16 bytes, hex) of everything after it, under a key kept
+in the database (:meth:`Storage.wakeup_key`), which only those who may read
+every message anyway can learn.  A datagram with a wrong tag is dropped
+after one HMAC over at most MAX_DATAGRAM bytes.
+
+The codec (:func:`encode`, :func:`decode`, :func:`encode_carried`,
+:func:`decode_carried`) is pure.  :class:`WakeupSender` is what ``enqueue``
+(and a server taking a client over) uses; :class:`WakeupListener` is what a
+server's delivery thread reads, coalescing every datagram waiting in the
+socket into one set of ids, plus the carried messages in arrival order, so
+that a burst of wake-ups for one client costs one delivery pass.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .errors import ConfigurationError
@@ -27,6 +43,8 @@ from .protocol import parse_client_id
 log = logging.getLogger(__name__)
 
 MAGIC = b"NIKI1 "
+CARRY_MAGIC = b"NIKI2 "
+TAG_HEX = 32  # the HMAC's first 16 bytes, in hex
 # Keep every datagram under the smallest common path MTU so it is never
 # fragmented (a lost fragment loses the whole datagram).
 MAX_DATAGRAM = 1200
@@ -69,6 +87,53 @@ def decode(datagram: bytes) -> List[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class Carried:
+    """A message carried by a wake-up, as its owner server needs it to write it."""
+
+    client_id: int
+    session: int  # the client's session when the message was stored
+    message_id: int
+    previous: int  # the client's newest pending message before it; 0: none
+    queued_at: float  # the producer's clock when it sent the wake-up (for latency)
+    body: str
+
+
+def _tag(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).hexdigest()[:TAG_HEX].encode("ascii")
+
+
+def encode_carried(key: bytes, message: Carried) -> Optional[bytes]:
+    """The signed datagram carrying ``message``; None when it would pass MAX_DATAGRAM."""
+    head = (f"{message.client_id} {message.session} {message.message_id} {message.previous} "
+            f"{int(message.queued_at * 1000)}").encode("ascii")
+    payload = head + b"\n" + message.body.encode("utf-8")
+    if len(CARRY_MAGIC) + TAG_HEX + 1 + len(payload) > MAX_DATAGRAM:
+        return None
+    return CARRY_MAGIC + _tag(key, payload) + b" " + payload
+
+
+def decode_carried(key: Optional[bytes], datagram: bytes) -> Carried:
+    """The message ``datagram`` carries; ValueError when it is malformed or not signed
+    with ``key`` (None: this server accepts no carried messages)."""
+    if not datagram.startswith(CARRY_MAGIC) or len(datagram) > MAX_DATAGRAM:
+        raise ValueError("not a carried wake-up")
+    if key is None:
+        raise ValueError("carried wake-up, but no wake-up key is known here")
+    start = len(CARRY_MAGIC)
+    tag, payload = datagram[start:start + TAG_HEX], datagram[start + TAG_HEX + 1:]
+    if datagram[start + TAG_HEX:start + TAG_HEX + 1] != b" " or \
+            not hmac.compare_digest(tag, _tag(key, payload)):
+        raise ValueError("carried wake-up with a wrong signature")
+    head, newline, body = payload.partition(b"\n")
+    fields = head.split(b" ")
+    if not newline or len(fields) != 5 or not all(f.isdigit() and len(f) <= 20 for f in fields):
+        raise ValueError("malformed carried wake-up")
+    client_id, session, message_id, previous, queued_ms = (int(f) for f in fields)
+    return Carried(client_id, session, message_id, previous, queued_ms / 1000,
+                   body.decode("utf-8"))
+
+
 def parse_peers(text: str) -> List[Address]:
     """``host:port,host:port`` -> addresses; ConfigurationError when malformed."""
     peers: List[Address] = []
@@ -102,6 +167,14 @@ class WakeupSender:
     def send(self, address: Address, client_ids: Iterable[int]) -> int:
         """Wake one server; return the number of datagrams sent."""
         return sum(self._send(d, address[0], address[1]) for d in encode(client_ids))
+
+    def send_datagrams(self, address: Address, datagrams: Iterable[bytes]) -> int:
+        """Send datagrams already encoded (carried messages) to one server."""
+        return sum(self._send(d, address[0], address[1]) for d in datagrams)
+
+    def broadcast_datagrams(self, datagrams: Sequence[bytes]) -> int:
+        """Send datagrams already encoded to every peer."""
+        return sum(self._send(d, host, port) for host, port in self.peers for d in datagrams)
 
     def _send(self, datagram: bytes, host: str, port: int) -> int:
         try:
@@ -154,13 +227,34 @@ class WakeupSender:
 MAX_DATAGRAMS_PER_RECEIVE = 256
 
 
+@dataclass
+class Wakeups:
+    """What one receive() took: client ids to check, and carried messages in arrival order."""
+
+    ids: Set[int] = field(default_factory=set)
+    carried: List[Carried] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.ids or self.carried)
+
+    def clients(self) -> Set[int]:
+        """Every client named, by id or by a carried message."""
+        return self.ids | {message.client_id for message in self.carried}
+
+
 class WakeupListener:
-    """A bound UDP socket that yields the client ids of waiting wake-ups."""
+    """A bound UDP socket that yields the waiting wake-ups.
+
+    ``key``: the wake-up key that carried messages must be signed with (None:
+    they are dropped as invalid).
+    """
 
     def __init__(self, host: str, port: int,
-                 max_per_receive: int = MAX_DATAGRAMS_PER_RECEIVE) -> None:
+                 max_per_receive: int = MAX_DATAGRAMS_PER_RECEIVE,
+                 key: Optional[bytes] = None) -> None:
         """Bind ``host`` ("" = every interface, IPv4 and IPv6 where possible)."""
         self.max_per_receive = max_per_receive
+        self.key = key
         # Datagrams taken, those that were not wake-ups, and client ids named again
         # within one receive() (merged into one); for metrics.  receive() runs
         # on one thread, the only one that writes them.
@@ -178,42 +272,45 @@ class WakeupListener:
     def port(self) -> int:
         return self._sock.getsockname()[1]
 
-    def receive(self, timeout: Optional[float]) -> Set[int]:
+    def receive(self, timeout: Optional[float]) -> Wakeups:
         """Wait up to ``timeout`` for a datagram, then take those waiting, up to
         ``max_per_receive``.
 
         The bound matters under a flood (forged datagrams, which anyone who can
         reach the port may send): draining until the socket is empty would never
-        return, and the set of ids would grow without limit.  The kernel drops
+        return, and what is taken would grow without limit.  The kernel drops
         what its receive buffer cannot hold; the sweep covers a lost wake-up.
         """
-        ids: Set[int] = set()
+        taken = Wakeups()
         self._sock.settimeout(timeout)
         try:
             data = self._sock.recv(MAX_DATAGRAM + 1)
         except (socket.timeout, OSError):
-            return ids
+            return taken
         self._sock.setblocking(False)
         for _ in range(self.max_per_receive - 1):
-            self._add(ids, data)
+            self._add(taken, data)
             try:
                 data = self._sock.recv(MAX_DATAGRAM + 1)
             except OSError:  # BlockingIOError: nothing more waiting
-                return ids
-        self._add(ids, data)
-        return ids
+                return taken
+        self._add(taken, data)
+        return taken
 
-    def _add(self, ids: Set[int], data: bytes) -> None:
+    def _add(self, taken: Wakeups, data: bytes) -> None:
         self.received += 1
         try:
+            if data.startswith(CARRY_MAGIC):
+                taken.carried.append(decode_carried(self.key, data))
+                return
             named = decode(data)
         except ValueError as exc:
             self.invalid += 1
             log.debug("ignored datagram: %s", exc)
             return
-        before = len(ids)
-        ids.update(named)
-        self.merged += len(named) - (len(ids) - before)
+        before = len(taken.ids)
+        taken.ids.update(named)
+        self.merged += len(named) - (len(taken.ids) - before)
 
     def close(self) -> None:
         self._sock.close()

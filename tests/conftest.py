@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 import pymysql
 import pytest
 
+from messaging_server.errors import NikiError
 from messaging_server.storage import Storage, open_storage
-from messaging_server.wakeup import WakeupListener
+from messaging_server.wakeup import WakeupListener, Wakeups
 from tests.helpers import ServerProcess
 from tests.private_mariadb import PrivateMariaDB, missing_tools, template_datadir
 
@@ -119,10 +120,27 @@ def server(db_url: str) -> Iterator[ServerProcess]:
         yield proc
 
 
+class KeyedListener(WakeupListener):
+    """A wake-up listener that learns the test database's wake-up key before it receives,
+    so that it reads the messages wake-ups carry as the server does."""
+
+    def __init__(self, db_url: Optional[str]) -> None:
+        super().__init__("127.0.0.1", 0)
+        self._db_url = db_url
+
+    def receive(self, timeout: Optional[float]) -> Wakeups:
+        if self.key is None and self._db_url is not None:
+            with contextlib.suppress(NikiError), open_storage(self._db_url) as store:
+                self.key = store.wakeup_key()
+        return super().receive(timeout)
+
+
 @pytest.fixture
-def listener() -> Iterator[WakeupListener]:
-    """A wake-up listener on a free UDP port of 127.0.0.1."""
-    lst = WakeupListener("127.0.0.1", 0)
+def listener(request: pytest.FixtureRequest) -> Iterator[WakeupListener]:
+    """A wake-up listener on a free UDP port of 127.0.0.1 (with the key of the test's
+    database, when it has one)."""
+    db_url = request.getfixturevalue("db_url") if "db_url" in request.fixturenames else None
+    lst = KeyedListener(db_url)
     yield lst
     lst.close()
 

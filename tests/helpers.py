@@ -286,15 +286,20 @@ class DatagramCounter:
         self.peers = f"127.0.0.1:{self.port}"
 
     def drain(self) -> List[List[int]]:
-        """The ids of every datagram waiting (loopback UDP is queued before sendto() returns)."""
-        from messaging_server.wakeup import decode
+        """The ids of every datagram waiting (loopback UDP is queued before sendto() returns);
+        a datagram carrying a message names its client (its signature is not checked here)."""
+        from messaging_server.wakeup import CARRY_MAGIC, TAG_HEX, decode
 
         got = []
         while True:
             try:
-                got.append(decode(self.sock.recv(65536)))
+                data = self.sock.recv(65536)
             except BlockingIOError:
                 return got
+            if data.startswith(CARRY_MAGIC):
+                got.append([int(data[len(CARRY_MAGIC) + TAG_HEX + 1:].split(b" ", 1)[0])])
+            else:
+                got.append(decode(data))
 
     def close(self) -> None:
         self.sock.close()

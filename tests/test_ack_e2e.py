@@ -815,7 +815,9 @@ def test_database_outage_during_stream(mysql_url: str, mode: str, proxy: Cuttabl
     queued_during = [b for b in accepted if b.startswith("d")]
     assert len(queued_during) >= 3
     received_during = len(reader.lines)
-    assert not set(queued_during) & set(reader.bodies()), "delivered without a database?"
+    # Those queued straight to MariaDB may arrive during the outage: their wake-ups carry
+    # them, and the server writes them without reading the database (their marks wait).
+    carried_during = len(set(queued_during) & set(reader.bodies()))
     proxy.restore()
     restored = time.monotonic()
     # Nothing wakes the server now: its sweep must find them.
@@ -835,7 +837,8 @@ def test_database_outage_during_stream(mysql_url: str, mode: str, proxy: Cuttabl
     extra = [b for b in got if b not in set(accepted)]
     assert set(extra) <= set(failed), extra
     print(f"\n[{mode}] outage {restored - cut_at:.2f} s: {len(accepted)} accepted "
-          f"({len(queued_during)} straight to MariaDB during it), {len(failed)} refused with "
+          f"({len(queued_during)} straight to MariaDB during it, {carried_during} of them "
+          f"written during it), {len(failed)} refused with "
           f"StorageUnavailable ({len(extra)} of them arrived anyway), {received_during} received "
           f"before the restore; new client answered and closed in {took:.2f} s; all caught up "
           f"{caught_up:.2f} s after the restore; {proxy.refused} database connections refused")

@@ -20,6 +20,14 @@ from tests.helpers import query, run_threads
 WINDOW = 5.0
 
 
+def client_that_left(storage: Storage, server_id: int) -> int:
+    """A client made by a connection to ``server_id`` that has ended (a new client's
+    connection holds the lease from the start, and gives it back as it ends)."""
+    cid = storage.new_client(server_id).client_id
+    storage.release_client(cid, 1, server_id)
+    return cid
+
+
 def queue(storage: Storage, client_id: int, count: int) -> List[int]:
     return [storage.enqueue(client_id, f"m{i}", WINDOW).message_id for i in range(count)]
 
@@ -28,7 +36,7 @@ def test_the_lease_belongs_to_its_session(storage: Storage) -> None:
     """The holder never finds its own lease busy (even after a mark failed and the lease
     stayed taken); a newer session waits for it; the holder's marks count before it goes."""
     a = storage.register_server("a", 1, "10.0.0.1", 8101, 1)
-    cid = storage.new_client(a).client_id
+    cid = client_that_left(storage, a)
     ids = queue(storage, cid, 3)
     old = storage.claim_client(cid, a).session
     first = storage.acquire_delivery(cid, old, a, 10)
@@ -50,7 +58,7 @@ def test_the_lease_belongs_to_its_session(storage: Storage) -> None:
 
 def test_a_lease_is_given_back_with_the_last_mark(storage: Storage) -> None:
     a = storage.register_server("a", 1, "10.0.0.1", 8101, 1)
-    cid = storage.new_client(a).client_id
+    cid = client_that_left(storage, a)
     ids = queue(storage, cid, 2)
     old = storage.claim_client(cid, a).session
     assert len(storage.acquire_delivery(cid, old, a, 10).messages) == 2
@@ -66,7 +74,7 @@ def test_the_lease_of_a_dead_server_is_free(storage: Storage, db_url: str) -> No
     because it restarted at the same address) does not block the client's new session."""
     a = storage.register_server("a", 1, "10.0.0.1", 8101, 1)
     b = storage.register_server("b", 1, "10.0.0.2", 8102, 2)
-    cid = storage.new_client(a).client_id
+    cid = client_that_left(storage, a)
     queue(storage, cid, 2)
     old = storage.claim_client(cid, a).session
     assert storage.acquire_delivery(cid, old, a, 10).messages
@@ -84,7 +92,7 @@ def test_the_lease_of_a_dead_server_is_free(storage: Storage, db_url: str) -> No
 
 def test_release_of_a_session_without_the_lease_changes_no_lease(storage: Storage) -> None:
     a = storage.register_server("a", 1, "10.0.0.1", 8101, 1)
-    cid = storage.new_client(a).client_id
+    cid = client_that_left(storage, a)
     queue(storage, cid, 1)
     holder = storage.claim_client(cid, a).session
     assert storage.acquire_delivery(cid, holder, a, 10).messages
@@ -102,7 +110,7 @@ def test_claims_releases_and_server_cleanups_never_deadlock(storage: Storage) ->
     a = storage.register_server("a", 1, "10.0.0.1", 8101, 1)
     b = storage.register_server("b", 1, "10.0.0.2", 8102, 2)
     servers = [a, b]
-    clients = [storage.new_client(a).client_id for _ in range(30)]
+    clients = [client_that_left(storage, a) for _ in range(30)]
     errors: List[str] = []
     stop = threading.Event()
     lock = threading.Lock()
@@ -140,3 +148,18 @@ def test_claims_releases_and_server_cleanups_never_deadlock(storage: Storage) ->
 
     run_threads([timer, restart] + [lambda s=s: churn(s) for s in range(4)], timeout=60)
     assert not errors, f"{len(errors)} failure(s), first: {errors[0]}"
+
+
+def test_a_new_client_holds_its_lease_from_the_start(storage: Storage) -> None:
+    """Nobody else can have sent a client made just now anything: its first session has
+    the lease without asking (a message carried by a wake-up can be written at once), a
+    second session waits for it, and gets it when the first ends."""
+    a = storage.register_server("a", 1, "10.0.0.1", 8101, 1)
+    claim = storage.new_client(a)
+    assert claim.holds_lease
+    ids = queue(storage, claim.client_id, 2)
+    assert [m.id for m in storage.acquire_delivery(claim.client_id, 1, a, 10).messages] == ids
+    new = storage.claim_client(claim.client_id, a).session
+    assert storage.acquire_delivery(claim.client_id, new, a, 10).busy
+    storage.release_client(claim.client_id, 1, a, written=ids[:1])
+    assert [m.id for m in storage.acquire_delivery(claim.client_id, new, a, 10).messages] == ids[1:]

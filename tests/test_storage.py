@@ -119,7 +119,7 @@ def test_create_schema_from_two_processes_at_once(db_url):
         _, err = p.communicate(timeout=30)
         assert p.returncode == 0, err
     with open_storage(db_url) as store:
-        assert store.new_client() == Claim(1, 1)
+        assert store.new_client() == Claim(1, 1, holds_lease=True)
 
 
 # --- URLs -----------------------------------------------------------------------------------------

@@ -12,18 +12,94 @@ import pytest
 from messaging_server.errors import ConfigurationError
 from messaging_server.protocol import MAX_CLIENT_ID
 from messaging_server.wakeup import (
+    CARRY_MAGIC,
     MAGIC,
     MAX_DATAGRAM,
     MAX_DATAGRAMS_PER_RECEIVE,
+    Carried,
     WakeupListener,
     WakeupSender,
     decode,
+    decode_carried,
     encode,
+    encode_carried,
     parse_peers,
 )
 from tests.helpers import DatagramCounter
 
 # --- codec -------------------------------------------------------------------------------------
+
+KEY = bytes(range(32))
+CARRIED = Carried(client_id=42, session=7, message_id=1001, previous=999, queued_at=1700000000.123,
+                  body="héllo wörld 🎉")
+
+
+def test_carried_round_trip():
+    datagram = encode_carried(KEY, CARRIED)
+    assert datagram is not None and datagram.startswith(CARRY_MAGIC)
+    assert decode_carried(KEY, datagram) == CARRIED
+    empty = Carried(1, 1, 2, 0, 0.0, "")
+    assert decode_carried(KEY, encode_carried(KEY, empty)) == empty
+
+
+def test_a_carried_message_that_does_not_fit_is_not_carried():
+    big = Carried(1, 1, 2, 0, 0.0, "x" * MAX_DATAGRAM)
+    assert encode_carried(KEY, big) is None
+    fits = Carried(1, 1, 2, 0, 0.0, "x" * 1000)
+    assert len(encode_carried(KEY, fits)) <= MAX_DATAGRAM
+
+
+@pytest.mark.parametrize("forge", [
+    lambda d: d[:-1] + b"X",  # the body changed
+    lambda d: d.replace(b" 42 ", b" 43 ", 1),  # another client
+    lambda d: d.replace(b" 999 ", b" 998 ", 1),  # another predecessor
+    lambda d: d[:6] + b"0" * 32 + d[38:],  # a made-up signature
+    lambda d: d[:6] + d[7:],  # a truncated signature
+    lambda d: encode_carried(b"another key" * 3, CARRIED),
+])
+def test_a_forged_carried_message_is_refused(forge):
+    """Only who knows the database's key can make a server write a message."""
+    with pytest.raises(ValueError):
+        decode_carried(KEY, forge(encode_carried(KEY, CARRIED)))
+
+
+def test_a_server_without_the_key_refuses_carried_messages():
+    with pytest.raises(ValueError):
+        decode_carried(None, encode_carried(KEY, CARRIED))
+
+
+@pytest.mark.parametrize("head", [b"1 2 3", b"1 2 3 4 5 6", b"a 2 3 4 5", b"1 2 3 4 -5",
+                                  b"1 2 3 4 " + b"9" * 30])
+def test_malformed_but_signed_carried_messages_are_refused(head):
+    import hashlib
+    import hmac
+    payload = head + b"\nbody"
+    tag = hmac.new(KEY, payload, hashlib.sha256).hexdigest()[:32].encode()
+    with pytest.raises(ValueError):
+        decode_carried(KEY, CARRY_MAGIC + tag + b" " + payload)
+
+
+def test_the_listener_yields_carried_messages_in_arrival_order():
+    """Signed ones in the order sent, beside the ids of plain wake-ups; forged ones counted
+    as invalid and dropped."""
+    lst = WakeupListener("127.0.0.1", 0, key=KEY)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            messages = [Carried(5, 1, n, n - 1, 0.0, f"m{n}") for n in (3, 1, 2)]
+            for message in messages:
+                udp.sendto(encode_carried(KEY, message), ("127.0.0.1", lst.port))
+            udp.sendto(encode_carried(b"k" * 32, messages[0]), ("127.0.0.1", lst.port))
+            udp.sendto(encode([8])[0], ("127.0.0.1", lst.port))
+            got = lst.receive(5.0)
+            deadline = time.monotonic() + 5
+            while lst.received < 5 and time.monotonic() < deadline:
+                more = lst.receive(0.5)
+                got.ids |= more.ids
+                got.carried += more.carried
+        assert got.carried == messages and got.ids == {8} and got.clients() == {5, 8}
+        assert lst.invalid == 1
+    finally:
+        lst.close()
 
 
 def test_encode_format():
@@ -176,7 +252,7 @@ def receive_until(listener: WakeupListener, expected: Set[int], timeout: float =
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        got |= listener.receive(remaining)
+        got |= listener.receive(remaining).ids
     return got
 
 
@@ -187,7 +263,7 @@ def test_listener_port_is_bound(listener):
 def test_ids_arrive(listener):
     with WakeupSender([("127.0.0.1", listener.port)]) as sender:
         sender.broadcast([5, 3000])
-        assert listener.receive(5.0) == {5, 3000}
+        assert listener.receive(5.0).ids == {5, 3000}
 
 
 def test_thousands_of_ids_arrive(listener):
@@ -205,8 +281,8 @@ def test_datagrams_are_coalesced_by_one_receive(listener, raw_sender):
     raw_sender.sendto(b"NIKI1 40,50", address)
     # Loopback UDP is queued at the receiver by the time sendto() returns, so a
     # single receive() must drain every waiting datagram.
-    assert listener.receive(5.0) == {1, 2, 3, 40, 50}
-    assert listener.receive(0.05) == set()
+    assert listener.receive(5.0).ids == {1, 2, 3, 40, 50}
+    assert not listener.receive(0.05)
 
 
 def test_one_receive_takes_a_bounded_number_of_datagrams(raw_sender):
@@ -216,8 +292,8 @@ def test_one_receive_takes_a_bounded_number_of_datagrams(raw_sender):
     try:
         for client_id in range(1, 16):
             raw_sender.sendto(encode([client_id])[0], ("127.0.0.1", bounded.port))
-        assert bounded.receive(5.0) == set(range(1, 11))
-        assert bounded.receive(5.0) == set(range(11, 16))
+        assert bounded.receive(5.0).ids == set(range(1, 11))
+        assert bounded.receive(5.0).ids == set(range(11, 16))
     finally:
         bounded.close()
 
@@ -230,30 +306,30 @@ def test_garbage_ignored_valid_in_same_burst_counts(listener, raw_sender):
     raw_sender.sendto(b"X" * 2000, address)
     raw_sender.sendto(b"NIKI1 9", address)
     raw_sender.sendto(MAGIC + b"1," * 700 + b"1", address)  # oversize
-    assert listener.receive(5.0) == {7, 9}
+    assert listener.receive(5.0).ids == {7, 9}
 
 
 def test_garbage_only_gives_nothing(listener, raw_sender):
     raw_sender.sendto(b"NIKI2 5", ("127.0.0.1", listener.port))
-    assert listener.receive(5.0) == set()
+    assert not listener.receive(5.0)
     # The listener keeps working afterwards.
     raw_sender.sendto(b"NIKI1 5", ("127.0.0.1", listener.port))
-    assert listener.receive(5.0) == {5}
+    assert listener.receive(5.0).ids == {5}
 
 
 def test_receive_times_out_empty(listener):
     start = time.monotonic()
-    assert listener.receive(0.2) == set()
+    assert not listener.receive(0.2)
     elapsed = time.monotonic() - start
     assert 0.15 <= elapsed < 2.0
 
 
 def test_receive_after_drain_waits_again(listener, raw_sender):
     raw_sender.sendto(b"NIKI1 1", ("127.0.0.1", listener.port))
-    assert listener.receive(5.0) == {1}
+    assert listener.receive(5.0).ids == {1}
     # After a drain (which made the socket non-blocking) a timeout is honoured again.
     start = time.monotonic()
-    assert listener.receive(0.2) == set()
+    assert not listener.receive(0.2)
     assert time.monotonic() - start >= 0.15
 
 
@@ -263,7 +339,7 @@ def test_sender_reaches_every_peer():
         with WakeupSender([("127.0.0.1", lst.port) for lst in listeners]) as sender:
             sender.broadcast([11])
         for lst in listeners:
-            assert lst.receive(5.0) == {11}
+            assert lst.receive(5.0).ids == {11}
     finally:
         for lst in listeners:
             lst.close()
@@ -340,7 +416,7 @@ def test_send_to_an_unresolvable_host_counts_nothing(listener):
     with WakeupSender() as sender:
         assert sender.send(("no-such-host.invalid", listener.port), [1]) == 0
         assert sender.send(("127.0.0.1", listener.port), [2]) == 1  # the sender still works
-    assert listener.receive(5.0) == {2}
+    assert listener.receive(5.0).ids == {2}
 
 
 def test_failed_lookup_is_remembered(listener, monkeypatch):
@@ -390,7 +466,7 @@ def test_ipv6_listener():
     try:
         with WakeupSender(parse_peers(f"[::1]:{lst.port}")) as sender:
             sender.broadcast([6])
-        assert lst.receive(5.0) == {6}
+        assert lst.receive(5.0).ids == {6}
     finally:
         lst.close()
 
@@ -400,10 +476,10 @@ def test_listener_on_all_interfaces_takes_ipv4_and_ipv6():
     try:
         with WakeupSender([("127.0.0.1", lst.port)]) as sender:
             sender.broadcast([4])
-        assert lst.receive(5.0) == {4}
+        assert lst.receive(5.0).ids == {4}
         if socket.has_dualstack_ipv6():
             with WakeupSender([("::1", lst.port)]) as sender:
                 sender.broadcast([6])
-            assert lst.receive(5.0) == {6}
+            assert lst.receive(5.0).ids == {6}
     finally:
         lst.close()

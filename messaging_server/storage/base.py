@@ -38,6 +38,7 @@ import datetime
 import hashlib
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
@@ -64,6 +65,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PENDING, DELIVERED, IGNORED, EXPIRED = "pending", "delivered", "ignored", "expired"
+# Ids per marking UPDATE (a statement's placeholders stay well under every limit).
+MARK_CHUNK = 500
+# The row of table ``secrets`` holding the key that signs wake-ups carrying messages.
+WAKEUP_KEY_NAME = "wakeup"
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,9 @@ class Claim:
     # be told to close its connection.
     previous_owner: Optional[ServerAddress] = None
     has_secret: bool = False  # a secret hash is stored for it (not a --legacy-ids client)
+    # The session holds the client's delivery lease from the start (a new client:
+    # nobody else can have sent it anything).
+    holds_lease: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,10 @@ class Queued:
 
     message_id: Optional[int]
     owner: Optional[ServerAddress] = None
+    # The client's session when it was stored, and its newest pending message before
+    # this one (0: none): what a wake-up carrying the message tells the owner.
+    session: int = 0
+    previous: int = 0
 
 
 @dataclass(frozen=True)
@@ -333,6 +345,16 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
+    def mark_groups(self, written: Sequence[int], acknowledged: Sequence[int]) -> None:
+        """Mark the messages of many clients delivered (``acknowledged``: and acknowledged)
+        in one transaction.  The callers hold each client's delivery lease."""
+
+    @abc.abstractmethod
+    def wakeup_key(self) -> Optional[bytes]:
+        """The key that signs wake-ups carrying messages (None: a database created before
+        there was one, not yet opened by a server)."""
+
+    @abc.abstractmethod
     def wakeup_state(self, client_ids: Sequence[int]) -> Dict[int, Tuple[int, int]]:
         """For each existing client: (current session, id of its newest pending message or
         0), in one read-only query: what a wake-up needs to know before it costs a pass."""
@@ -424,6 +446,8 @@ class SqlStorage(Storage):
     # integer is much cheaper for the driver to hand over than a datetime (it is
     # read once per delivered message, for the latency histogram).
     epoch_micros_sql = ""
+    # INSERT that skips a row whose key exists.
+    insert_ignore_sql = "INSERT IGNORE"
 
     # The driver's exceptions, mapped at this boundary (see storage_error).
     driver_errors: Tuple[type, ...] = ()
@@ -558,6 +582,13 @@ class SqlStorage(Storage):
         return (f"(SELECT s.event_host FROM servers s WHERE {owner}), "
                 f"(SELECT s.event_port FROM servers s WHERE {owner})")
 
+    @property
+    def _newest_pending_sql(self) -> str:
+        """SQL for a SELECT of client ``c``: the id of its newest pending message, NULL if
+        none (the end of the pending index's range for the client: one index read)."""
+        return (f"(SELECT MAX(m.id) FROM messages m WHERE m.client_id = c.id "
+                f"AND m.status = '{PENDING}')")
+
     @staticmethod
     def _live_owner(server_id: Any, host: Any, port: Any) -> Optional[ServerAddress]:
         """The address those columns gave, for a row's owner id, host and port."""
@@ -569,11 +600,12 @@ class SqlStorage(Storage):
                    secret_hash: Optional[bytes] = None) -> Claim:
         def insert(tx: Tx) -> Claim:
             tx.execute(
-                "INSERT INTO clients (session, owner_server_id, secret_hash, created_at, last_seen_at) "
-                f"VALUES (1, %s, %s, {self.now_sql}, {self.now_sql})",
-                (server_id, secret_hash),
+                "INSERT INTO clients (session, owner_server_id, delivery_session, delivery_server_id, "
+                f"secret_hash, created_at, last_seen_at) VALUES (1, %s, 1, %s, %s, {self.now_sql}, "
+                f"{self.now_sql})",
+                (server_id, server_id, secret_hash),
             )
-            return Claim(tx.lastrowid, 1, has_secret=secret_hash is not None)
+            return Claim(tx.lastrowid, 1, has_secret=secret_hash is not None, holds_lease=True)
 
         return self._write(insert)
 
@@ -660,8 +692,8 @@ class SqlStorage(Storage):
             # The client row, locked, and its owner's wake-up address if the owner
             # is alive (subqueries in the select list lock nothing).
             owner_sql = f", {self._live_owner_columns}" if find_owner else ""
-            rows = tx.fetchall(f"SELECT c.owner_server_id{owner_sql} FROM clients c "
-                               f"WHERE c.id = %s {self.lock_rows_sql}", (client_id,))
+            rows = tx.fetchall(f"SELECT c.session, {self._newest_pending_sql}, c.owner_server_id{owner_sql} "
+                               f"FROM clients c WHERE c.id = %s {self.lock_rows_sql}", (client_id,))
             if not rows:
                 raise UnknownClient(f"no client with id {client_id}")
             # Both checks in one statement, under that lock.  Only messages that
@@ -691,7 +723,9 @@ class SqlStorage(Storage):
             )
             if recent is not None:
                 return Queued(None)
-            return Queued(tx.lastrowid, self._live_owner(*rows[0]) if find_owner else None)
+            session, previous = int(rows[0][0]), int(rows[0][1] or 0)
+            return Queued(tx.lastrowid, self._live_owner(*rows[0][2:]) if find_owner else None,
+                          session, previous)
 
     def enqueue_many(self, items: Sequence[BatchItem], duplicate_window: float,
                      ttl: Optional[float] = None, max_pending: Optional[int] = None,
@@ -888,6 +922,36 @@ class SqlStorage(Storage):
             return self._mark(tx, client_id, message_ids, acknowledged) if message_ids else 0
 
         return self._write(mark)
+
+    def mark_groups(self, written: Sequence[int], acknowledged: Sequence[int]) -> None:
+        if not written and not acknowledged:
+            return
+
+        def mark(tx: Tx) -> None:
+            # By primary key, in id order, without any client's row: marks of many
+            # connections commit together and never wait on an enqueue or a claim.
+            for ids, acked in ((sorted(written), False), (sorted(acknowledged), True)):
+                stamp = f", acknowledged_at = {self.now_sql}" if acked else ""
+                for start in range(0, len(ids), MARK_CHUNK):
+                    chunk = ids[start:start + MARK_CHUNK]
+                    tx.execute(
+                        f"UPDATE messages SET status = '{DELIVERED}', delivered_at = {self.now_sql}{stamp} "
+                        f"WHERE status IN ('{PENDING}', '{EXPIRED}') "
+                        f"AND id IN ({', '.join(['%s'] * len(chunk))})", chunk)
+
+        self._write(mark)
+
+    def wakeup_key(self) -> Optional[bytes]:
+        with self.read() as tx:
+            value = tx.scalar("SELECT value FROM secrets WHERE name = %s", (WAKEUP_KEY_NAME,))
+        return None if value is None else bytes(value)
+
+    def _ensure_wakeup_key(self, tx: Tx) -> None:
+        """Create the wake-up key once (create_schema's last step)."""
+        if tx.scalar("SELECT 1 FROM secrets WHERE name = %s", (WAKEUP_KEY_NAME,)) is None:
+            # Two servers starting at once: the first key stays, the second INSERT does nothing.
+            tx.execute(f"{self.insert_ignore_sql} INTO secrets (name, value) VALUES (%s, %s)",
+                       (WAKEUP_KEY_NAME, os.urandom(32)))
 
     def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
         expired = self._in_batch(

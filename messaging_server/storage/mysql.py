@@ -158,6 +158,7 @@ class MysqlStorage(SqlStorage):
                     with self._privilege_needed(f"table {table or '?'} is missing", "CREATE"):
                         tx.execute(statement)
             self._add_missing_columns(tx)
+            self._ensure_wakeup_key(tx)
 
     def _create_database(self) -> None:
         try:

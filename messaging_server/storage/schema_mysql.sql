@@ -45,3 +45,15 @@ CREATE TABLE IF NOT EXISTS servers (
     PRIMARY KEY (id),
     KEY servers_by_address (event_host, event_port)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS secrets (
+    name          VARCHAR(64)   NOT NULL,          -- 'wakeup': signs wake-ups that carry a message
+    value         VARBINARY(64) NOT NULL,
+    PRIMARY KEY (name)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS secrets (
+    name          VARCHAR(64)   NOT NULL,          -- 'wakeup': signs wake-ups that carry a message
+    value         VARBINARY(64) NOT NULL,
+    PRIMARY KEY (name)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

@@ -48,3 +48,8 @@ CREATE TABLE IF NOT EXISTS servers (
 );
 
 CREATE INDEX IF NOT EXISTS servers_by_address ON servers (event_host, event_port);
+
+CREATE TABLE IF NOT EXISTS secrets (
+    name          TEXT    PRIMARY KEY,          -- 'wakeup': signs wake-ups that carry a message
+    value         BLOB    NOT NULL
+);

@@ -49,6 +49,7 @@ UNAVAILABLE_TEXTS = ("locked", "readonly", "read-only", "disk i/o error", "malfo
 
 class SqliteStorage(SqlStorage):
     now_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    insert_ignore_sql = "INSERT OR IGNORE"
     micros_ago_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || (%s / 1000000.0) || ' seconds')"
     micros_ahead_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || (%s / 1000000.0) || ' seconds')"
     epoch_micros_sql = "CAST((julianday({column}) - 2440587.5) * 86400000000.0 AS INTEGER)"
@@ -153,6 +154,7 @@ class SqliteStorage(SqlStorage):
             for statement in split_sql_script(script):
                 tx.execute(statement)
             self._add_missing_columns(tx)
+            self._ensure_wakeup_key(tx)
 
     def _column_names(self, tx: Tx, table: str) -> List[str]:
         return [str(row[1]) for row in tx.fetchall(f"PRAGMA table_info({table})")]
