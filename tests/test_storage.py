@@ -521,6 +521,7 @@ def test_concurrent_deliveries_never_duplicate_or_reorder(storage: Storage):
     server = storage.register_server("box", 1, "127.0.0.1", 2, 3)
     claim = storage.new_client(server)
     cid = claim.client_id
+    storage.release_client(cid, claim.session, server)  # its first connection has ended
     written: List[str] = []
     lock = threading.Lock()
     active = [0]
