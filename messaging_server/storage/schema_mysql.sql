@@ -51,9 +51,3 @@ CREATE TABLE IF NOT EXISTS secrets (
     value         VARBINARY(64) NOT NULL,
     PRIMARY KEY (name)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
-
-CREATE TABLE IF NOT EXISTS secrets (
-    name          VARCHAR(64)   NOT NULL,          -- 'wakeup': signs wake-ups that carry a message
-    value         VARBINARY(64) NOT NULL,
-    PRIMARY KEY (name)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
