@@ -16,11 +16,13 @@ Concurrency rules, in one place:
   lock order is the same everywhere and they cannot deadlock.
 * Enqueues for one client are thus serialised, so message ids follow commit
   order per client and the duplicate check cannot race itself.
-* Delivery, under the same lock, reads a batch of pending rows, writes them
-  to the socket, marks the ones written as delivered and commits: two
-  deliveries of one client never overlap, so a message is never delivered
-  twice, and a failed write leaves it pending.  An enqueue for that client
-  waits for the batch (at most the write timeout).
+* Delivery holds no lock while it writes: the session holding the client's
+  delivery lease (``clients.delivery_session``) reads a batch, writes it to the
+  socket with no transaction open, and has it marked afterwards (the server's
+  mark writer commits many connections' marks together, ``mark_groups``, by
+  message id).  Only the holder delivers, and it keeps the lease until its
+  connection ends and its marks are committed, so a message is never written
+  by two sessions, and a failed write leaves it pending.
 * Each identification bumps the client's ``session`` and makes the server
   its ``owner_server_id``; a delivery whose session is no longer current
   belongs to a connection that was taken over, possibly by another server,
@@ -309,9 +311,9 @@ class Storage(abc.ABC):
     # lease instead: data on the client row naming the session (and server) whose
     # connection may have sent messages it has not yet marked delivered (legacy:
     # written, mark not committed; ACK mode: in flight, or acknowledged and not
-    # committed).  Only the holder delivers.  It keeps the lease until it has
-    # nothing unconfirmed (or its connection ends); a lease whose server is dead
-    # is free.  So a message is never sent by two live connections, and a
+    # committed).  Only the holder delivers.  The server's connections keep it
+    # until they end (release_client gives it back with their last marks); a
+    # lease whose server is dead is free.  So a message is never sent by two live connections, and a
     # takeover never repeats what the old connection sent.
 
     @abc.abstractmethod
