@@ -72,6 +72,9 @@ class Work:
     deliver: bool = False
     carried: List[Carried] = field(default_factory=list)  # messages wake-ups carried
 
+    def __bool__(self) -> bool:
+        return bool(self.items or self.deliver or self.carried)
+
 
 class ClientConnection:
     def __init__(self, sock: socket.socket, peer: str, write_timeout: float = 10.0,

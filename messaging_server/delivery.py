@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 
 # Connected clients whose state one wake-up check reads in one query.
 WAKEUP_CHECK_CHUNK = 500
+# A connection with nothing in flight that has had nothing to do for this long gives
+# its client's delivery lease back (with its last marks).  A busy connection keeps it,
+# so that messages wake-ups carry are written without reading the database; an idle
+# one lets go, so that if its server dies, the client's next connection elsewhere
+# need not wait LEASE_HANDOVER_S for it.
+LEASE_IDLE_S = 1.0
 
 
 def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Optional[int],
@@ -118,6 +124,26 @@ def write_carried(conn: ClientConnection, carried: Sequence[Carried], marks: Mar
         metrics.CARRIED_WRITTEN.inc(len(ready))
         log.debug("client %s: delivered %d message(s) carried by wake-ups", conn.client_id, len(ready))
     return complete
+
+
+def give_back_lease(storage: Storage, conn: ClientConnection, marks: MarkWriter) -> None:
+    """Commit the connection's marks not yet committed and give the client's delivery lease
+    back, in one transaction (handler thread; nothing may be in flight).  If the database
+    is away, the marks go back to the writer and the lease stays."""
+    assert conn.client_id is not None and not conn.inflight
+    waiting = marks.withdraw(conn)
+    try:
+        if waiting.acknowledged:
+            storage.mark_delivered(conn.client_id, waiting.acknowledged, acknowledged=True)
+            metrics.count_marked(len(waiting.acknowledged), True)
+            waiting.acknowledged = []
+        storage.mark_delivered(conn.client_id, waiting.written, release_session=conn.session)
+    except StorageUnavailable as exc:
+        marks.add(conn, conn.client_id, waiting.written, waiting.acknowledged)
+        log.debug("client %s: delivery lease kept: database unavailable: %s", conn.client_id, exc)
+        return
+    metrics.count_marked(len(waiting.written), False)
+    conn.holds_lease = False
 
 
 def close_taken_over(conn: ClientConnection) -> None:

@@ -40,7 +40,15 @@ from .admission import Admission, connection_cap
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection, WorkItem
 from .credentials import Credential, accepts, hash_secret, new_secret, redact
-from .delivery import DeliveryThread, acknowledge, check_acks, deliver, write_carried
+from .delivery import (
+    LEASE_IDLE_S,
+    DeliveryThread,
+    acknowledge,
+    check_acks,
+    deliver,
+    give_back_lease,
+    write_carried,
+)
 from .errors import StorageUnavailable
 from .marks import MarkWriter
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerConnection, ServerEvent
@@ -249,8 +257,13 @@ class ClientHandler(socketserver.BaseRequestHandler):
         while not conn.closed:
             # Posting work and close() both notify, so an idle connection's thread
             # sleeps until there is something to do: thousands of idle clients
-            # cost no wake-ups.  The timeout is only a safety net.
-            work = conn.take_work(timeout=IDLE_WAIT_S)
+            # cost no wake-ups.  The timeout is only a safety net, or the moment
+            # an idle connection gives its client's delivery lease back.
+            keeping = conn.holds_lease and not conn.inflight
+            work = conn.take_work(timeout=LEASE_IDLE_S if keeping else IDLE_WAIT_S)
+            if keeping and not work and not conn.closed:
+                give_back_lease(storage, conn, marks)
+                continue
             _answer(marks, conn, work.items)
             need_pass = work.deliver
             if work.carried and not conn.closed and not conn.leaving:

@@ -12,6 +12,7 @@ it should be (the server's own counters over ``/metrics``).
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ import pytest
 
 from messaging_server import Enqueuer
 from messaging_server.storage import Storage, open_storage
+from messaging_server.storage.base import LEASE_HANDOVER_S
 from messaging_server.wakeup import Carried, encode_carried
 from tests.helpers import RawClient, ServerProcess, numeric_id, query, wait_until
 
@@ -224,3 +226,26 @@ def test_a_takeover_while_messages_stream(server: ServerProcess, db_url: str):
         finally:
             producer.join(60)
     assert rest == [f"s{n}" for n in range(50, 300)]
+
+
+def test_an_idle_connection_gives_its_lease_back(db_url: str):
+    """A connection that has delivered keeps its client's delivery lease while busy, and
+    gives it back once idle: when its server is then killed, the client's next
+    connection, on another server, is served at once, not after LEASE_HANDOVER_S."""
+    with ServerProcess(db_url) as a, ServerProcess(db_url) as b, Enqueuer(db_url) as enqueuer:
+        with a.connect() as first:
+            credential = first.handshake()
+            cid = numeric_id(credential)
+            assert enqueuer.enqueue(cid, "before")
+            assert first.read_line() == "MESSAGE: before"
+            lease = "SELECT delivery_session FROM clients WHERE id = %s"
+            wait_until(lambda: query(db_url, lease, (cid,)) == [(None,)], 5,
+                       "the idle connection to give the lease back")
+            a.stop(signal.SIGKILL)
+        with b.connect() as second:
+            assert second.handshake(credential) == credential
+            started = time.monotonic()
+            assert enqueuer.enqueue(cid, "after")
+            assert second.read_line(timeout=LEASE_HANDOVER_S) == "MESSAGE: after"
+            took = time.monotonic() - started
+    assert took < LEASE_HANDOVER_S / 2, f"served {took:.2f} s after the message was queued"
