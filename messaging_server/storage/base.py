@@ -311,9 +311,10 @@ class Storage(abc.ABC):
     # lease instead: data on the client row naming the session (and server) whose
     # connection may have sent messages it has not yet marked delivered (legacy:
     # written, mark not committed; ACK mode: in flight, or acknowledged and not
-    # committed).  Only the holder delivers.  The server's connections keep it
-    # until they end (release_client gives it back with their last marks); a
-    # lease whose server is dead is free.  So a message is never sent by two live connections, and a
+    # committed).  Only the holder delivers.  A server's connection keeps it while
+    # busy and gives it back with its last marks when idle or ended
+    # (mark_delivered with release_session, release_client); a lease whose server
+    # is dead is free.  So a message is never sent by two live connections, and a
     # takeover never repeats what the old connection sent.
 
     @abc.abstractmethod
@@ -675,8 +676,10 @@ class SqlStorage(Storage):
                 changes.append("delivery_session = NULL, delivery_server_id = NULL")
             if changes:
                 tx.execute(f"UPDATE clients SET {', '.join(changes)} WHERE id = %s", (client_id,))
-            if holder and current != session:
-                # A newer connection may be waiting for this lease: its server wants to know.
+            if current != session:
+                # A newer connection may be waiting for this lease (or for the one this
+                # connection gave back while idle, unaware of the takeover): its server
+                # wants to know.
                 return self._live_owner(*rows[0][1:2], *rows[0][3:5])
             return None
 
