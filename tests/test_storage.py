@@ -459,6 +459,51 @@ def test_pending_count(storage: Storage):
     assert storage.pending_count(a) == 2
 
 
+
+# --- Queued.previous: the client's newest pending message before this one ----------------------
+
+
+def test_enqueue_reports_the_previous_pending_message(storage: Storage, db_url):
+    claim = storage.new_client()
+    a, session = claim.client_id, claim.session
+    b = storage.new_client().client_id
+    first = storage.enqueue(a, "a0", WINDOW)
+    assert first.previous == 0  # nothing pending before it
+    second = storage.enqueue(a, "a1", WINDOW)
+    assert second.previous == first.message_id
+    assert first.session == second.session == session
+    assert storage.enqueue(b, "b0", WINDOW).previous == 0  # per client
+    duplicate = storage.enqueue(a, "a1", WINDOW)  # ignored: not in the chain
+    assert duplicate.message_id is None and duplicate.previous == 0
+    third = storage.enqueue(a, "a2", WINDOW, ttl=60)
+    assert third.previous == second.message_id
+    # Delivered messages are not pending: the chain restarts from what is still pending.
+    storage.deliver_pending(a, session, Collector(), 10)
+    fourth = storage.enqueue(a, "a3", WINDOW)
+    assert fourth.previous == 0
+    assert storage.enqueue(a, "a4", WINDOW, max_pending=10).previous == fourth.message_id
+
+
+def test_enqueue_many_chains_previous_per_client(storage: Storage, db_url):
+    a = storage.new_client().client_id
+    b = storage.new_client().client_id
+    before = storage.enqueue(a, "old", WINDOW).message_id
+    missing = b + 1000
+    results = storage.enqueue_many(
+        [(a, "x"), (b, "y"), (a, "old"), (missing, "z"), (a, "x"), (a, "w"), (b, "v")], WINDOW)
+    ax, by, a_dup, unknown, a_dup2, aw, bv = results
+    assert isinstance(unknown, UnknownClient)
+    assert a_dup.message_id is None and a_dup2.message_id is None  # duplicates: no chain
+    assert ax.previous == before  # the newest pending before the batch
+    assert aw.previous == ax.message_id  # then the client's previous pending item of the batch
+    assert by.previous == 0 and bv.previous == by.message_id
+    assert ax.session == aw.session == by.session == 0  # enqueue_many: not given
+    # The cap: an item refused as QueueFull does not enter the chain either.
+    capped = storage.enqueue_many([(b, "c1"), (b, "c2"), (b, "c3")], WINDOW, max_pending=3)
+    assert capped[0].previous == bv.message_id
+    assert isinstance(capped[1], QueueFull) and isinstance(capped[2], QueueFull)
+    assert storage.enqueue(b, "after", WINDOW).previous == capped[0].message_id
+
 def test_register_and_unregister_server(storage: Storage, db_url):
     url = db_url
     s1 = storage.register_server("host-a", 8000, "10.0.0.1", 8001, 1234)

@@ -135,7 +135,12 @@ class Queued:
     message_id: Optional[int]
     owner: Optional[ServerAddress] = None
     # The client's session when it was stored, and its newest pending message before
-    # this one (0: none): what a wake-up carrying the message tells the owner.
+    # this one (0: none): what a wake-up carrying the message tells the owner.  Both
+    # are read under the client row's lock, so no enqueue can come between.  (A
+    # delivery may mark ``previous`` delivered meanwhile; status 'pending' counts,
+    # expired or not.)  Both 0 for a duplicate.  enqueue_many gives ``previous``
+    # (chained per client through the batch) but leaves ``session`` 0: the Enqueuer
+    # then names the batch's clients in wake-ups instead of carrying each message.
     session: int = 0
     previous: int = 0
 
@@ -742,12 +747,16 @@ class SqlStorage(Storage):
         ids_in = ", ".join(["%s"] * len(client_ids))
         with self.transaction() as tx:
             # Client rows first, in id order: the same lock order as every other
-            # transaction, so batches and deliveries cannot deadlock.
+            # transaction, so batches and deliveries cannot deadlock.  With each, its
+            # newest pending message (a subquery in the select list: evaluated once the
+            # row is locked, and it locks nothing).
             owner_sql = f", {self._live_owner_columns}" if find_owner else ""
-            owners = {int(row[0]): self._live_owner(*row[1:]) if find_owner else None
-                      for row in tx.fetchall(
-                          f"SELECT c.id, c.owner_server_id{owner_sql} FROM clients c "
-                          f"WHERE c.id IN ({ids_in}) ORDER BY c.id {self.lock_rows_sql}", client_ids)}
+            locked = tx.fetchall(
+                f"SELECT c.id, {self._newest_pending_sql}, c.owner_server_id{owner_sql} "
+                f"FROM clients c WHERE c.id IN ({ids_in}) ORDER BY c.id {self.lock_rows_sql}", client_ids)
+            owners = {int(row[0]): self._live_owner(*row[2:]) if find_owner else None for row in locked}
+            # Queued.previous: per client, its newest pending message so far, batch included.
+            newest = {int(row[0]): int(row[1] or 0) for row in locked}
             pending: Dict[int, int] = {}
             if max_pending is not None:
                 pending = self._pending_counts(tx, items, client_ids, max_pending)
@@ -779,7 +788,15 @@ class SqlStorage(Storage):
                     results.append(len(rows))
                     rows.append((client_id, body, digest, PENDING, item_ttl))
             ids = self._insert_messages(tx, rows) if rows else []
-        return [Queued(ids[r], owners[rows[r][0]]) if isinstance(r, int) else r for r in results]
+        done: List[Union[Queued, NikiError]] = []
+        for r in results:
+            if isinstance(r, int):  # a pending row: it follows the client's newest one so far
+                client_id = rows[r][0]
+                done.append(Queued(ids[r], owners[client_id], previous=newest[client_id]))
+                newest[client_id] = ids[r]
+            else:
+                done.append(r)
+        return done
 
     # The queue cap counts pending messages that have not expired.  Expiry is not
     # in the pending index, so checking it reads each row: a first count that

@@ -9,10 +9,20 @@ for one at most POOL_WAIT_S.  Facts this relies on (see docs/STORAGE.md):
 * Every transaction starts with ``begin()`` and ends in commit or rollback, and the
   session runs at READ COMMITTED, so no connection keeps an old snapshot and row
   locks take no gap locks.  Nothing re-runs a failed statement behind our back.
-* An idle connection is pinged as it leaves the pool and replaced if the server
-  closed it (``wait_timeout``, a restart); when no new one can be opened, the error
+* No round trip is spent on bookkeeping.  There is no BEGIN: autocommit is off, so
+  the first statement opens the transaction.  There is no PING: an idle connection
+  leaves the pool after a look at its socket (no I/O): the server never sends
+  anything unasked, so a readable idle socket means it closed the connection
+  (``wait_timeout``, KILL, a restart) or said why before closing; such a connection
+  is replaced.  One that died unseen fails its transaction's first statement; that
+  statement alone is sent again, once, on a fresh connection, when it provably did
+  not commit (see :class:`_Link`).  When no new connection can be opened, the error
   says why (refused, timed out), not just that the old one is closed.
-* Opening a connection, the server's greeting included, and the ping take at most
+* A connection that failed is closed, never pooled again.
+* ``enqueue`` is one round trip: a CALL of a stored procedure that commits before it
+  answers (``enqueue_mysql.sql``).  Without it (no CREATE ROUTINE privilege), the
+  same statements run one by one.
+* Opening a connection, the server's greeting included, takes at most
   CONNECT_TIMEOUT_S: a server that accepts TCP but never answers costs a caller
   seconds, not READ_TIMEOUT_S.
 """
@@ -20,16 +30,22 @@ for one at most POOL_WAIT_S.  Facts this relies on (see docs/STORAGE.md):
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+import select
+import threading
+import time
 from importlib import resources
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pymysql
 import pymysql.constants
 
-from ..errors import StorageUnavailable
-from .base import SqlStorage, Tx, split_sql_script
+from ..errors import QueueFull, StorageError, StorageUnavailable, UnknownClient
+from .base import HEARTBEAT_STALE_S, Queued, ServerAddress, SqlStorage, Tx, body_hash, split_sql_script
 from .pool import ConnectionPool
+
+log = logging.getLogger(__name__)
 
 # Opening a connection (TCP, the server's greeting, authentication) and the ping of
 # an idle one: a healthy server answers in milliseconds.
@@ -44,6 +60,27 @@ WRITE_TIMEOUT_S = 60
 SESSION_SETUP = ("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", "SET time_zone = '+00:00'")
 # PyMySQL's "Lost connection to MySQL server during query", also for a greeting that never came.
 CR_SERVER_LOST = 2013
+# PyMySQL's "MySQL server has gone away": raised only when sending a command failed
+# (sendall could not hand all of it to the kernel), so the server never had it whole.
+CR_SERVER_GONE = 2006
+# Errors after which the connection is dead: the two above, a lost connection (system
+# error), and the server's last words before it closes one (connection killed;
+# disconnected for inactivity).
+CONNECTION_LOST = frozenset({CR_SERVER_GONE, CR_SERVER_LOST, 2055, 1927, 4031})
+# Statements that never commit by themselves (autocommit is off): when the connection
+# dies under one, the server rolls back what it did.  Anything else (CALL of the
+# enqueue procedure, which commits; DDL) may have committed.
+NON_COMMITTING_VERBS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE"})
+# The enqueue procedure (enqueue_mysql.sql): its name carries its version.
+ENQUEUE_PROCEDURE = "niki_enqueue_v1"
+# "PROCEDURE … already exists": another server created it a moment ago.
+PROCEDURE_EXISTS = 1304
+# CALL of a procedure that does not exist; EXECUTE privilege missing.  Both are refused
+# before anything runs, so enqueue can fall back to the statements at once.
+PROCEDURE_UNUSABLE = frozenset({1305, 1370})
+# After a CALL found the procedure missing, how long to use the statements before trying
+# the CALL again (a server with the privilege may have created it meanwhile).
+PROCEDURE_RECHECK_S = 60.0
 # Error codes create_schema tells apart: a privilege is missing.
 ACCESS_DENIED = frozenset({1044, 1142})  # on the database; on a table
 
@@ -104,8 +141,15 @@ class MysqlStorage(SqlStorage):
             client_flag=pymysql.constants.CLIENT.FOUND_ROWS,
         )
         self._auto_increment_step: Optional[int] = None  # see _id_step
-        self._pool: ConnectionPool[Any] = ConnectionPool(
-            self._connect, _close, pool_size, self.location, ready=self._ready)
+        self._pool: ConnectionPool[_Link] = ConnectionPool(
+            lambda: _Link(self._connect(), self._connect), _Link.close, pool_size, self.location,
+            ready=self._ready, reusable=_Link.reusable)
+        # Whether enqueue CALLs the procedure: None (not known yet: try it), True, or
+        # False until _procedure_recheck_at (it is missing, or may not be run).
+        self._procedure: Optional[bool] = None
+        self._procedure_recheck_at = 0.0
+        self._procedure_warned = False
+        self._procedure_lock = threading.Lock()
 
     def _connect(self, database: Optional[str] = None) -> Any:
         """A new connection; its handshake bounded by CONNECT_TIMEOUT_S, its queries by
@@ -120,28 +164,27 @@ class MysqlStorage(SqlStorage):
             raise
         return connection
 
-    def _ready(self, connection: Any) -> Any:
-        """An idle connection as it leaves the pool: pinged (within CONNECT_TIMEOUT_S), or
-        replaced by a new one when the server closed it."""
-        try:
-            _set_read_timeout(connection, CONNECT_TIMEOUT_S)
-            connection.ping(reconnect=False)
-            _set_read_timeout(connection, READ_TIMEOUT_S)
-            return connection
-        except pymysql.err.MySQLError:
-            _close(connection)
-        return self._connect()  # its error says why the server cannot be reached
+    def _ready(self, link: _Link) -> _Link:
+        """An idle connection as it leaves the pool: kept if its socket has nothing to say,
+        else replaced by a new one (the server closed it)."""
+        if link.idle_and_open():
+            link.reused = True
+        else:
+            link.replace()  # its error says why the server cannot be reached
+        return link
 
     @contextlib.contextmanager
-    def _borrow(self) -> Iterator[Any]:
-        with self._pool.borrow() as connection:
-            yield connection
+    def _borrow(self) -> Iterator[_Link]:
+        with self._pool.borrow() as link:
+            yield link
 
     def connections_in_use(self) -> int:
         return self._pool.in_use
 
     def _begin(self, connection: Any, durable: bool = True) -> None:
-        connection.begin()  # every commit is flushed (innodb_flush_log_at_trx_commit)
+        """Nothing to send: autocommit is off (set at connect, checked by PyMySQL), so the
+        transaction's first statement opens it, and every commit is flushed
+        (innodb_flush_log_at_trx_commit).  A BEGIN would cost a round trip."""
 
     def create_schema(self) -> None:
         """Create what is missing, and only that: a user with data privileges alone
@@ -159,6 +202,92 @@ class MysqlStorage(SqlStorage):
                         tx.execute(statement)
             self._add_missing_columns(tx)
             self._ensure_wakeup_key(tx)
+        self._create_procedure()
+
+    def _create_procedure(self) -> None:
+        """The enqueue procedure, if it is missing.  A procedure that exists is never
+        replaced (a caller of a running version could find it gone for a moment): a new
+        version has a new name.  Without the CREATE ROUTINE privilege enqueue runs the
+        statements one by one; one warning says so."""
+        with self.transaction() as tx:
+            present = tx.scalar("SELECT COUNT(*) FROM information_schema.routines WHERE "
+                                "routine_schema = DATABASE() AND routine_name = %s",
+                                (ENQUEUE_PROCEDURE,))
+        if present:
+            self._set_procedure(True)
+            return
+        script = resources.files(__package__).joinpath("enqueue_mysql.sql").read_text("utf-8")
+        try:
+            with self.transaction() as tx:
+                tx.execute(script)
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, pymysql.err.MySQLError) and cause.args[:1] == (PROCEDURE_EXISTS,):
+                self._set_procedure(True)  # another server created it meanwhile
+                return
+            if not (isinstance(cause, pymysql.err.MySQLError) and cause.args[:1]
+                    and cause.args[0] in ACCESS_DENIED):
+                raise
+            self._set_procedure(False)
+            self._procedure_warned = True
+            log.warning("%s: cannot create the stored procedure %s (user %r needs the CREATE "
+                        "ROUTINE privilege on the database: %s); enqueue runs its statements one "
+                        "by one, 4 round trips instead of 1", self.location, ENQUEUE_PROCEDURE,
+                        self._params["user"], self.describe_error(cause))
+            return
+        self._set_procedure(True)
+
+    def _set_procedure(self, usable: bool) -> None:
+        with self._procedure_lock:
+            self._procedure = usable
+            self._procedure_recheck_at = time.monotonic() + PROCEDURE_RECHECK_S
+
+    def _procedure_usable(self) -> bool:
+        with self._procedure_lock:
+            return self._procedure is not False or time.monotonic() >= self._procedure_recheck_at
+
+    def enqueue(self, client_id: int, body: str, duplicate_window: float,
+                ttl: Optional[float] = None, max_pending: Optional[int] = None,
+                find_owner: bool = True) -> Queued:
+        """One round trip: CALL the procedure, which locks the client row, checks, inserts
+        and commits, and answers only after its COMMIT (so a result is a committed,
+        flushed message).  Without the procedure: the statements (SqlStorage.enqueue)."""
+        if not self._procedure_usable():
+            return super().enqueue(client_id, body, duplicate_window, ttl, max_pending, find_owner)
+        params = (client_id, body, body_hash(body), int(duplicate_window * 1_000_000),
+                  None if ttl is None else int(ttl * 1_000_000), max_pending,
+                  int(HEARTBEAT_STALE_S * 1_000_000))
+        try:
+            with self._borrow() as link:
+                row = link.call(f"CALL {ENQUEUE_PROCEDURE}(%s, %s, %s, %s, %s, %s, %s)", params)
+        except pymysql.err.MySQLError as exc:
+            if exc.args[:1] and exc.args[0] in PROCEDURE_UNUSABLE:
+                self._procedure_missing(exc)
+                return super().enqueue(client_id, body, duplicate_window, ttl, max_pending, find_owner)
+            raise self.storage_error(exc) from exc
+        if self._procedure is not True:
+            self._set_procedure(True)
+        result, owner_id, host, port, session, previous = row
+        if result == -1:
+            raise UnknownClient(f"no client with id {client_id}")
+        if result == -2:
+            raise QueueFull(f"client {client_id} already has {max_pending} pending messages")
+        self.write_health.succeeded()
+        if result == 0:
+            return Queued(None)
+        owner = None if host is None or not find_owner else ServerAddress(int(owner_id), str(host), int(port))
+        return Queued(int(result), owner, int(session), int(previous))
+
+    def _procedure_missing(self, exc: pymysql.err.MySQLError) -> None:
+        """The CALL was refused before it ran: use the statements for a while (one warning)."""
+        self._set_procedure(False)
+        if not self._procedure_warned:
+            self._procedure_warned = True
+            log.warning("%s: cannot call the stored procedure %s (%s); enqueue runs its "
+                        "statements one by one, 4 round trips instead of 1, until it can (a "
+                        "server whose user has the CREATE ROUTINE privilege creates it at start; "
+                        "calling it takes EXECUTE)", self.location, ENQUEUE_PROCEDURE,
+                        self.describe_error(exc))
 
     def _create_database(self) -> None:
         try:
@@ -240,6 +369,151 @@ class MysqlStorage(SqlStorage):
 
     def close(self) -> None:
         self._pool.close()
+
+
+class _Link:
+    """One pooled connection, which can be replaced in place by a fresh one.
+
+    Its cursor sends a transaction's first statement again, once, on a fresh connection
+    when the connection turns out dead, and only when that statement provably did not
+    commit: the connection came idle from the pool (so nothing earlier in this
+    transaction was sent on it), and either the command never reached the server whole
+    (the socket was closed already, or sending failed: CR_SERVER_GONE), or it is a
+    statement that does not commit by itself and no COMMIT was sent, so the server
+    rolled back whatever it did when the connection ended.  A statement that may have
+    committed (the enqueue CALL, whose reply was lost: CR_SERVER_LOST), a later
+    statement of the transaction, or the COMMIT itself is never sent again: the error
+    is raised (StorageUnavailable), as the caller cannot know whether it took effect.
+    """
+
+    def __init__(self, connection: Any, reopen: Callable[[], Any]) -> None:
+        self.connection = connection
+        self._reopen = reopen  # opens a fresh connection (the storage's _connect)
+        self.reused = False  # came idle from the pool: it may have died unseen meanwhile
+        self.sent = False  # a statement of the current transaction was sent
+        self.broken = False  # a connection error happened: never pool it again
+
+    def idle_and_open(self) -> bool:
+        """Whether the server has said nothing on this idle connection.  The protocol has
+        it speak only when asked, so anything to read (an end of file, an error packet
+        such as "connection killed") means it is closing or closed.  No round trip: a
+        poll of the socket (no limit on descriptor numbers, unlike select)."""
+        sock = getattr(self.connection, "_sock", None)
+        if sock is None or self.broken:
+            return False
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
+
+    def replace(self) -> None:
+        """Close this connection and open a fresh one in its place (raises the driver's
+        error, and stays broken, when none can be opened)."""
+        self.broken = True
+        _close(self.connection)
+        self.connection = self._reopen()
+        self.broken = self.reused = self.sent = False
+
+    def reusable(self) -> bool:
+        return not self.broken and bool(self.connection.open)
+
+    def close(self) -> None:
+        _close(self.connection)
+
+    def cursor(self) -> _Cursor:
+        return _Cursor(self)
+
+    def commit(self) -> None:
+        try:
+            self.connection.commit()
+        except pymysql.err.MySQLError as exc:
+            self.note(exc)
+            raise
+        finally:
+            self.sent = False
+
+    def rollback(self) -> None:
+        try:
+            if self.connection.open:  # a closed one has nothing open: the server rolled back
+                self.connection.rollback()
+        except pymysql.err.MySQLError as exc:
+            self.note(exc)
+            raise
+        finally:
+            self.sent = False
+
+    def note(self, exc: BaseException) -> None:
+        """Remember a connection error: the connection is not pooled again."""
+        if _connection_lost(exc):
+            self.broken = True
+
+    def call(self, sql: str, params: Sequence[Any]) -> Tuple[Any, ...]:
+        """CALL a procedure that commits by itself; its one result row.  Every result of
+        the CALL is read, its final status included, so that an error at its end is
+        raised here and the connection is left with nothing unread."""
+        cursor = self.cursor()
+        try:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+            while cursor.nextset():
+                pass
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.rollback()  # the procedure rolled back already; nothing may stay open
+            raise
+        finally:
+            self.sent = False
+            with contextlib.suppress(Exception):
+                cursor.close()
+        return tuple(rows[0])
+
+    def retriable(self, exc: BaseException, sql: str) -> bool:
+        """Whether the failed first statement ``sql`` provably did not commit (see above)."""
+        if not self.reused:
+            return False  # a fresh connection failing: the server is the problem, not staleness
+        if isinstance(exc, pymysql.err.InterfaceError):
+            return True  # the socket was closed before anything was sent
+        errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        if errno == CR_SERVER_GONE:
+            return True  # sending failed: the server never had the whole command, never ran it
+        verb = sql.lstrip(" \t\r\n(").split(None, 1)[0].upper() if sql.strip() else ""
+        return errno in CONNECTION_LOST and verb in NON_COMMITTING_VERBS
+
+
+class _Cursor:
+    """A PyMySQL cursor of a :class:`_Link`, with the first statement's one retry."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+        self._cursor = link.connection.cursor()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        link = self._link
+        first, link.sent = not link.sent, True
+        try:
+            return int(self._cursor.execute(sql, params))
+        except pymysql.err.MySQLError as exc:
+            link.note(exc)
+            if not (first and link.retriable(exc, sql)):
+                raise
+        # The first statement, on a connection that died idle: once more on a fresh one.
+        link.replace()
+        link.sent = True
+        self._cursor = link.connection.cursor()
+        try:
+            return int(self._cursor.execute(sql, params))
+        except pymysql.err.MySQLError as exc:
+            link.note(exc)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether a driver error means the connection is dead."""
+    if isinstance(exc, pymysql.err.InterfaceError):
+        return True
+    return bool(exc.args) and exc.args[0] in CONNECTION_LOST
 
 
 def _created_table(statement: str) -> Optional[str]:

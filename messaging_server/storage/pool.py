@@ -28,14 +28,17 @@ POOL_WAIT_S = 10.0
 class ConnectionPool(Generic[C]):
     """``size`` connections at most, opened by ``open`` on demand; ``ready`` is given an
     idle connection as it leaves the pool and returns it, or a fresh one in its place
-    (it may raise the driver's error when no connection can be had)."""
+    (it may raise the driver's error when no connection can be had).  ``reusable`` is
+    asked as a connection comes back: one that failed is closed, never pooled again."""
 
     def __init__(self, open: Callable[[], C], close: Callable[[C], None], size: int,
                  location: str, wait_s: float = POOL_WAIT_S,
-                 ready: Callable[[C], C] = lambda connection: connection) -> None:
+                 ready: Callable[[C], C] = lambda connection: connection,
+                 reusable: Callable[[C], bool] = lambda connection: True) -> None:
         self._open = open
         self._close = close
         self._ready = ready
+        self._reusable = reusable
         self.size = size
         self.location = location
         self.wait_s = wait_s
@@ -70,11 +73,13 @@ class ConnectionPool(Generic[C]):
             self._slots.release()
 
     def _give_back(self, connection: C) -> None:
-        with self._lock:
-            if not self._closed:
-                self._idle.append(connection)
-                return
-        self._close(connection)  # the pool was closed meanwhile
+        if self._reusable(connection):
+            with self._lock:
+                if not self._closed:
+                    self._idle.append(connection)
+                    return
+        with contextlib.suppress(Exception):
+            self._close(connection)  # broken, or the pool was closed meanwhile
 
     def close(self) -> None:
         """Close the idle connections; borrowed ones are closed as they come back."""
