@@ -248,7 +248,8 @@ class Enqueuer:
         """Tell the servers about what was stored (duplicates excepted), one datagram set
         per server: every peer in broadcast mode, each live owner in routed mode (an
         offline client costs none).  A client's only message of the call travels in
-        its wake-up (see wakeup.py) when it fits and has no ttl; the others are named."""
+        its wake-up (see wakeup.py) when it fits and has no ttl (in broadcast mode only
+        for a call of one message); the others are named."""
         stored = [(client_id, q, body, ttl) for client_id, q, body, ttl in queued
                   if q.message_id is not None]
         if self._wake_here is not None:
@@ -277,7 +278,9 @@ class Enqueuer:
             else:
                 continue  # offline: its connection's backlog pass will find it
             datagram = None
-            if key is not None and ttl is None and q.session and per_client[client_id] == 1:
+            # Broadcast mode carries a single message only: every peer gets every datagram.
+            if key is not None and ttl is None and q.session and per_client[client_id] == 1 \
+                    and (self.peers is None or len(stored) == 1):
                 assert q.message_id is not None
                 datagram = encode_carried(key, Carried(client_id, q.session, q.message_id,
                                                        q.previous, now, body))

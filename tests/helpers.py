@@ -301,6 +301,15 @@ class DatagramCounter:
             else:
                 got.append(decode(data))
 
+    def raw(self) -> List[bytes]:
+        """Every datagram waiting, as received."""
+        got = []
+        while True:
+            try:
+                got.append(self.sock.recv(65536))
+            except BlockingIOError:
+                return got
+
     def close(self) -> None:
         self.sock.close()
 

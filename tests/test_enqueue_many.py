@@ -318,7 +318,8 @@ def test_routed_one_datagram_per_server_per_call(storage: Storage, db_url: str,
 
 def test_routed_many_clients_fill_several_datagrams(storage: Storage, db_url: str,
                                                     counters: Callable[[], DatagramCounter]) -> None:
-    """More ids than one datagram holds: several datagrams, none oversized, each id once, all counted."""
+    """More ids than one datagram holds: several datagrams, none oversized, each id once, all
+    counted.  (Bodies too long to travel in a wake-up, so that the clients are named.)"""
     owner = counters()
     server = fake_server(storage, owner)
     now = seconds_ago_sql(db_url, 0)
@@ -327,12 +328,28 @@ def test_routed_many_clients_fill_several_datagrams(storage: Storage, db_url: st
     clients = [int(r[0]) for r in query(db_url, "SELECT id FROM clients ORDER BY id")]
     assert len(encode(clients)) >= 2  # the point of the test
     with Enqueuer(db_url, "") as enqueuer:
-        assert enqueuer.enqueue_many([(cid, "wake") for cid in reversed(clients)]) == [True] * 400
+        assert enqueuer.enqueue_many([(cid, "w" * MAX_DATAGRAM) for cid in reversed(clients)]) == [True] * 400
         got = owner.drain()
         assert enqueuer.datagrams_sent == len(got) == len(encode(clients))
     assert all(len(datagram) <= MAX_DATAGRAM for datagram in encode(clients))
     flat = [cid for datagram in got for cid in datagram]
     assert sorted(flat) == clients  # each exactly once
+
+
+def test_routed_batch_carries_each_clients_only_message(storage: Storage, db_url: str,
+                                                       counters: Callable[[], DatagramCounter]) -> None:
+    """Routed mode: a client's only message of a batch travels in its own wake-up (so the
+    owner need not read the database); a client with two is named, once."""
+    owner = counters()
+    server = fake_server(storage, owner)
+    one, other, two = (storage.new_client(server).client_id for _ in range(3))
+    with Enqueuer(db_url, "") as enqueuer:
+        assert enqueuer.enqueue_many([(one, "a"), (two, "b"), (other, "c"), (two, "d")]) == [True] * 4
+        raw = owner.raw()
+        assert enqueuer.datagrams_sent == len(raw) == 3
+    carried = sorted(d.split(b" ", 3)[2] for d in raw if d.startswith(b"NIKI2 "))
+    assert carried == sorted(str(c).encode() for c in (one, other))
+    assert [d for d in raw if d.startswith(b"NIKI1 ")] == [f"NIKI1 {two}".encode()]
 
 
 def test_broadcast_wakes_every_peer_once_per_call(storage: Storage, db_url: str,

@@ -497,7 +497,7 @@ def test_enqueue_many_chains_previous_per_client(storage: Storage, db_url):
     assert ax.previous == before  # the newest pending before the batch
     assert aw.previous == ax.message_id  # then the client's previous pending item of the batch
     assert by.previous == 0 and bv.previous == by.message_id
-    assert ax.session == aw.session == by.session == 0  # enqueue_many: not given
+    assert ax.session == aw.session == by.session == 1  # read under the same lock
     # The cap: an item refused as QueueFull does not enter the chain either.
     capped = storage.enqueue_many([(b, "c1"), (b, "c2"), (b, "c3")], WINDOW, max_pending=3)
     assert capped[0].previous == bv.message_id

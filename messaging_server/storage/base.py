@@ -752,11 +752,12 @@ class SqlStorage(Storage):
             # row is locked, and it locks nothing).
             owner_sql = f", {self._live_owner_columns}" if find_owner else ""
             locked = tx.fetchall(
-                f"SELECT c.id, {self._newest_pending_sql}, c.owner_server_id{owner_sql} "
+                f"SELECT c.id, c.session, {self._newest_pending_sql}, c.owner_server_id{owner_sql} "
                 f"FROM clients c WHERE c.id IN ({ids_in}) ORDER BY c.id {self.lock_rows_sql}", client_ids)
-            owners = {int(row[0]): self._live_owner(*row[2:]) if find_owner else None for row in locked}
+            owners = {int(row[0]): self._live_owner(*row[3:]) if find_owner else None for row in locked}
+            sessions = {int(row[0]): int(row[1]) for row in locked}
             # Queued.previous: per client, its newest pending message so far, batch included.
-            newest = {int(row[0]): int(row[1] or 0) for row in locked}
+            newest = {int(row[0]): int(row[2] or 0) for row in locked}
             pending: Dict[int, int] = {}
             if max_pending is not None:
                 pending = self._pending_counts(tx, items, client_ids, max_pending)
@@ -792,7 +793,8 @@ class SqlStorage(Storage):
         for r in results:
             if isinstance(r, int):  # a pending row: it follows the client's newest one so far
                 client_id = rows[r][0]
-                done.append(Queued(ids[r], owners[client_id], previous=newest[client_id]))
+                done.append(Queued(ids[r], owners[client_id], session=sessions[client_id],
+                                   previous=newest[client_id]))
                 newest[client_id] = ids[r]
             else:
                 done.append(r)
