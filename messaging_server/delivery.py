@@ -45,12 +45,6 @@ log = logging.getLogger(__name__)
 
 # Connected clients whose state one wake-up check reads in one query.
 WAKEUP_CHECK_CHUNK = 500
-# A connection with nothing in flight that has had nothing to do for this long gives
-# its client's delivery lease back (with its last marks).  A busy connection keeps it,
-# so that messages wake-ups carry are written without reading the database; an idle
-# one lets go, so that if its server dies, the client's next connection elsewhere
-# need not wait LEASE_HANDOVER_S for it.
-LEASE_IDLE_S = 1.0
 
 
 def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Optional[int],

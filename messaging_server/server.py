@@ -41,7 +41,6 @@ from .commands import CommandListener, handle_events
 from .connection import ClientConnection, WorkItem
 from .credentials import Credential, accepts, hash_secret, new_secret, redact
 from .delivery import (
-    LEASE_IDLE_S,
     DeliveryThread,
     acknowledge,
     check_acks,
@@ -252,7 +251,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
         Every write to this client happens here, so a client that does not
         read holds up only this thread (for at most the write timeout).
         """
-        storage, batch = self.server.storage, self.server.settings.delivery_batch
+        settings = self.server.settings
+        storage, batch = self.server.storage, settings.delivery_batch
         marks = self.server.marks
         while not conn.closed:
             # Posting work and close() both notify, so an idle connection's thread
@@ -260,7 +260,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
             # cost no wake-ups.  The timeout is only a safety net, or the moment
             # an idle connection gives its client's delivery lease back.
             keeping = conn.holds_lease and not conn.inflight
-            work = conn.take_work(timeout=LEASE_IDLE_S if keeping else IDLE_WAIT_S)
+            work = conn.take_work(timeout=settings.lease_idle if keeping else IDLE_WAIT_S)
             if keeping and not work and not conn.closed:
                 give_back_lease(storage, conn, marks)
                 continue

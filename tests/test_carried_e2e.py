@@ -232,7 +232,8 @@ def test_an_idle_connection_gives_its_lease_back(db_url: str):
     """A connection that has delivered keeps its client's delivery lease while busy, and
     gives it back once idle: when its server is then killed, the client's next
     connection, on another server, is served at once, not after LEASE_HANDOVER_S."""
-    with ServerProcess(db_url) as a, ServerProcess(db_url) as b, Enqueuer(db_url) as enqueuer:
+    with ServerProcess(db_url, "--lease-idle", "0.5") as a, ServerProcess(db_url) as b, \
+            Enqueuer(db_url) as enqueuer:
         with a.connect() as first:
             credential = first.handshake()
             cid = numeric_id(credential)
