@@ -28,6 +28,7 @@ that a burst of wake-ups for one client costs one delivery pass.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -225,6 +226,8 @@ class WakeupSender:
 # Datagrams coalesced into one set per receive(): plenty for a burst of real
 # wake-ups, and a bound on the time and memory one call takes under a flood.
 MAX_DATAGRAMS_PER_RECEIVE = 256
+# The wake-up socket's receive buffer asked for, in bytes (see WakeupListener).
+RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
 @dataclass
@@ -266,6 +269,11 @@ class WakeupListener:
         else:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        # Room for a burst: a batch for 1,000 connected clients sends 1,000 carried
+        # datagrams at once, and each takes about 1 KiB of the kernel's buffer whatever
+        # its size.  The kernel caps the request at net.core.rmem_max.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self._sock.bind((host, port))
 
     @property
