@@ -89,7 +89,8 @@ def test_two_workers_share_the_port_and_deliver(db_url: str) -> None:
 
 def test_a_killed_worker_is_restarted_and_its_clients_lose_nothing(db_url: str) -> None:
     """kill -9 of a worker: its row and ownership go at once, it is started again (a new
-    pid, the same wake-up port), and its clients, reconnecting, get all that was queued."""
+    pid, the same wake-up port), and its clients, reconnecting, get all that was queued.
+    SIGINT then stops everything with status 0."""
     with ServerProcess(db_url, workers=2) as server:
         before = worker_pids(server)
         clients = connect_clients(server, CLIENTS)
@@ -123,7 +124,8 @@ def test_a_killed_worker_is_restarted_and_its_clients_lose_nothing(db_url: str) 
                 assert messaging_server.enqueue(credential, "still here", db=db_url)
                 assert client.read_line() == "MESSAGE: still here"
                 client.close()
-        assert server.stop() == 0
+        assert server.stop(signal.SIGINT) == 0  # Ctrl-C, as SIGTERM in the test above
+    assert "supervisor received SIGINT: stopping the workers" in server.log
     assert "Traceback" not in server.log, server.log
 
 
