@@ -21,11 +21,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .errors import NikiError
 from .logs import LOGGER, configure_logging
-from .settings import ServerSettings, default_workers, describe_effective, effective_settings
+from .settings import (
+    ServerSettings,
+    configured_peers,
+    default_workers,
+    describe_effective,
+    effective_settings,
+)
 from .storage import describe_url, open_storage
 from .workers import WORKER_COMMAND, Supervisor, die_with_supervisor, plan_ports, report_ready
 
@@ -91,9 +97,29 @@ def _supervise(settings: ServerSettings, argv: List[str], count: int,
         ports = plan_ports(settings, count)
     except OSError as exc:  # the port is taken, or not ours to bind
         return fail(EXIT_ERROR, f"cannot listen: {exc}")
+    _check_peers(ports.events)
     logging.getLogger(LOGGER).info("starting %d workers (--workers %s)", count,
                                    settings.workers or "default for this machine and database")
     return Supervisor(settings, argv, count, ports).run()
+
+
+def _check_peers(event_ports: Sequence[int]) -> None:
+    """Warn when broadcast mode (NIKI_PEERS) leaves a worker's wake-up port out: that
+    worker's clients would get their messages at the next sweep instead of at once."""
+    try:
+        peers = configured_peers()
+    except NikiError:
+        return  # the HTTP API's Enqueuer reports it
+    if not peers:
+        return
+    listed = {port for _, port in peers}
+    missing = [f"w{index} (port {port})" for index, port in enumerate(event_ports)
+               if port not in listed]
+    if missing:
+        logging.getLogger(LOGGER).warning(
+            "broadcast mode: NIKI_PEERS does not name the wake-up port of %s; messages for "
+            "their clients wait for a sweep. List every worker's port, or use routed mode "
+            "(no NIKI_PEERS)", ", ".join(missing))
 
 
 def _reporter(log_format: str) -> Callable[[int, str], int]:

@@ -78,12 +78,11 @@ MASK = "***"
 def default_workers(db: str) -> int:
     """--workers when not set: one process per core the server may run on.
 
-    SQLite gets one: its group commit (storage/group_commit.py) merges the commits of
-    one process only, so processes would queue on the file's write lock instead
-    (docs/PERFORMANCE.md has the measurement).
+    The same for both databases: on SQLite the processes take the file's write lock in
+    turn (each one's group commit merges only its own commits), yet two workers were
+    not slower than one in B1-B4 (docs/PERFORMANCE.md).  ``db`` is taken so that a
+    database that needs another rule can have one.
     """
-    if db.strip().lower().startswith("sqlite:"):
-        return 1
     try:
         return max(1, len(os.sched_getaffinity(0)))  # the cores this process may use (containers)
     except (AttributeError, OSError):
@@ -339,7 +338,7 @@ SERVER_OPTIONS = (
     Option(("--workers",), "NIKI_WORKERS", None, positive_int,
            "server processes sharing the client port (SO_REUSEPORT), each with its own wake-up "
            "port (event port + i) and HTTP API port (http port + i); 1: one process, no supervisor",
-           "default: the number of cores; 1 on SQLite"),
+           "default: the number of cores"),
 )
 
 

@@ -14,9 +14,10 @@ from messaging_server.settings import ServerSettings, default_workers, server_se
 from messaging_server.workers import plan_ports
 
 
-def test_default_is_one_per_core_but_one_on_sqlite() -> None:
-    assert default_workers("sqlite:///x.sqlite3") == 1
-    assert default_workers("mysql://root@127.0.0.1/niki") == len(os.sched_getaffinity(0))
+def test_default_is_one_per_core() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert default_workers("sqlite:///x.sqlite3") == cores
+    assert default_workers("mysql://root@127.0.0.1/niki") == cores
 
 
 def test_option_environment_and_file(tmp_path) -> None:
