@@ -47,28 +47,62 @@ def raise_nofile() -> Tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def process_tree(pid: int) -> List[int]:
+    """``pid`` and its descendants: a server started with ``--workers`` above 1 is a
+    supervisor whose worker processes do the work, and their memory and CPU count."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
 def proc_status(pid: Optional[int]) -> Dict[str, float]:
-    """Resident memory (KB) and thread count of a process, from /proc/PID/status."""
+    """Resident memory (KB) and thread count of a process and its descendants, summed,
+    from /proc/PID/status."""
     if not pid:
         return {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return {"rss_kb": float(fields["VmRSS"].split()[0]), "threads": float(fields["Threads"])}
-    except (OSError, KeyError, ValueError):
-        return {}
+    total: Dict[str, float] = {}
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            rss, threads = float(fields["VmRSS"].split()[0]), float(fields["Threads"])
+        except (OSError, KeyError, ValueError):
+            if member == pid:
+                return {}
+            continue  # a child that just ended
+        total["rss_kb"] = total.get("rss_kb", 0.0) + rss
+        total["threads"] = total.get("threads", 0.0) + threads
+    return total
 
 
 def cpu_seconds(pid: Optional[int]) -> Optional[float]:
-    """User + system CPU seconds a process has used (all its threads)."""
+    """User + system CPU seconds a process and its descendants have used (all threads)."""
     if not pid:
         return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    total = None
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            seconds = (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            if member == pid:
+                return None
+            continue
+        total = seconds if total is None else total + seconds
+    return total
 
 
 def find_pid(command_name: str) -> Optional[int]:

@@ -40,7 +40,9 @@ if REPO not in sys.path:
 
 from messaging_server import Enqueuer, NikiError  # noqa: E402
 
-LISTENING = re.compile(r"port (\d+) \(clients, TCP\) and port (\d+) \(wake-ups, UDP\)")
+# A single server's line, or (--workers above 1) the supervisor's once every worker listens.
+LISTENING = re.compile(r"(?:INFO listening on .*? port|supervisor \d+ workers serving clients on port)"
+                       r" (\d+)")
 PREFIX = b"MESSAGE: "
 
 
@@ -173,8 +175,9 @@ class NikiSide:
 
     def __init__(self, db_kind: str, mysql: Optional[MysqlServer], tmpdir: str, nonce: str,
                  window: int, timeout: float, sources: Sequence[str], idle_timeout: float,
-                 b4_budget: float) -> None:
+                 b4_budget: float, server_args: Sequence[str] = ()) -> None:
         self.db_kind = db_kind
+        self.server_args = list(server_args)
         self.b4_budget = b4_budget
         self.mysql = mysql
         self.tmpdir = tmpdir
@@ -209,7 +212,8 @@ class NikiSide:
             self.db_url = self.mysql.url(self.database)
         else:
             self.db_url = "sqlite:///" + os.path.join(self.tmpdir, "niki.sqlite3")
-        self.proc, self.port = start_server(self.db_url, self.log_path, max_connections)
+        self.proc, self.port = start_server(self.db_url, self.log_path, max_connections,
+                                            self.server_args)
         os.environ.pop("NIKI_PEERS", None)  # routed mode for the Enqueuer as for the server
         self.enqueuer = Enqueuer(db=self.db_url)
         self.settle()
@@ -589,12 +593,14 @@ def idle_cpu_percent(pid: Optional[int], seconds: float = 3.0) -> Optional[float
     return meter.stop().get("server")
 
 
-def start_server(db_url: str, log_path: str, max_connections: int) -> Tuple[subprocess.Popen, int]:
-    """``python -m messaging_server -p 0`` with defaults otherwise; its client port from its log."""
+def start_server(db_url: str, log_path: str, max_connections: int,
+                 extra: Sequence[str] = ()) -> Tuple[subprocess.Popen, int]:
+    """``python -m messaging_server -p 0`` with defaults otherwise (and ``extra``, e.g.
+    ``--workers 2``); its client port from its log."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIKI_")}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "messaging_server", "-p", "0", "--db", db_url,
-           "--advertise-host", "127.0.0.1", "--max-connections", str(max_connections)]
+           "--advertise-host", "127.0.0.1", "--max-connections", str(max_connections), *extra]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, cwd=os.path.dirname(log_path), start_new_session=True)

@@ -92,6 +92,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="wait at most this long for that (seconds; default 30, 3 with --quick)")
     p.add_argument("--no-raw-mqtt", dest="raw_mqtt", action="store_false",
                    help="skip the cross-check of B2/B3 with raw MQTT clients instead of paho")
+    p.add_argument("--niki-args", default="",
+                   help="more options for the Niki server, e.g. '--workers 1' (default: none; its "
+                   "memory, threads and CPU are summed over its worker processes)")
     p.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs, databases)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -190,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             mysql_version = cur.fetchone()[0]
     db_pid = (find_pid("mariadbd") or find_pid("mysqld")) if mysql is not None else None
     niki = NikiSide(args.db, mysql, tmpdir, nonce, args.window, args.timeout, sources, args.idle_timeout,
-                    args.b4_budget)
+                    args.b4_budget, args.niki_args.split())
     mqtt = MqttSide(tmpdir, nonce, args.window, args.timeout, sources, args.idle_timeout,
                     args.mqtt_inflight, args.publisher_inflight, args.b4_budget)
     raw = MqttRawSide(mqtt)
@@ -380,7 +383,8 @@ def build_plan(args: argparse.Namespace, has_batch: bool) -> List[Any]:
 
 
 def settings_dict(args: argparse.Namespace, mosquitto_config: str) -> Dict[str, Any]:
-    return {"runs": args.runs, "quick": args.quick, "b1_messages": args.b1_messages,
+    return {"runs": args.runs, "quick": args.quick, "niki_args": args.niki_args,
+            "b1_messages": args.b1_messages,
             "b2_clients": args.b2_clients, "b2_messages": args.b2_messages,
             "batch_size": args.batch_size, "b3_messages": args.b3_messages,
             "b4_clients": args.b4_clients, "b4_runs": args.b4_runs, "b4_budget": args.b4_budget,

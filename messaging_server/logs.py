@@ -7,6 +7,10 @@ container runtime or a shell redirection collects it without configuration.
 and tests read it, so it must not change.  ``json`` writes one object per line
 with ``time`` (ISO 8601, UTC, milliseconds, ``Z``), ``level``, ``logger`` and
 ``message``, plus ``exception`` (the formatted traceback) when there is one.
+With ``--workers`` above 1 every line names its process: plain lines carry a
+tag after the level (``w0``, ``w1``... for the workers, ``supervisor`` for the
+process that starts them) and JSON objects a ``process`` key; a single-process
+server's lines are unchanged.
 In JSON mode, Python warnings and uncaught exceptions in any thread are logged
 too, so that no stray plain-text line breaks a collector's parser.
 """
@@ -28,6 +32,10 @@ LOGGER = "messaging_server"
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (newlines inside are escaped)."""
 
+    def __init__(self, tag: str = "") -> None:
+        super().__init__()
+        self.tag = tag
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": iso_time(record.created),
@@ -35,6 +43,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.tag:
+            entry["process"] = self.tag
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -51,20 +61,28 @@ def iso_time(created: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def formatter(log_format: str) -> logging.Formatter:
-    """The formatter for ``plain`` or ``json`` (settings.LOG_FORMATS)."""
+def formatter(log_format: str, tag: str = "") -> logging.Formatter:
+    """The formatter for ``plain`` or ``json`` (settings.LOG_FORMATS); ``tag`` names the
+    process (``w1``, ``supervisor``) when there are several."""
     if log_format == "json":
-        return JsonFormatter()
+        return JsonFormatter(tag)
     if log_format == "plain":
+        if tag:  # a literal % in a tag would be read as a format directive
+            return logging.Formatter(PLAIN_FORMAT.replace(" %(message)s",
+                                                          f" {tag.replace('%', '%%')} %(message)s"))
         return logging.Formatter(PLAIN_FORMAT)
     raise ValueError(f"unknown log format {log_format!r}")
 
 
 def configure_logging(verbose: bool, log_format: str = "plain",
-                      stream: Optional[TextIO] = None) -> None:
-    """Send every log record to ``stream`` (default stderr) in ``log_format``."""
+                      stream: Optional[TextIO] = None, tag: str = "") -> None:
+    """Send every log record to ``stream`` (default stderr) in ``log_format``, each
+    line tagged with ``tag`` if one is given (see formatter)."""
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    handler.setFormatter(formatter(log_format))
+    handler.setFormatter(formatter(log_format, tag))
+    # No format shows the thread, and looking it up from a connection's handler (a bare
+    # _thread thread, see server.py) would leave a dummy Thread object behind each time.
+    logging.logThreads = False
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler],
                         force=True)
     if log_format == "json":

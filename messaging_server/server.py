@@ -24,6 +24,7 @@ which the write timeout bounds.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import os
@@ -157,6 +158,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
         self.server.admission.leave(self.client_address[0])
 
     def handle(self) -> None:
+        started = time.monotonic()
         peer = _format_peer(self.client_address)
         settings = self.server.settings
         try:
@@ -175,14 +177,16 @@ class ClientHandler(socketserver.BaseRequestHandler):
             self.server.untrack(conn)
             self.server.release(conn)
             sock.close()  # a TLS socket took the descriptor over from self.request
-            who = f"client {conn.client_id}" if conn.client_id is not None else "unidentified client"
+            # The connection's one INFO line, at its end (at thousands of handshakes a
+            # second every line costs measurably); its beginning is a DEBUG line.
+            who = ("unidentified client" if conn.client_id is None else
+                   f"new client {conn.client_id}" if conn.new_client else f"client {conn.client_id}")
             if not self.throttled:
-                log.info("%s disconnected from %s (%s)", who, peer, conn.close_reason)
+                log.info("%s disconnected from %s (%s) after %.1f s", who, peer, conn.close_reason,
+                         time.monotonic() - started)
 
     def _serve(self, conn: ClientConnection) -> None:
         settings = self.server.settings
-        # One INFO line when the client is identified and one when it leaves: at
-        # thousands of handshakes per second each log line costs measurably.
         log.debug("connection from %s", conn.peer)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_keepalive(conn.sock, settings.keepalive_idle, settings.keepalive_interval,
@@ -326,7 +330,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 # without one keeps its bare id, whatever it appended.
                 secret = identify.secret if claim.has_secret else None
                 conn.credential = str(Credential(claim.client_id, secret))
-                log.info("client %s identified from %s", conn.client_id, conn.peer)
+                log.debug("client %s identified from %s", conn.client_id, conn.peer)
                 if claim.previous_owner is not None:
                     # Tell the server holding the older connection to close it
                     # now; its sweep would notice within one interval anyway.
@@ -348,7 +352,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
         # through the client, after SET_CLIENT_ID.  (A wake-up or the sweep would
         # deliver anything that came earlier anyway.)
         conn.new_client = True
-        log.info("new client %s from %s", conn.client_id, conn.peer)
+        log.debug("new client %s from %s", conn.client_id, conn.peer)
 
 
 class NikiServer(socketserver.ThreadingTCPServer):
@@ -356,7 +360,10 @@ class NikiServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, settings: ServerSettings, storage: Storage) -> None:
+    def __init__(self, settings: ServerSettings, storage: Storage, reuse_port: bool = False) -> None:
+        # One of several worker processes on one client port (workers.py): the
+        # kernel spreads the port's connections over their listening sockets.
+        self.allow_reuse_port = reuse_port
         self.settings = settings
         self.storage = storage
         self.registry = ConnectionRegistry()
@@ -441,8 +448,18 @@ class NikiServer(socketserver.ThreadingTCPServer):
         return False
 
     def process_request(self, request: socket.socket, client_address: Tuple) -> None:  # type: ignore[override]
+        """Start the connection's handler thread: a bare ``_thread`` thread.
+
+        ``threading.Thread.start()`` builds a Thread, an Event and a Condition per
+        connection, then blocks the accepting thread until the new thread has run
+        (the GIL handed over and back).  A yappi profile of 3,000 handshakes put that
+        at 0.42 s of CPU.  A handler needs no Thread object: socketserver's
+        process_request_thread handles every error of the connection itself, and
+        logging does not look the thread up (logs.py turns logging.logThreads off;
+        otherwise each handler would leave a "dummy" Thread behind in threading).
+        """
         try:
-            super().process_request(request, client_address)
+            _thread.start_new_thread(self.process_request_thread, (request, client_address))
         except BaseException:  # no thread for it (thread limit): it never ran, so never left
             self.admission.leave(client_address[0])
             raise
@@ -606,8 +623,13 @@ def _format_peer(address: Tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run(settings: ServerSettings, storage: Storage) -> None:
+def run(settings: ServerSettings, storage: Storage, reuse_port: bool = False,
+        on_ready: Optional[Callable[[NikiServer], None]] = None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully.
+
+    ``reuse_port`` and ``on_ready`` are for a worker process (workers.py): it
+    shares the client port with the other workers, and tells its supervisor
+    when it is registered and listening.
 
     With ``settings.http_port`` set, the HTTP API runs beside the client port
     (see :mod:`messaging_server.http_api`); it is bound before anything is
@@ -620,7 +642,7 @@ def run(settings: ServerSettings, storage: Storage) -> None:
     # Every thread started from here on, one per client among them, reserves
     # this much address space for its stack instead of the default 8 MiB.
     threading.stack_size(THREAD_STACK_BYTES)
-    server = NikiServer(settings, storage)
+    server = NikiServer(settings, storage, reuse_port)
     serving = threading.Event()
     http = None
     if settings.http_port is not None:
@@ -654,6 +676,8 @@ def run(settings: ServerSettings, storage: Storage) -> None:
              if settings.max_connections_per_address else "")
     try:
         serving.set()
+        if on_ready is not None:
+            on_ready(server)
         server.serve_forever(poll_interval=0.2)
     finally:
         serving.clear()

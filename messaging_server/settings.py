@@ -83,6 +83,20 @@ FILE_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False,
 MASK = "***"
 
 
+def default_workers(db: str) -> int:
+    """--workers when not set: one process per core the server may run on.
+
+    The same for both databases: on SQLite the processes take the file's write lock in
+    turn (each one's group commit merges only its own commits), yet two workers were
+    not slower than one in B1-B4 (docs/PERFORMANCE.md).  ``db`` is taken so that a
+    database that needs another rule can have one.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))  # the cores this process may use (containers)
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def env_default(name: str, default: str, environ: Optional[Mapping[str, str]] = None) -> str:
     environ = os.environ if environ is None else environ
     value = environ.get(name, "")
@@ -140,6 +154,7 @@ class ServerSettings:
     http_host: str = DEFAULT_HTTP_HOST
     api_token: str = ""
     log_format: str = "plain"
+    workers: Optional[int] = None  # None: default_workers(db)
 
     @property
     def wakeup_host(self) -> str:
@@ -333,6 +348,10 @@ SERVER_OPTIONS = (
            "default: none, and then the API serves loopback only"),
     Option(("--log-format",), "NIKI_LOG_FORMAT", "plain", _log_format,
            "log lines as plain text, or as one JSON object each for log collectors"),
+    Option(("--workers",), "NIKI_WORKERS", None, positive_int,
+           "server processes sharing the client port (SO_REUSEPORT), each with its own wake-up "
+           "port (event port + i) and HTTP API port (http port + i); 1: one process, no supervisor",
+           "default: the number of cores"),
 )
 
 

@@ -10,19 +10,6 @@ py="${PYTHON:-python3}"
 [ -f "$kit/blackbox.py" ] || { echo "conformance kit not found at $kit" >&2; exit 2; }
 
 tmp=$(mktemp -d)
-port=$("$py" - <<'PY'
-import socket
-for _ in range(100):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
-    if p >= 65535:
-        continue
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.bind(("0.0.0.0", p + 1)); u.close(); print(p); break
-    except OSError:
-        u.close()
-PY
-)
 case "$kind" in
   sqlite) db="sqlite:///$tmp/conformance.sqlite3" ;;
   mysql)
@@ -30,7 +17,32 @@ case "$kind" in
     db="${base%/*}/niki_conformance_$$" ;;
   *) echo "usage: $0 sqlite|mysql" >&2; exit 2 ;;
 esac
-export NIKI_DB="$db" NIKI_PEERS="127.0.0.1:$((port + 1))"
+# The server runs with its default --workers: worker i listens for wake-ups on port + 1 + i,
+# and broadcast mode (NIKI_PEERS) must name every one of them.
+workers=$("$py" -c 'import sys; from messaging_server.settings import default_workers; print(default_workers(sys.argv[1]))' "$db")
+port=$("$py" - "$workers" <<'PY'
+import socket, sys
+workers = int(sys.argv[1])
+for _ in range(100):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if p + workers >= 65536:
+        continue
+    taken = []
+    try:
+        for i in range(workers):
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            taken.append(u)
+            u.bind(("0.0.0.0", p + 1 + i))
+    except OSError:
+        continue
+    finally:
+        for u in taken:
+            u.close()
+    print(p); break
+PY
+)
+peers=$(seq -s, -f "127.0.0.1:%g" $((port + 1)) $((port + workers)))
+export NIKI_DB="$db" NIKI_PEERS="$peers"
 
 "$py" -m messaging_server -p "$port" >"$tmp/server.log" 2>&1 &
 server=$!
@@ -44,11 +56,11 @@ cleanup() {
 }
 trap cleanup EXIT
 for _ in $(seq 100); do
-  grep -q "wake-ups, UDP" "$tmp/server.log" 2>/dev/null && break
+  [ "$(grep -c "wake-ups, UDP" "$tmp/server.log" 2>/dev/null)" -ge "$workers" ] && break  # each worker
   kill -0 "$server" 2>/dev/null || { cat "$tmp/server.log" >&2; exit 1; }
   sleep 0.1
 done
-echo "conformance kit on $kind ($("$py" -c 'import sys; from messaging_server.storage import describe_url; print(describe_url(sys.argv[1]))' "$db")), port $port"
+echo "conformance kit on $kind ($("$py" -c 'import sys; from messaging_server.storage import describe_url; print(describe_url(sys.argv[1]))' "$db")), port $port, $workers worker(s)"
 status=0
 PYTHONPATH="$top${PYTHONPATH:+:$PYTHONPATH}" timeout 300 "$py" "$kit/blackbox.py" --host 127.0.0.1 --port "$port" \
   --enqueue-cmd "$py $kit/niki_driver.py" conformance "$@" | sed "s/^\([0-9]* passed, [0-9]* failed\)$/conformance ($kind): \1/" || status=$?

@@ -17,6 +17,10 @@ from urllib.parse import urlsplit
 import pymysql
 
 LISTENING_RE = re.compile(r"port (\d+) \(clients, TCP\) and port (\d+) \(wake-ups, UDP\)")
+# With --workers N > 1: the supervisor's line once every worker listens.
+SERVING_RE = re.compile(r" supervisor (\d+) workers serving clients on port (\d+)")
+# A worker's tag in its log lines (``w1``) before LISTENING_RE's text.
+WORKER_LISTENING_RE = re.compile(r" (w\d+) listening on .*" + LISTENING_RE.pattern)
 # Logged before LISTENING_RE's line when the server has an HTTP API.
 HTTP_API_RE = re.compile(r"HTTP API on http://(?:\[[^\]]*\]|[^\s:/]+):(\d+)")
 DEFAULT_TIMEOUT = 10.0
@@ -46,18 +50,26 @@ def wait_until(predicate: Callable[[], object], timeout: float = DEFAULT_TIMEOUT
 
 
 class ServerProcess:
-    """``python -m messaging_server`` on free ports, its log collected in the background."""
+    """``python -m messaging_server`` on free ports, its log collected in the background.
+
+    One process (``--workers 1``) unless ``workers`` asks for more, so that a test
+    that looks at the server's pid (/proc, kill -9) looks at the server itself.
+    With more, :attr:`proc` is the supervisor and :attr:`event_ports` has each
+    worker's wake-up port (``w0`` first).
+    """
 
     def __init__(self, db_url: str, *args: str, env: Optional[Dict[str, str]] = None,
-                 port: int = 0, event_port: Optional[int] = None) -> None:
+                 port: int = 0, event_port: Optional[int] = None, workers: int = 1) -> None:
         self.db_url = db_url
-        self.args = list(args)
+        self.workers = workers
+        self.args = ["--workers", str(workers), *args]
         self.extra_env = env or {}
         self.requested_port = port
         self.requested_event_port = event_port
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
         self.event_port = 0
+        self.event_ports: Dict[str, int] = {}  # worker tag -> its wake-up port (workers > 1)
         self.http_port = 0  # the HTTP API's port, when it has one (--http-port)
         self.lines: List[str] = []
         self._lock = threading.Lock()
@@ -71,10 +83,16 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      env=env, text=True, encoding="utf-8", errors="replace")
         threading.Thread(target=self._collect, daemon=True).start()
-        match = wait_until(lambda: self._listening() or self.proc.poll() is not None, timeout,
+        ready = self._listening if self.workers == 1 else self._serving
+        match = wait_until(lambda: ready() or self.proc.poll() is not None, timeout,
                            "the server to listen")
         if not isinstance(match, re.Match):
             raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
+        if self.workers > 1:
+            self.event_ports = {m.group(1): int(m.group(3))
+                                for m in WORKER_LISTENING_RE.finditer(self.log)}
+            match = self._listening()
+            assert match is not None
         self.port, self.event_port = int(match.group(1)), int(match.group(2))
         http = HTTP_API_RE.search(self.log)
         self.http_port = int(http.group(1)) if http else 0
@@ -93,6 +111,9 @@ class ServerProcess:
                 if m:
                     return m
         return None
+
+    def _serving(self) -> Optional[re.Match]:
+        return SERVING_RE.search(self.log)
 
     @property
     def log(self) -> str:

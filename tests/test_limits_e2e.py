@@ -125,8 +125,9 @@ def test_max_connections_refuses_the_fourth_and_reuses_freed_slots(db: str) -> N
                 line = newcomer.read_line()
                 match = ID_LINE.fullmatch(line or "")
                 assert match, line
-                # Logged after every refusal so far: once it is in, so is any refusal warning.
-                wait_until(lambda: f"new client {numeric(match.group(1))} from " in server.log)
+                # The closed connection's line, logged after every refusal so far and before
+                # its slot was free: once it is in, so is any refusal warning.
+                wait_until(lambda: " unidentified client disconnected from " in server.log)
                 warnings = refusal_warnings(server)
                 assert len(warnings) == 1, warnings  # a burst of refusals, one line (one per 10 s)
                 assert "server busy (3 connections; 1 refused since start)" in warnings[0], warnings
