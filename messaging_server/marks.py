@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # How long the first mark waits for others to share its commit.  Delivery does
 # not wait for it: only the mark (and the lease kept until then) does.
-MARK_GATHER_S = 0.002
+MARK_GATHER_S = 0.005
 # After a failed commit: the pause before the marks are tried again.
 RETRY_S = 1.0
 # A failed commit is logged per client for this many clients, then in one line.
