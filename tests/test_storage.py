@@ -18,7 +18,7 @@ from messaging_server.errors import (
     UnknownClient,
 )
 from messaging_server.storage import Delivery, Storage, StoredMessage, describe_url, open_storage
-from messaging_server.storage.base import Claim
+from messaging_server.storage.base import Claim, Queued
 from tests.conftest import mysql_connect
 from tests.helpers import (
     REFUSED_BODY,
@@ -711,6 +711,24 @@ def test_ttl_sets_expires_at(storage: Storage, db_url):
     rows = dict(query(db_url, f"SELECT id, {span} FROM messages"))
     assert rows[never] is None
     assert abs(float(rows[minute]) - 60) < 0.01
+
+
+def test_a_delivered_message_stays_a_duplicates_original_after_its_ttl(storage: Storage, db_url):
+    """A message delivered before its ttl passed was accepted: the same body within the
+    window is a duplicate, whether the ttl has passed since or not (one that expired
+    unsent is not: see the next test).  Single and batch alike."""
+    cid = storage.new_client().client_id
+    first = storage.enqueue(cid, "pay 10 EUR", WINDOW, ttl=0.3).message_id
+    other = storage.enqueue(cid, "pay 20 EUR", WINDOW, ttl=0.3).message_id
+    assert first is not None and other is not None
+    assert storage.mark_delivered(cid, [first, other]) == 2
+    passed = "expires_at < " + ("NOW(6)" if db_url.startswith("mysql") else
+                                "strftime('%Y-%m-%d %H:%M:%f', 'now')")
+    wait_until(lambda: query(db_url, f"SELECT COUNT(*) FROM messages WHERE {passed}") == [(2,)],
+               10, "the ttls to pass")
+    assert storage.enqueue(cid, "pay 10 EUR", WINDOW).message_id is None
+    [again] = storage.enqueue_many([(cid, "pay 20 EUR")], WINDOW)
+    assert isinstance(again, Queued) and again.message_id is None
 
 
 def test_short_ttl_is_not_delivered_once_it_passes(storage: Storage, db_url):

@@ -572,6 +572,13 @@ class SqlStorage(Storage):
         """SQL: the row has no TTL, or it has not passed."""
         return f"(expires_at IS NULL OR expires_at > {self.now_sql})"
 
+    @property
+    def _accepted(self) -> str:
+        """SQL: the message was accepted for delivery, so a later one with its body is a
+        duplicate: delivered (whether its ttl has passed since or not), or pending and not
+        expired (one that expired unsent never reached the client)."""
+        return f"(status = '{DELIVERED}' OR (status = '{PENDING}' AND {self._unexpired}))"
+
     def _ago(self, seconds: float) -> str:
         """SQL for the database time ``seconds`` ago (a literal: no parameter)."""
         return self.micros_ago_sql.replace("%s", str(int(seconds * 1_000_000)))
@@ -710,7 +717,7 @@ class SqlStorage(Storage):
             # will be (or were) delivered make a later one a duplicate: not ignored
             # ones, nor ones that expired unsent.
             checks = [f"SELECT id FROM messages WHERE client_id = %s AND body_hash = %s "
-                      f"AND status IN ('{PENDING}', '{DELIVERED}') AND {self._unexpired} "
+                      f"AND {self._accepted} "
                       f"AND created_at > {self.micros_ago_sql} LIMIT 1"]
             params: List[Any] = [client_id, digest, int(duplicate_window * 1_000_000)]
             if max_pending is not None:
@@ -765,7 +772,7 @@ class SqlStorage(Storage):
             recent = {(int(row[0]), bytes(row[1])) for row in tx.fetchall(
                 f"SELECT client_id, body_hash FROM messages WHERE client_id IN ({ids_in}) "
                 f"AND body_hash IN ({', '.join(['%s'] * len(unique_digests))}) "
-                f"AND status IN ('{PENDING}', '{DELIVERED}') AND {self._unexpired} "
+                f"AND {self._accepted} "
                 f"AND created_at > {self.micros_ago_sql}",
                 [*client_ids, *unique_digests, int(duplicate_window * 1_000_000)])}
             results: List[Union[Queued, NikiError, int]] = []  # int: index into rows, for now

@@ -17,7 +17,7 @@
 --   session: the client's session; previous: its newest pending message before this one
 --   (0: none); both read under the client row's lock, both 0 unless result > 0.
 -- It is sent after the COMMIT: a caller that reads it knows the message is committed.
-CREATE PROCEDURE niki_enqueue_v1(
+CREATE PROCEDURE niki_enqueue_v2(
     IN p_client BIGINT,
     IN p_body TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
     IN p_hash BINARY(32),
@@ -55,7 +55,8 @@ BEGIN
         -- the same body within the window), the client's newest pending message, and the
         -- queue cap's count from the index (pending rows, expired or not, up to the cap).
         SELECT (SELECT id FROM messages WHERE client_id = p_client AND body_hash = p_hash
-                    AND status IN ('pending', 'delivered') AND (expires_at IS NULL OR expires_at > NOW(6))
+                    AND (status = 'delivered'
+                         OR (status = 'pending' AND (expires_at IS NULL OR expires_at > NOW(6))))
                     AND created_at > NOW(6) - INTERVAL p_window_us MICROSECOND LIMIT 1),
                (SELECT MAX(id) FROM messages WHERE client_id = p_client AND status = 'pending'),
                IF(p_cap IS NULL, 0, (SELECT COUNT(*) FROM (SELECT 1 FROM messages

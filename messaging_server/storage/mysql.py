@@ -72,7 +72,7 @@ CONNECTION_LOST = frozenset({CR_SERVER_GONE, CR_SERVER_LOST, 2055, 1927, 4031})
 # enqueue procedure, which commits; DDL) may have committed.
 NON_COMMITTING_VERBS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE"})
 # The enqueue procedure (enqueue_mysql.sql): its name carries its version.
-ENQUEUE_PROCEDURE = "niki_enqueue_v1"
+ENQUEUE_PROCEDURE = "niki_enqueue_v2"
 # "PROCEDURE … already exists": another server created it a moment ago.
 PROCEDURE_EXISTS = 1304
 # CALL of a procedure that does not exist; EXECUTE privilege missing.  Both are refused
