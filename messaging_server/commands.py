@@ -132,10 +132,18 @@ class CommandListener(threading.Thread):
         data = conn.receive()
         if data is None:  # nothing yet (a partial TLS record)
             return
+        events = conn.protocol.receive_data(data)
         if conn.closed:
+            # Closed meanwhile (a takeover, say): an ACK the client sent before still
+            # confirms its message (the handler takes ACKs posted until this thread lets
+            # go); nothing else can be answered any more.
+            for event in events:
+                if isinstance(event, Ack):
+                    metrics.COMMAND_ACK.inc()
+                    conn.post_ack(event.message_id)
             self._release(conn)
             return
-        handle_events(conn, conn.protocol.receive_data(data))
+        handle_events(conn, events)
         if conn.closed:
             self._release(conn)
 

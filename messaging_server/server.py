@@ -248,6 +248,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
             if listened:
                 conn.close("connection ended")
                 conn.released.wait()  # until the command listener has let go of the socket
+                self._take_last_acks(conn)  # posted after the work loop's last look
 
     def _work_loop(self, conn: ClientConnection) -> None:
         """Do what the other threads posted, until the connection ends.
@@ -274,11 +275,14 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 need_pass = not write_carried(conn, work.carried, marks) or need_pass
             if need_pass and not conn.closed:
                 deliver(storage, conn, batch, self.server.server_id, marks)
-        # Acks the client sent just before it went (``ACK n`` then DISCONNECT or EOF):
-        # recorded when the connection's end is (NikiServer.release).
+        self._take_last_acks(conn)
+
+    def _take_last_acks(self, conn: ClientConnection) -> None:
+        """ACKs the client sent just before it went (``ACK n`` then DISCONNECT or EOF, or
+        a takeover): recorded when the connection's end is (NikiServer.release)."""
         last = conn.take_work(timeout=0)
-        marks.add(conn, conn.client_id or 0,
-                  acknowledged=check_acks(conn, [i for i in last.items if isinstance(i, int)]))
+        self.server.marks.add(conn, conn.client_id or 0,
+                              acknowledged=check_acks(conn, [i for i in last.items if isinstance(i, int)]))
 
     def _read_identify(self, conn: ClientConnection, deadline: float,
                        timeout: float) -> List[ServerEvent]:

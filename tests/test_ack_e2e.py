@@ -962,6 +962,33 @@ def test_database_cut_between_write_and_mark(mysql_url: str, then: str, proxy: C
     client.assert_silent(SWEEP_SILENCE)
 
 
+def test_an_ack_sent_just_before_a_takeover_counts(db_url: str, launch, stack) -> None:
+    """The client acknowledges and, at once, connects again (a phone switching networks):
+    the ACK reached the old connection before the takeover closed it, so the message is
+    acknowledged and never comes to the new one.  Twenty times, each a race the server
+    must not lose."""
+    server = launch(db_url)
+    put = enqueuer(stack, db_url)
+    came_again = []
+    for attempt in range(20):
+        with server.connect() as old:
+            cid = identify(old, "NONE ACK")
+            assert put(cid, f"once {attempt}") is True
+            [(message_id, _)] = read_acked(old, 1)
+            new = server.connect()
+            stack.callback(new.close)
+            old.send(f"ACK {message_id}\n".encode())
+            new.send(f"{cid} ACK\n".encode())  # sent before the greeting: read after it
+            assert new.read_line() == "GET_CLIENT_ID"
+            assert new.read_line() == f"SET_CLIENT_ID: {cid}"
+            new.send_line("PING")
+            line = new.read_line()
+            if line != "PONG":
+                came_again.append((attempt, line))
+            new.close()
+    assert not came_again, f"acknowledged messages came again: {came_again}"
+
+
 @pytest.mark.mysql
 def test_ack_taken_during_outage_is_not_resent(mysql_url: str, proxy: CuttableProxy,
                                                launch, stack) -> None:
