@@ -14,7 +14,7 @@ from typing import List
 
 from messaging_server.errors import StorageUnavailable
 from messaging_server.storage import Storage
-from messaging_server.storage.base import ServerAddress
+from messaging_server.storage.base import LEASE_HANDOVER_S, ServerAddress
 from tests.helpers import query, run_threads
 
 WINDOW = 5.0
@@ -163,3 +163,26 @@ def test_a_new_client_holds_its_lease_from_the_start(storage: Storage) -> None:
     assert storage.acquire_delivery(claim.client_id, new, a, 10).busy
     storage.release_client(claim.client_id, 1, a, written=ids[:1])
     assert [m.id for m in storage.acquire_delivery(claim.client_id, new, a, 10).messages] == ids[1:]
+
+
+def test_reconnecting_again_and_again_does_not_restart_the_handover_wait(storage: Storage) -> None:
+    """The lease's holder hangs (its server is alive but never gives it back); the client
+    reconnects every second.  The wait counts from the first newer identification, not
+    from the latest: the lease is free LEASE_HANDOVER_S after that one, not never (until
+    the holder's heartbeat goes stale)."""
+    a = storage.register_server("a", 1, "10.0.0.1", 8101, 1)
+    cid = client_that_left(storage, a)
+    queue(storage, cid, 2)
+    old = storage.claim_client(cid, a).session
+    assert storage.acquire_delivery(cid, old, a, 10).messages  # and then it hangs
+    first = time.monotonic()
+    pace = threading.Event()
+    taken_after = None
+    while time.monotonic() - first < LEASE_HANDOVER_S + 3:
+        session = storage.claim_client(cid, a).session  # the client connects again
+        if not storage.acquire_delivery(cid, session, a, 10).busy:
+            taken_after = time.monotonic() - first
+            break
+        pace.wait(1.0)  # the client's reconnect interval
+    assert taken_after is not None, "the lease stayed held while the client kept reconnecting"
+    assert LEASE_HANDOVER_S - 0.5 < taken_after < LEASE_HANDOVER_S + 1.5

@@ -643,10 +643,13 @@ class SqlStorage(Storage):
         session, previous = int(rows[0][0]) + 1, rows[0][2]
         # The delivery lease stays where it is: a connection of an older session
         # that is writing, or waiting for ACKs, keeps it until it has recorded what
-        # it sent (or ends), so that the new session never sends that again.
+        # it sent (or ends), so that the new session never sends that again.  The
+        # first newer session to find it held starts the handover wait (_lease_free);
+        # later ones (a client reconnecting again and again) do not restart it.
         tx.execute(
-            f"UPDATE clients SET session = %s, owner_server_id = %s, last_seen_at = {self.now_sql} "
-            "WHERE id = %s",
+            f"UPDATE clients SET session = %s, owner_server_id = %s, last_seen_at = {self.now_sql}, "
+            "lease_wanted_at = CASE WHEN delivery_session IS NULL THEN NULL "
+            f"ELSE COALESCE(lease_wanted_at, {self.now_sql}) END WHERE id = %s",
             (session, server_id, client_id),
         )
         owner = None if previous == server_id else self._live_owner(*rows[0][2:5])
@@ -656,12 +659,12 @@ class SqlStorage(Storage):
         """SQL for a client row ``alias``, to be taken by its current session: its delivery
         lease is held by nobody; or by a server that is no longer alive (it crashed: its row
         is gone or its heartbeat stale); or by an older session that has not given it back
-        although the current one identified LEASE_HANDOVER_S ago.  A live server gives it
+        although a newer one first identified LEASE_HANDOVER_S ago.  A live server gives it
         back within milliseconds of the takeover datagram, or at its next sweep (the
         connection is closed at once, even mid-write); one that has not has crashed."""
         return (f"({alias}.delivery_session IS NULL OR NOT EXISTS (SELECT 1 FROM servers s "
                 f"WHERE s.id = {alias}.delivery_server_id AND {self._alive}) "
-                f"OR {alias}.last_seen_at < {self._ago(LEASE_HANDOVER_S)})")
+                f"OR {alias}.lease_wanted_at < {self._ago(LEASE_HANDOVER_S)})")
 
     def release_client(self, client_id: int, session: int, server_id: Optional[int],
                        written: Sequence[int] = (),
@@ -685,7 +688,7 @@ class SqlStorage(Storage):
                 changes.append(f"owner_server_id = NULL, last_seen_at = {self.now_sql}")
             holder = lease_session is not None and int(lease_session) == session
             if holder:
-                changes.append("delivery_session = NULL, delivery_server_id = NULL")
+                changes.append("delivery_session = NULL, delivery_server_id = NULL, lease_wanted_at = NULL")
             if changes:
                 tx.execute(f"UPDATE clients SET {', '.join(changes)} WHERE id = %s", (client_id,))
             if current != session:
@@ -879,8 +882,8 @@ class SqlStorage(Storage):
                          batch: int, after_id: int = 0) -> Acquired:
         def acquire(tx: Tx) -> Acquired:
             if not tx.execute(
-                    "UPDATE clients SET delivery_session = %s, delivery_server_id = %s "
-                    "WHERE id = %s AND session = %s "
+                    "UPDATE clients SET delivery_session = %s, delivery_server_id = %s, "
+                    "lease_wanted_at = NULL WHERE id = %s AND session = %s "
                     f"AND (delivery_session = %s OR {self._lease_free('clients')})",
                     (session, server_id, client_id, session, session)):
                 current = tx.scalar("SELECT session FROM clients WHERE id = %s", (client_id,))
@@ -948,8 +951,9 @@ class SqlStorage(Storage):
         def mark(tx: Tx) -> int:
             if release_session is not None:
                 # The client row's lock first, as everywhere (see release_client).
-                tx.execute("UPDATE clients SET delivery_session = NULL, delivery_server_id = NULL "
-                           "WHERE id = %s AND delivery_session = %s", (client_id, release_session))
+                tx.execute("UPDATE clients SET delivery_session = NULL, delivery_server_id = NULL, "
+                           "lease_wanted_at = NULL WHERE id = %s AND delivery_session = %s",
+                           (client_id, release_session))
             return self._mark(tx, client_id, message_ids, acknowledged) if message_ids else 0
 
         return self._write(mark)

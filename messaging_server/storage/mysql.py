@@ -126,6 +126,7 @@ class MysqlStorage(SqlStorage):
     added_columns = (("clients", "secret_hash", "BINARY(32) NULL AFTER owner_server_id"),
                      ("clients", "delivery_session", "BIGINT NULL AFTER owner_server_id"),
                      ("clients", "delivery_server_id", "BIGINT NULL AFTER delivery_session"),
+                     ("clients", "lease_wanted_at", "DATETIME(6) NULL AFTER delivery_server_id"),
                      ("messages", "acknowledged_at", "DATETIME(6) NULL AFTER delivered_at"))
 
     def __init__(self, host: str, port: int, user: str, password: str, database: str,

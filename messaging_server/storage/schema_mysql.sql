@@ -8,6 +8,7 @@ CREATE TABLE IF NOT EXISTS clients (
     owner_server_id BIGINT    NULL,                 -- servers.id holding its connection; NULL: offline
     delivery_session BIGINT   NULL,                 -- the session holding the delivery lease (see STORAGE.md)
     delivery_server_id BIGINT NULL,                 -- servers.id of that session; a dead server's lease is free
+    lease_wanted_at DATETIME(6) NULL,               -- when a newer session first found the lease held
     secret_hash   BINARY(32)  NULL,                 -- sha256 of its credential's secret; NULL: bare id
     created_at    DATETIME(6) NOT NULL,
     last_seen_at  DATETIME(6) NULL,

@@ -7,6 +7,7 @@ CREATE TABLE IF NOT EXISTS clients (
     owner_server_id INTEGER,                    -- servers.id holding its connection; NULL: offline
     delivery_session INTEGER,                   -- the session holding the delivery lease (see STORAGE.md)
     delivery_server_id INTEGER,                 -- servers.id of that session; a dead server's lease is free
+    lease_wanted_at TEXT,                       -- when a newer session first found the lease held
     secret_hash   BLOB,                         -- sha256 of its credential's secret; NULL: bare id
     created_at    TEXT    NOT NULL,
     last_seen_at  TEXT

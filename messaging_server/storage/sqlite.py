@@ -57,7 +57,8 @@ class SqliteStorage(SqlStorage):
     driver_errors = (sqlite3.Error,)
     lastrowid_is_first = False
     added_columns = (("clients", "secret_hash", "BLOB"), ("clients", "delivery_session", "INTEGER"),
-                     ("clients", "delivery_server_id", "INTEGER"), ("messages", "acknowledged_at", "TEXT"))
+                     ("clients", "delivery_server_id", "INTEGER"), ("clients", "lease_wanted_at", "TEXT"),
+                     ("messages", "acknowledged_at", "TEXT"))
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
         super().__init__()
