@@ -41,6 +41,8 @@ import hashlib
 import itertools
 import logging
 import os
+import random
+import time
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
@@ -67,6 +69,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PENDING, DELIVERED, IGNORED, EXPIRED = "pending", "delivered", "ignored", "expired"
+# A transaction that loses a conflict (a deadlock; on a Galera cluster, certification
+# against another node's transaction) is run again this many times in all, after a
+# pause drawn between 0 and CONFLICT_PAUSE_S * 2**attempt: the loser was rolled back
+# as a whole, so a second run doubles nothing.
+CONFLICT_ATTEMPTS = 5
+CONFLICT_PAUSE_S = 0.002
 # Ids per marking UPDATE (a statement's placeholders stay well under every limit).
 MARK_CHUNK = 500
 # The row of table ``secrets`` holding the key that signs wake-ups carrying messages.
@@ -542,12 +550,37 @@ class SqlStorage(Storage):
     # of many threads then share one transaction and one flush.
     _group: Optional[GroupCommit] = None
 
+    def _is_conflict(self, exc: BaseException) -> bool:
+        """Whether a driver error means the transaction lost a conflict and was rolled back
+        as a whole (so running it again is safe)."""
+        return False
+
+    def _retry_conflicts(self, attempt: Callable[[], T]) -> T:
+        """``attempt()``, run again when it loses a conflict (see CONFLICT_ATTEMPTS).
+
+        ``attempt`` must be one whole transaction: it began after the last one ended,
+        so a conflict rolled back everything it did."""
+        for n in range(CONFLICT_ATTEMPTS):
+            try:
+                return attempt()
+            except StorageUnavailable as exc:
+                if n == CONFLICT_ATTEMPTS - 1 or exc.__cause__ is None or \
+                        not self._is_conflict(exc.__cause__):
+                    raise
+                log.debug("%s: a transaction lost a conflict; running it again (%s)",
+                          self.location, exc)
+                time.sleep(random.uniform(0, CONFLICT_PAUSE_S * 2 ** n))
+        raise AssertionError("unreachable")
+
     def _write(self, operation: Callable[[Tx], T]) -> T:
         """Run ``operation`` in a durable transaction, shared with other threads' writes
-        where the backend groups commits; its result once committed."""
+        where the backend groups commits; its result once committed.  A transaction that
+        loses a conflict runs again (``operation`` must have no effect outside it)."""
         if self._group is None:
-            with self.transaction() as tx:
-                return operation(tx)
+            def attempt() -> T:
+                with self.transaction() as tx:
+                    return operation(tx)
+            return self._retry_conflicts(attempt)
         try:
             return self._group.run(operation)
         except self.driver_errors as exc:  # raised inside a shared transaction
@@ -559,7 +592,8 @@ class SqlStorage(Storage):
     def storage_error(self, exc: BaseException) -> StorageError:
         """The StorageUnavailable or StorageFault for a driver error, naming the database
         (and noted for /healthz: every driver error the storage raises passes here)."""
-        self.write_health.failed()
+        if not self._is_conflict(exc):  # a lost conflict says nothing of the database's health
+            self.write_health.failed()
         kind = StorageUnavailable if self._is_unavailable(exc) else StorageFault
         return kind(f"{self.location}: {self.describe_error(exc)}")
 
@@ -705,6 +739,11 @@ class SqlStorage(Storage):
     def enqueue(self, client_id: int, body: str, duplicate_window: float,
                 ttl: Optional[float] = None, max_pending: Optional[int] = None,
                 find_owner: bool = True) -> Queued:
+        return self._retry_conflicts(lambda: self._enqueue_once(
+            client_id, body, duplicate_window, ttl, max_pending, find_owner))
+
+    def _enqueue_once(self, client_id: int, body: str, duplicate_window: float,
+                      ttl: Optional[float], max_pending: Optional[int], find_owner: bool) -> Queued:
         # Three statements between BEGIN and COMMIT: each round trip to MariaDB costs
         # 0.1-0.25 ms, as much as the commit itself.
         digest = body_hash(body)
@@ -752,6 +791,12 @@ class SqlStorage(Storage):
                      find_owner: bool = True) -> List[Union[Queued, NikiError]]:
         if not items:
             return []
+        return self._retry_conflicts(lambda: self._enqueue_many_once(
+            items, duplicate_window, ttl, max_pending, find_owner))
+
+    def _enqueue_many_once(self, items: Sequence[BatchItem], duplicate_window: float,
+                           ttl: Optional[float], max_pending: Optional[int],
+                           find_owner: bool) -> List[Union[Queued, NikiError]]:
         client_ids = sorted({item[0] for item in items})
         digests = [body_hash(item[1]) for item in items]
         ids_in = ", ".join(["%s"] * len(client_ids))

@@ -87,6 +87,9 @@ ACCESS_DENIED = frozenset({1044, 1142})  # on the database; on a table
 
 # MySQL error code: "Duplicate column name".
 DUPLICATE_COLUMN = 1060
+# "Deadlock found when trying to get lock; try restarting transaction": the transaction
+# lost a conflict (on a Galera cluster, certification too) and was rolled back whole.
+DEADLOCK = 1213
 # "Table doesn't exist": the database has no schema yet (the server's start creates it).
 NO_SUCH_TABLE = 1146
 # Client-side errors (CR_*: cannot connect, server gone away, lost connection) are
@@ -258,14 +261,22 @@ class MysqlStorage(SqlStorage):
         params = (client_id, body, body_hash(body), int(duplicate_window * 1_000_000),
                   None if ttl is None else int(ttl * 1_000_000), max_pending,
                   int(HEARTBEAT_STALE_S * 1_000_000))
-        try:
-            with self._borrow() as link:
-                row = link.call(f"CALL {ENQUEUE_PROCEDURE}(%s, %s, %s, %s, %s, %s, %s)", params)
-        except pymysql.err.MySQLError as exc:
-            if exc.args[:1] and exc.args[0] in PROCEDURE_UNUSABLE:
-                self._procedure_missing(exc)
-                return super().enqueue(client_id, body, duplicate_window, ttl, max_pending, find_owner)
-            raise self.storage_error(exc) from exc
+
+        def call() -> Any:
+            # A conflict reaches us through the procedure's handler, which rolled the
+            # whole call back first (ROLLBACK; RESIGNAL): running it again is safe.
+            try:
+                with self._borrow() as link:
+                    return link.call(f"CALL {ENQUEUE_PROCEDURE}(%s, %s, %s, %s, %s, %s, %s)", params)
+            except pymysql.err.MySQLError as exc:
+                if exc.args[:1] and exc.args[0] in PROCEDURE_UNUSABLE:
+                    self._procedure_missing(exc)
+                    return None
+                raise self.storage_error(exc) from exc
+
+        row = self._retry_conflicts(call)
+        if row is None:
+            return super().enqueue(client_id, body, duplicate_window, ttl, max_pending, find_owner)
         if self._procedure is not True:
             self._set_procedure(True)
         result, owner_id, host, port, session, previous = row
@@ -339,6 +350,9 @@ class MysqlStorage(SqlStorage):
         except pymysql.err.OperationalError as exc:
             if exc.args[0] != DUPLICATE_COLUMN:
                 raise
+
+    def _is_conflict(self, exc: BaseException) -> bool:
+        return bool(exc.args) and exc.args[0] == DEADLOCK
 
     def _is_unavailable(self, exc: BaseException) -> bool:
         if isinstance(exc, pymysql.err.InterfaceError):  # the connection is closed
