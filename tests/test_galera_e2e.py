@@ -1,0 +1,123 @@
+"""Niki on a 3-node MariaDB Galera cluster (tests/galera_cluster.py).
+
+The server runs on node 1 while two producers queue for the same client through
+nodes 2 and 3 at once: their transactions touch the same client row on different
+nodes, so some lose Galera's certification (error 1213) and must run again
+(Storage._retry_conflicts).  The client must still get every message exactly once,
+each producer's in its order, and no producer may see an exception.
+
+Skipped when mariadbd, galera-4 or rsync is missing; with CI=true that fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+
+from messaging_server import Enqueuer
+from messaging_server.client import Client
+from tests.galera_cluster import GaleraCluster, galera_missing
+from tests.helpers import ServerProcess, assert_no_traceback, query, run_threads, wait_until
+from tests.private_mariadb import template_datadir
+
+pytestmark = [pytest.mark.galera, pytest.mark.usefixtures("no_niki_environment")]
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+DATABASE = "niki_galera"
+PER_PRODUCER = 50
+# After the producers finish (they take well under a second here): a stranded message
+# stays pending for the whole connection (see below), so waiting longer shows nothing new.
+RECEIVE_TIMEOUT = 10.0
+
+
+@pytest.fixture(scope="module")
+def galera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GaleraCluster]:
+    """One cluster for the module: starting it (a bootstrap and two state transfers)
+    takes about 10 s."""
+    reason = galera_missing()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"cannot start a Galera cluster: {reason}")
+        pytest.skip(f"cannot start a Galera cluster: {reason}")
+    root = tmp_path_factory.getbasetemp()
+    template: Path = template_datadir(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root)
+    started = time.monotonic()
+    with GaleraCluster(template) as cluster:
+        print(f"\nGalera cluster of {cluster.size} up in {time.monotonic() - started:.1f} s")
+        yield cluster
+
+
+def missing(url: str, bodies: List[str], got: List[str]) -> str:
+    """The stored rows (id, status) of the messages that did not arrive, for a failure."""
+    lost = [body for body in bodies if body not in got]
+    rows = query(url, "SELECT id, body, status FROM messages ORDER BY id")
+    return "\n".join(f"  {row}" for row in rows if row[1] in lost)
+
+
+# Known failure, found by this test: a connection's delivery passes read only messages
+# with an id above the last one sent (delivery.py, after_id=conn.last_sent_id).  On
+# Galera the ids come from different nodes (auto_increment_offset per node) and reach
+# node 1 in certification order, not id order: one with a lower id that becomes visible
+# after a higher one was sent is skipped for the rest of the connection (it stays
+# pending), and arrives out of order if at all.  Not strict: a run with no overlap passes.
+@pytest.mark.xfail(reason="on Galera, ids are not in commit order and the delivery cursor "
+                          "skips late-visible lower ids (delivery.py after_id)", strict=False)
+def test_concurrent_producers_on_two_nodes_deliver_everything_once_in_order(galera: GaleraCluster) -> None:
+    node1, node2, node3 = (galera.node(i) for i in (1, 2, 3))
+    con = node1.connect()
+    try:
+        con.cursor().execute(f"CREATE DATABASE `{DATABASE}`")
+    finally:
+        con.close()
+    wait_until(lambda: query(node3.url, "SHOW DATABASES LIKE %s", (DATABASE,)), timeout=10,
+               message="the database to replicate to node 3")
+    urls = [node.url + DATABASE for node in (node1, node2, node3)]
+
+    with ServerProcess(urls[0], "--advertise-host", "127.0.0.1") as server, \
+            Client("127.0.0.1", server.port, ack=True) as client:
+        client_id = client.client_id
+        assert client_id is not None
+        # Each producer's bodies sort in its order; the prefix says which node queued it.
+        sent: Dict[str, List[str]] = {name: [f"{name} #{n:03d}" for n in range(PER_PRODUCER)]
+                                      for name in ("node2", "node3")}
+
+        def producer(url: str, bodies: List[str]) -> None:
+            with Enqueuer(url) as enq:
+                for body in bodies:
+                    assert enq.enqueue(client_id, body), f"{body} taken for a duplicate"
+
+        started = time.monotonic()
+        run_threads([lambda: producer(urls[1], sent["node2"]),
+                     lambda: producer(urls[2], sent["node3"])], timeout=60)
+        queued_in = time.monotonic() - started
+        received: List[str] = []
+        deadline = time.monotonic() + RECEIVE_TIMEOUT
+        while len(received) < 2 * PER_PRODUCER and time.monotonic() < deadline:
+            try:
+                body = client.receive(timeout=max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            assert body is not None, f"the server closed after {len(received)} messages"
+            received.append(body)
+        received_in = time.monotonic() - started
+        # Nothing more may come: a duplicate would arrive right behind the last one.
+        with pytest.raises(TimeoutError):
+            extra = client.receive(timeout=0.5)
+            pytest.fail(f"an extra message arrived: {extra!r}")
+
+    statuses = [node.status() for node in (node1, node2, node3)]
+    conflicts = sum(int(st.get("wsrep_local_cert_failures", 0)) + int(st.get("wsrep_local_bf_aborts", 0))
+                    for st in statuses)
+    print(f"\n{2 * PER_PRODUCER} messages queued through nodes 2 and 3 in {queued_in:.1f} s; "
+          f"{len(received)} received after {received_in:.1f} s; "
+          f"certification failures and brute-force aborts: {conflicts}")
+    assert_no_traceback([server])
+    assert len(received) == len(set(received)), "a message arrived twice"
+    for name, bodies in sent.items():
+        got = [body for body in received if body.startswith(name + " ")]
+        assert got == bodies, f"{name}: lost or out of order; on node 1:\n{missing(urls[0], bodies, got)}"
+    assert len(received) == 2 * PER_PRODUCER
