@@ -35,8 +35,10 @@ RECEIVE_TIMEOUT = 10.0
 
 @pytest.fixture(scope="module")
 def galera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GaleraCluster]:
-    """One cluster for the module: starting it (a bootstrap and two state transfers)
-    takes about 10 s."""
+    """One cluster for the module's tests in this process: starting it (a bootstrap and
+    two state transfers) takes about 10 s.  Under xdist the two tests may land on both
+    workers, each starting a cluster of its own, in parallel (--dist loadgroup with
+    xdist_group did not keep them together with pytest 9.2 / xdist 3.8)."""
     reason = galera_missing()
     if reason:
         if IN_CI:
