@@ -10,13 +10,16 @@ the data by rsync state transfer (SST).
 As root, the nodes run as the ``mysql`` user: the rsync SST script refuses to work as
 root on a root-owned data directory, so the directories are chowned to it.
 
-For a human: ``python -m tests.galera_cluster`` starts a cluster, prints the three
-URLs and keeps it running until Ctrl-C (or SIGTERM), then removes everything.
+For a human: ``python -m tests.galera_cluster`` (from the repository's root) starts a
+cluster, prints the three URLs and keeps it running until Ctrl-C (or SIGTERM to its
+PID), then removes the cluster's directory; the initialised data directory it copies is
+kept in /tmp/niki-galera-cache for the next start.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -24,11 +27,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pymysql
 
-from tests.private_mariadb import MARIADBD, SIZE_OPTIONS, free_port, missing_tools, template_datadir
+from tests.private_mariadb import INSTALL_DB, MARIADBD, SIZE_OPTIONS, free_port, template_datadir
 
 # Debian's galera-4 puts the provider in /usr/lib/galera (and links it from /usr/lib).
 PROVIDER_CANDIDATES = ("/usr/lib/galera/libgalera_smm.so", "/usr/lib/libgalera_smm.so",
@@ -47,14 +50,11 @@ RUN_AS = "mysql"
 
 def galera_missing() -> Optional[str]:
     """Why a Galera cluster cannot be started here, or None when it can."""
-    reason = missing_tools()
-    missing = [name for name, path in (("galera-4 (libgalera_smm.so)", PROVIDER), ("rsync", RSYNC),
+    missing = [name for name, path in (("mariadbd", MARIADBD), ("mariadb-install-db", INSTALL_DB),
+                                       ("galera-4 (libgalera_smm.so)", PROVIDER), ("rsync", RSYNC),
                                        ("wsrep_sst_rsync", SST_SCRIPT)) if path is None]
-    if reason:
-        missing.insert(0, reason)
     if os.geteuid() == 0:
         try:
-            import pwd
             pwd.getpwnam(RUN_AS)
         except KeyError:
             missing.append(f"the {RUN_AS!r} user")
@@ -63,14 +63,14 @@ def galera_missing() -> Optional[str]:
 
 
 def _chown_tree(path: Path, user: str) -> None:
-    shutil.chown(path, user, user)
+    uid, gid = _ids(user)
+    os.chown(path, uid, gid)
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
-            os.lchown(os.path.join(root, name), *_ids(user))
+            os.lchown(os.path.join(root, name), uid, gid)
 
 
-def _ids(user: str) -> tuple:
-    import pwd
+def _ids(user: str) -> Tuple[int, int]:
     entry = pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
 
