@@ -7,6 +7,11 @@ writer node, as docs/SCALING.md recommends) the other nodes only replicate; with
 producers on nodes 2 and 3 the writes meet only through Galera replication.
 
 Skipped when mariadbd, galera-4 or rsync is missing; with CI=true that fails instead.
+
+Opt-in for now (NIKI_TEST_GALERA=1): Galera support is work in progress (the producers
+on other nodes leave messages stranded, the expected failure below), and the module
+starts a cluster of three servers per xdist worker; it joins the default run once that
+is fixed.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from tests.galera_cluster import GaleraCluster, galera_missing
 from tests.helpers import ServerProcess, assert_no_traceback, query, run_threads, wait_until
 from tests.private_mariadb import template_datadir
 
-pytestmark = [pytest.mark.galera, pytest.mark.usefixtures("no_niki_environment")]
+pytestmark = [
+    pytest.mark.galera,
+    pytest.mark.usefixtures("no_niki_environment"),
+    pytest.mark.skipif(os.environ.get("NIKI_TEST_GALERA") != "1",
+                       reason="Galera tests are opt-in while the work is in progress: "
+                              "set NIKI_TEST_GALERA=1"),
+]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PER_PRODUCER = 50
