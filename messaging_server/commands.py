@@ -35,10 +35,15 @@ def handle_events(conn: ClientConnection, events: Iterable[ServerEvent]) -> None
     """Act on what a client said after its handshake: post replies to its handler thread.
 
     Never writes to the socket, so a client that does not read cannot block
-    the command listener.
+    the command listener.  Once the connection is closed (by the client, a line
+    too long, a takeover) nothing can be answered any more, but an ACK the client
+    sent before still confirms its message: the handler takes the ACKs posted
+    until the listener lets go of the connection.
     """
     protocol = conn.protocol
     for event in events:
+        if conn.closed and not isinstance(event, Ack):
+            continue
         if isinstance(event, Ack):
             metrics.COMMAND_ACK.inc()
             conn.post_ack(event.message_id)
@@ -62,8 +67,6 @@ def handle_events(conn: ClientConnection, events: Iterable[ServerEvent]) -> None
                       close_reason=f"line longer than {event.limit} bytes")
         elif isinstance(event, ConnectionClosed):
             conn.close("client closed the connection")
-        if conn.closed:
-            return
 
 
 class CommandListener(threading.Thread):
@@ -132,18 +135,7 @@ class CommandListener(threading.Thread):
         data = conn.receive()
         if data is None:  # nothing yet (a partial TLS record)
             return
-        events = conn.protocol.receive_data(data)
-        if conn.closed:
-            # Closed meanwhile (a takeover, say): an ACK the client sent before still
-            # confirms its message (the handler takes ACKs posted until this thread lets
-            # go); nothing else can be answered any more.
-            for event in events:
-                if isinstance(event, Ack):
-                    metrics.COMMAND_ACK.inc()
-                    conn.post_ack(event.message_id)
-            self._release(conn)
-            return
-        handle_events(conn, events)
+        handle_events(conn, conn.protocol.receive_data(data))
         if conn.closed:
             self._release(conn)
 
