@@ -67,8 +67,6 @@ class MarkWriter(threading.Thread):
         self._waiting: Dict[Hashable, Marks] = {}
         self._committing: Dict[Hashable, Marks] = {}
         self._stopping = False
-        self.commits = 0  # transactions committed, for tests and metrics
-        self.failures = 0
 
     def add(self, owner: Hashable, client_id: int, written: Sequence[int] = (),
             acknowledged: Sequence[int] = ()) -> None:
@@ -87,12 +85,6 @@ class MarkWriter(threading.Thread):
             while owner in self._committing:
                 self._cond.wait()
             return self._waiting.pop(owner, Marks())
-
-    def waiting(self) -> int:
-        """Marks not committed yet (messages), for metrics."""
-        with self._cond:
-            return sum(len(m.written) + len(m.acknowledged)
-                       for group in (self._waiting, self._committing) for m in group.values())
 
     def stop(self) -> None:
         """Commit what is waiting (one last try) and end the thread."""
@@ -131,7 +123,6 @@ class MarkWriter(threading.Thread):
         try:
             self._storage.mark_groups(written, acknowledged)
         except StorageError as exc:
-            self.failures += 1
             metrics.DELIVERIES_POSTPONED.inc()
             groups = list(group.values())
             for marks in groups[:LOGGED_CLIENTS]:
@@ -143,10 +134,8 @@ class MarkWriter(threading.Thread):
                             len(groups) - LOGGED_CLIENTS)
             return False
         except Exception:  # a bug: keep the marks (the connections' ends record them)
-            self.failures += 1
             log.exception("marking delivered messages failed")
             return False
-        self.commits += 1
         metrics.count_marked(len(written), False)
         metrics.count_marked(len(acknowledged), True)
         return True

@@ -162,15 +162,14 @@ class WakeupSender:
 
     def broadcast(self, client_ids: Iterable[int]) -> int:
         """Wake every peer; return the number of datagrams sent."""
-        datagrams = encode(client_ids)
-        return sum(self._send(d, host, port) for host, port in self.peers for d in datagrams)
+        return self.broadcast_datagrams(encode(client_ids))
 
     def send(self, address: Address, client_ids: Iterable[int]) -> int:
         """Wake one server; return the number of datagrams sent."""
-        return sum(self._send(d, address[0], address[1]) for d in encode(client_ids))
+        return self.send_datagrams(address, encode(client_ids))
 
     def send_datagrams(self, address: Address, datagrams: Iterable[bytes]) -> int:
-        """Send datagrams already encoded (carried messages) to one server."""
+        """Send datagrams already encoded (the ids, or a carried message) to one server."""
         return sum(self._send(d, address[0], address[1]) for d in datagrams)
 
     def broadcast_datagrams(self, datagrams: Sequence[bytes]) -> int:
