@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import uuid
 
 from mysql_counts import CountingProxy, MysqlServer, count_delta
 
@@ -37,9 +36,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1000, help="enqueues per measurement (default 1000)")
     args = parser.parse_args()
     mysql = MysqlServer.from_url(args.server)
-    database = f"niki_cost_{uuid.uuid4().hex[:8]}"
-    mysql.create_database(database)
-    try:
+    with mysql.scratch_database("niki_cost") as database:
         with open_storage(mysql.url(database)) as storage:
             storage.create_schema()
             client = storage.new_client().client_id
@@ -69,8 +66,6 @@ def main() -> None:
         print(f"one enqueue: p50 {statistics.median(times) * 1000:.3f} ms, "
               f"p99 {times[int(len(times) * 0.99)] * 1000:.3f} ms; "
               f"rate {args.n / took:.0f}/s on one thread ({args.n} enqueues)")
-    finally:
-        mysql.drop_database(database)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import pstats
 import socket
 import statistics
 import time
-import uuid
 from typing import Callable, List
 
 import pymysql
@@ -67,10 +66,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1000, help="calls to time (default 1000)")
     args = parser.parse_args()
     mysql = MysqlServer.from_url(args.mysql_url)
-    name = f"niki_profile_{uuid.uuid4().hex[:8]}"
-    mysql.create_database(name)
-    url = mysql.url(name)
-    try:
+    with mysql.scratch_database("niki_profile") as name:
+        url = mysql.url(name)
         with open_storage(url, create=True) as storage, \
                 socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wakeups:
             storage.create_schema()
@@ -89,9 +86,6 @@ def main() -> None:
                   f"p50 {p50_ms(samples):.3f} ms")
             pstats.Stats(profile).sort_stats("tottime").print_stats(12)
             bare(mysql, name, client, args.n)
-    finally:
-        with mysql.connect() as conn, conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def bare(mysql: MysqlServer, database: str, client: int, calls: int) -> None:

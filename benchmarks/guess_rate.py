@@ -26,11 +26,11 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from typing import Tuple
 
 import pymysql
+from mysql_counts import bench_database
 
 LISTENING = re.compile(r"port (\d+) \(clients, TCP\)")
 WRONG_SECRET = "A" * 24
@@ -142,18 +142,8 @@ def main() -> int:
     parser.add_argument("--source", default="127.0.0.2", help="address the guesses come from")
     parser.add_argument("--none", action="store_true", help="say NONE instead of guessing")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        mysql_name = f"niki_bench_{uuid.uuid4().hex[:8]}"
-        db = (f"sqlite:///{tmp}/bench.sqlite3" if args.db == "sqlite"
-              else f"mysql://root@127.0.0.1:3306/{mysql_name}")
-        try:
-            run(db, os.path.join(tmp, "server.log"), args.seconds, args.threads, args.source,
-                args.none)
-        finally:
-            if args.db == "mysql":
-                con = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
-                con.cursor().execute(f"DROP DATABASE IF EXISTS `{mysql_name}`")
-                con.close()
+    with tempfile.TemporaryDirectory() as tmp, bench_database(args.db, tmp) as db:
+        run(db, os.path.join(tmp, "server.log"), args.seconds, args.threads, args.source, args.none)
     return 0
 
 

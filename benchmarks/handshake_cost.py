@@ -24,10 +24,9 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from typing import Callable, List, Optional, Tuple
 
-import pymysql
+from mysql_counts import bench_database
 
 LISTENING = re.compile(r"port (\d+) \(clients, TCP\)")
 
@@ -93,10 +92,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--tls", action="store_true", help="also measure over TLS")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        mysql_name = f"niki_bench_{uuid.uuid4().hex[:8]}"
-        db = (f"sqlite:///{tmp}/bench.sqlite3" if args.db == "sqlite"
-              else f"mysql://root@127.0.0.1:3306/{mysql_name}")
+    with tempfile.TemporaryDirectory() as tmp, bench_database(args.db, tmp) as db:
         variants: List[Tuple[str, List[str], Optional[ssl.SSLContext]]] = [("plain", [], None)]
         if args.tls:
             cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
@@ -106,14 +102,8 @@ def main() -> int:
             variants.append(("TLS", ["--tls-cert", cert, "--tls-key", key],
                              ssl.create_default_context(cafile=cert)))
         print(f"database {args.db}, {args.count} sequential handshakes each")
-        try:
-            for name, extra, context in variants:
-                run_variant(db, name, extra, context, args.count)
-        finally:
-            if args.db == "mysql":
-                con = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
-                con.cursor().execute(f"DROP DATABASE IF EXISTS `{mysql_name}`")
-                con.close()
+        for name, extra, context in variants:
+            run_variant(db, name, extra, context, args.count)
     return 0
 
 

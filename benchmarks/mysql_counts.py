@@ -18,13 +18,26 @@ import contextlib
 import socket
 import threading
 import urllib.parse
+import uuid
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pymysql
 
 STATUS_NAMES = ("Questions", "Com_select", "Com_insert", "Com_update", "Com_delete",
                 "Com_begin", "Com_commit", "Com_rollback", "Com_set_option", "Com_admin_commands")
+
+
+@contextlib.contextmanager
+def bench_database(kind: str, directory: str) -> Iterator[str]:
+    """The URL of a fresh database of ``kind`` ("sqlite": a file in ``directory``;
+    "mysql": a scratch database on the local MariaDB, dropped on exit)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{directory}/bench.sqlite3"
+        return
+    server = MysqlServer()
+    with server.scratch_database("niki_bench") as name:
+        yield server.url(name)
 
 
 @dataclass
@@ -57,6 +70,16 @@ class MysqlServer:
         """A fresh database: CREATE without IF NOT EXISTS, so an old one is never reused."""
         with self.connect() as conn, conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+
+    @contextlib.contextmanager
+    def scratch_database(self, prefix: str) -> Iterator[str]:
+        """A fresh database named ``prefix_<random>``, dropped on exit."""
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        self.create_database(name)
+        try:
+            yield name
+        finally:
+            self.drop_database(name)
 
     def drop_database(self, name: str) -> None:
         with self.connect() as conn, conn.cursor() as cur:
