@@ -248,7 +248,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
             if listened:
                 conn.close("connection ended")
                 conn.released.wait()  # until the command listener has let go of the socket
-                self._take_last_acks(conn)  # posted after the work loop's last look
+                self._take_last_acks(conn)  # those posted after the work loop's last look
 
     def _work_loop(self, conn: ClientConnection) -> None:
         """Do what the other threads posted, until the connection ends.
@@ -275,7 +275,6 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 need_pass = not write_carried(conn, work.carried, marks) or need_pass
             if need_pass and not conn.closed:
                 deliver(storage, conn, batch, self.server.server_id, marks)
-        self._take_last_acks(conn)
 
     def _take_last_acks(self, conn: ClientConnection) -> None:
         """ACKs the client sent just before it went (``ACK n`` then DISCONNECT or EOF, or
