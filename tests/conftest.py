@@ -26,6 +26,7 @@ import pytest
 from messaging_server.errors import NikiError
 from messaging_server.storage import Storage, open_storage
 from messaging_server.wakeup import WakeupListener, Wakeups
+from tests import helpers
 from tests.helpers import ServerProcess
 from tests.private_mariadb import PrivateMariaDB, missing_tools, template_datadir
 
@@ -224,3 +225,23 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if problem:
         terminalreporter.section("the machine's MariaDB", sep="=", red=True, bold=True)
         terminalreporter.line(problem, red=True)
+
+
+# The last lines of each server's log that a failing test shows.
+LOG_LINES_ON_FAILURE = 60
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    helpers.STARTED.clear()  # each test reports only the servers it started
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test's report carries the end of the log of every server it started."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for index, proc in enumerate(helpers.STARTED):
+            tail = proc.log.splitlines()[-LOG_LINES_ON_FAILURE:]
+            report.sections.append((f"server {index} log (last {len(tail)} lines)", "\n".join(tail)))

@@ -49,6 +49,11 @@ def wait_until(predicate: Callable[[], object], timeout: float = DEFAULT_TIMEOUT
         time.sleep(0.01)
 
 
+# The servers started during the current test, newest last: their logs go into the
+# report of a test that fails (conftest.py), since CI keeps nothing else of them.
+STARTED: List["ServerProcess"] = []
+
+
 class ServerProcess:
     """``python -m messaging_server`` on free ports, its log collected in the background.
 
@@ -80,6 +85,7 @@ class ServerProcess:
             cmd += ["--event-port", str(self.requested_event_port)]
         cmd += self.args
         env = dict(os.environ, NIKI_DB=self.db_url, PYTHONUNBUFFERED="1", **self.extra_env)
+        STARTED.append(self)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      env=env, text=True, encoding="utf-8", errors="replace")
         threading.Thread(target=self._collect, daemon=True).start()
