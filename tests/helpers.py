@@ -51,7 +51,7 @@ def wait_until(predicate: Callable[[], object], timeout: float = DEFAULT_TIMEOUT
 
 # The servers started during the current test, newest last: their logs go into the
 # report of a test that fails (conftest.py), since CI keeps nothing else of them.
-STARTED: List["ServerProcess"] = []
+STARTED: List[ServerProcess] = []
 
 
 class ServerProcess:

@@ -138,15 +138,6 @@ def test_one_writer_node_delivers_everything_once_in_order(galera: GaleraCluster
     deliver_from_two_producers(galera, urls[0], {"first": urls[0], "second": urls[0]})
 
 
-# Known failure, found by this test: a connection's delivery passes read only messages
-# with an id above the last one sent (delivery.py, after_id=conn.last_sent_id).  On
-# Galera the ids come from different nodes (auto_increment_offset per node) and reach
-# node 1 in certification order, not id order: one with a lower id that becomes visible
-# after a higher one was sent is skipped for the rest of the connection (it stays
-# pending, while sweeps come and go); a reconnect delivers it, after later ones of the
-# same producer (out of order).  Not strict: a run with no overlap passes.
-@pytest.mark.xfail(reason="on Galera, ids are not in commit order and the delivery cursor "
-                          "skips late-visible lower ids (delivery.py after_id)", strict=False)
 def test_producers_on_two_other_nodes_deliver_everything_once_in_order(galera: GaleraCluster) -> None:
     urls = create_database(galera, "niki_three_writers")
     deliver_from_two_producers(galera, urls[0], {"node2": urls[1], "node3": urls[2]})

@@ -70,11 +70,14 @@ T = TypeVar("T")
 
 PENDING, DELIVERED, IGNORED, EXPIRED = "pending", "delivered", "ignored", "expired"
 # A transaction that loses a conflict (a deadlock; on a Galera cluster, certification
-# against another node's transaction) is run again this many times in all, after a
-# pause drawn between 0 and CONFLICT_PAUSE_S * 2**attempt: the loser was rolled back
-# as a whole, so a second run doubles nothing.
-CONFLICT_ATTEMPTS = 5
+# against another node's transaction) is run again, up to this many times in all, after
+# a pause drawn between 0 and CONFLICT_PAUSE_S * 2**attempt (at most CONFLICT_PAUSE_MAX_S):
+# the loser was rolled back as a whole, so a second run doubles nothing.  Ten attempts
+# wait at most about 0.5 s in all: a client's burst from several Galera nodes at once
+# meets that many conflicts in a row only under contention no pause would resolve.
+CONFLICT_ATTEMPTS = 10
 CONFLICT_PAUSE_S = 0.002
+CONFLICT_PAUSE_MAX_S = 0.1
 # Ids per marking UPDATE (a statement's placeholders stay well under every limit).
 MARK_CHUNK = 500
 # The row of table ``secrets`` holding the key that signs wake-ups carrying messages.
@@ -569,7 +572,7 @@ class SqlStorage(Storage):
                     raise
                 log.debug("%s: a transaction lost a conflict; running it again (%s)",
                           self.location, exc)
-                time.sleep(random.uniform(0, CONFLICT_PAUSE_S * 2 ** n))
+                time.sleep(random.uniform(0, min(CONFLICT_PAUSE_MAX_S, CONFLICT_PAUSE_S * 2 ** n)))
         raise AssertionError("unreachable")
 
     def _write(self, operation: Callable[[Tx], T]) -> T:
@@ -748,26 +751,27 @@ class SqlStorage(Storage):
         # 0.1-0.25 ms, as much as the commit itself.
         digest = body_hash(body)
         with self.transaction() as tx:
-            # The client row, locked, and its owner's wake-up address if the owner
-            # is alive (subqueries in the select list lock nothing).
-            owner_sql = f", {self._live_owner_columns}" if find_owner else ""
-            rows = tx.fetchall(f"SELECT c.session, {self._newest_pending_sql}, c.owner_server_id{owner_sql} "
-                               f"FROM clients c WHERE c.id = %s {self.lock_rows_sql}", (client_id,))
-            if not rows:
+            # The client row, locked by writing it (see _count_queued; a QueueFull below
+            # rolls the write back).  No row: no client.
+            if not self._count_queued(tx, [client_id]):
                 raise UnknownClient(f"no client with id {client_id}")
-            # Both checks in one statement, under that lock.  Only messages that
-            # will be (or were) delivered make a later one a duplicate: not ignored
-            # ones, nor ones that expired unsent.
-            checks = [f"SELECT id FROM messages WHERE client_id = %s AND body_hash = %s "
-                      f"AND {self._accepted} "
-                      f"AND created_at > {self.micros_ago_sql} LIMIT 1"]
-            params: List[Any] = [client_id, digest, int(duplicate_window * 1_000_000)]
+            # Under that lock, in one statement: the session, the newest pending message,
+            # the owner's wake-up address if the owner is alive, the duplicate rule (only
+            # messages that will be or were delivered make a later one a duplicate: not
+            # ignored ones, nor ones that expired unsent) and the queue cap's first count.
+            columns = [f"c.session, {self._newest_pending_sql}, c.owner_server_id",
+                       f"(SELECT id FROM messages WHERE client_id = c.id AND body_hash = %s "
+                       f"AND {self._accepted} AND created_at > {self.micros_ago_sql} LIMIT 1)"]
+            params: List[Any] = [digest, int(duplicate_window * 1_000_000)]
             if max_pending is not None:
-                checks.append(self._capped_count_sql(""))
+                columns.append(f"({self._capped_count_sql('')})")
                 params += [client_id, max_pending]
-            found = tx.fetchall("SELECT " + ", ".join(f"({check})" for check in checks), params)[0]
-            recent = found[0]
-            if max_pending is not None and int(found[1]) >= max_pending and \
+            if find_owner:
+                columns.append(self._live_owner_columns)
+            row = tx.fetchall(f"SELECT {', '.join(columns)} FROM clients c WHERE c.id = %s",
+                              [*params, client_id])[0]
+            recent = row[3]
+            if max_pending is not None and int(row[4]) >= max_pending and \
                     self._capped_count(tx, client_id, max_pending, f" AND {self._unexpired}") >= max_pending:
                 raise QueueFull(f"client {client_id} already has {max_pending} pending messages")
             status = IGNORED if recent is not None else PENDING
@@ -782,9 +786,9 @@ class SqlStorage(Storage):
             )
             if recent is not None:
                 return Queued(None)
-            session, previous = int(rows[0][0]), int(rows[0][1] or 0)
-            return Queued(tx.lastrowid, self._live_owner(*rows[0][2:]) if find_owner else None,
-                          session, previous)
+            session, previous = int(row[0]), int(row[1] or 0)
+            owner = self._live_owner(row[2], *row[-2:]) if find_owner else None
+            return Queued(tx.lastrowid, owner, session, previous)
 
     def enqueue_many(self, items: Sequence[BatchItem], duplicate_window: float,
                      ttl: Optional[float] = None, max_pending: Optional[int] = None,
@@ -843,6 +847,8 @@ class SqlStorage(Storage):
                     recent.add(key)  # a later item with the same body duplicates this one
                     results.append(len(rows))
                     rows.append((client_id, body, digest, PENDING, item_ttl))
+            if rows:
+                self._count_queued(tx, sorted({row[0] for row in rows}))
             ids = self._insert_messages(tx, rows) if rows else []
         done: List[Union[Queued, NikiError]] = []
         for r in results:
@@ -854,6 +860,23 @@ class SqlStorage(Storage):
             else:
                 done.append(r)
         return done
+
+    @staticmethod
+    def _count_queued(tx: Tx, client_ids: Sequence[int]) -> int:
+        """Write the rows of the clients a message is stored for (their ``queued_count``),
+        which locks them; return how many there are.
+
+        The row lock already orders one client's enqueues on one database.  On a
+        Galera cluster it is the local node's only: two nodes' enqueues for one
+        client would both commit, and their ids (handed out per node) could become
+        visible out of order, so a delivery reading after the last id it sent would
+        skip one.  A written row is part of what Galera certifies: one of the two
+        fails at commit (error 1213), is retried whole (_retry_conflicts) after the
+        other's commit has reached its node, and gets a higher id.
+        """
+        marks = ", ".join(["%s"] * len(client_ids))
+        return tx.execute(f"UPDATE clients SET queued_count = queued_count + 1 WHERE id IN ({marks})",
+                          list(client_ids))
 
     # The queue cap counts pending messages that have not expired.  Expiry is not
     # in the pending index, so checking it reads each row: a first count that

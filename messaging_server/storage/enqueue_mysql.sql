@@ -17,7 +17,7 @@
 --   session: the client's session; previous: its newest pending message before this one
 --   (0: none); both read under the client row's lock, both 0 unless result > 0.
 -- It is sent after the COMMIT: a caller that reads it knows the message is committed.
-CREATE PROCEDURE niki_enqueue_v2(
+CREATE PROCEDURE niki_enqueue_v3(
     IN p_client BIGINT,
     IN p_body TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
     IN p_hash BINARY(32),
@@ -73,6 +73,11 @@ BEGIN
                 LEAVE checks;
             END IF;
         END IF;
+        -- Every stored message writes the client row: on a Galera cluster, two nodes'
+        -- enqueues for one client then conflict at commit and one runs again, after the
+        -- other, with a higher id; so one client's ids follow the order of the commits on
+        -- every node (a lock taken by FOR UPDATE alone is the local node's only).
+        UPDATE clients SET queued_count = queued_count + 1 WHERE id = p_client;
         -- A duplicate is stored too, as 'ignored', for the record.
         INSERT INTO messages (client_id, body, body_hash, status, created_at, expires_at)
             VALUES (p_client, p_body, p_hash, IF(v_recent IS NULL, 'pending', 'ignored'), NOW(6),

@@ -72,7 +72,7 @@ CONNECTION_LOST = frozenset({CR_SERVER_GONE, CR_SERVER_LOST, 2055, 1927, 4031})
 # enqueue procedure, which commits; DDL) may have committed.
 NON_COMMITTING_VERBS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE"})
 # The enqueue procedure (enqueue_mysql.sql): its name carries its version.
-ENQUEUE_PROCEDURE = "niki_enqueue_v2"
+ENQUEUE_PROCEDURE = "niki_enqueue_v3"
 # "PROCEDURE … already exists": another server created it a moment ago.
 PROCEDURE_EXISTS = 1304
 # CALL of a procedure that does not exist; EXECUTE privilege missing.  Both are refused
@@ -130,6 +130,7 @@ class MysqlStorage(SqlStorage):
                      ("clients", "delivery_session", "BIGINT NULL AFTER owner_server_id"),
                      ("clients", "delivery_server_id", "BIGINT NULL AFTER delivery_session"),
                      ("clients", "lease_wanted_at", "DATETIME(6) NULL AFTER delivery_server_id"),
+                     ("clients", "queued_count", "BIGINT NOT NULL DEFAULT 0 AFTER lease_wanted_at"),
                      ("messages", "acknowledged_at", "DATETIME(6) NULL AFTER delivered_at"))
 
     def __init__(self, host: str, port: int, user: str, password: str, database: str,

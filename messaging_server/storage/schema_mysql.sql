@@ -9,6 +9,9 @@ CREATE TABLE IF NOT EXISTS clients (
     delivery_session BIGINT   NULL,                 -- the session holding the delivery lease (see STORAGE.md)
     delivery_server_id BIGINT NULL,                 -- servers.id of that session; a dead server's lease is free
     lease_wanted_at DATETIME(6) NULL,               -- when a newer session first found the lease held
+    queued_count  BIGINT      NOT NULL DEFAULT 0,   -- messages stored for it; every enqueue writes the
+                                                    -- row, so that one client's enqueues on different
+                                                    -- Galera nodes conflict (see STORAGE.md, rule 7)
     secret_hash   BINARY(32)  NULL,                 -- sha256 of its credential's secret; NULL: bare id
     created_at    DATETIME(6) NOT NULL,
     last_seen_at  DATETIME(6) NULL,

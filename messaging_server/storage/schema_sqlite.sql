@@ -8,6 +8,7 @@ CREATE TABLE IF NOT EXISTS clients (
     delivery_session INTEGER,                   -- the session holding the delivery lease (see STORAGE.md)
     delivery_server_id INTEGER,                 -- servers.id of that session; a dead server's lease is free
     lease_wanted_at TEXT,                       -- when a newer session first found the lease held
+    queued_count  INTEGER NOT NULL DEFAULT 0,   -- messages stored for it (see schema_mysql.sql)
     secret_hash   BLOB,                         -- sha256 of its credential's secret; NULL: bare id
     created_at    TEXT    NOT NULL,
     last_seen_at  TEXT

@@ -58,6 +58,7 @@ class SqliteStorage(SqlStorage):
     lastrowid_is_first = False
     added_columns = (("clients", "secret_hash", "BLOB"), ("clients", "delivery_session", "INTEGER"),
                      ("clients", "delivery_server_id", "INTEGER"), ("clients", "lease_wanted_at", "TEXT"),
+                     ("clients", "queued_count", "INTEGER NOT NULL DEFAULT 0"),
                      ("messages", "acknowledged_at", "TEXT"))
 
     def __init__(self, path: str, pool_size: int = 8, create: bool = True) -> None:
