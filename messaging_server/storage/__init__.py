@@ -7,6 +7,8 @@ URLs::
 
     sqlite:///relative/path.sqlite3      sqlite:////absolute/path.sqlite3
     mysql://user:password@host:3306/dbname
+    mysql://user:password@host1:3306,host2:3306,host3:3306/dbname   (a Galera cluster's nodes:
+                                                                    see hosts.py)
 """
 
 from __future__ import annotations
@@ -37,19 +39,14 @@ def open_storage(url: str, pool_size: int = DEFAULT_POOL_SIZE, create: bool = Fa
         return SqliteStorage(unquote(path), pool_size=pool_size, create=create)
     if scheme in ("mysql", "mysql+pymysql", "mariadb"):
         database = parts.path.lstrip("/")
-        try:
-            port = parts.port  # ValueError for a port that is not a number from 0 to 65535
-        except ValueError:
-            port = 0
-        if not port and parts.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
-            raise ConfigurationError(f"{describe_url(url)!r}: the port must be a number from 1 to 65535")
-        if not database or not parts.hostname:
+        hostlist = parts.netloc.rpartition("@")[2]
+        if not database or not hostlist:
             raise ConfigurationError(f"{describe_url(url)!r}: expected mysql://user:password@host:port/dbname")
+        from .hosts import parse_hosts
         from .mysql import MysqlStorage
 
         return MysqlStorage(
-            host=parts.hostname,
-            port=port or 3306,
+            hosts=parse_hosts(hostlist, describe_url(url)),
             user=unquote(parts.username or "root"),
             password=unquote(parts.password or ""),
             database=unquote(database),

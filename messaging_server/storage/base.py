@@ -76,6 +76,10 @@ PENDING, DELIVERED, IGNORED, EXPIRED = "pending", "delivered", "ignored", "expir
 # wait at most about 0.5 s in all: a client's burst from several Galera nodes at once
 # meets that many conflicts in a row only under contention no pause would resolve.
 CONFLICT_ATTEMPTS = 10
+# How long a transaction whose database host failed is run again, on the next host of a
+# multi-host URL (a Galera cluster): a killed node's peers take a few seconds to agree
+# that it is gone, during which they may hold commits back.
+FAILOVER_S = 20.0
 CONFLICT_PAUSE_S = 0.002
 CONFLICT_PAUSE_MAX_S = 0.1
 # Ids per marking UPDATE (a statement's placeholders stay well under every limit).
@@ -559,21 +563,41 @@ class SqlStorage(Storage):
         return False
 
     def _retry_conflicts(self, attempt: Callable[[], T]) -> T:
-        """``attempt()``, run again when it loses a conflict (see CONFLICT_ATTEMPTS).
+        """``attempt()``, run again when it loses a conflict (see CONFLICT_ATTEMPTS), or
+        when its database host failed and another may take over (_failover_pause).
 
         ``attempt`` must be one whole transaction: it began after the last one ended,
         so a conflict rolled back everything it did."""
-        for n in range(CONFLICT_ATTEMPTS):
+        conflicts = 0
+        failover_until: Optional[float] = None
+        while True:
             try:
                 return attempt()
             except StorageUnavailable as exc:
-                if n == CONFLICT_ATTEMPTS - 1 or exc.__cause__ is None or \
-                        not self._is_conflict(exc.__cause__):
+                cause = exc.__cause__
+                if cause is not None and self._is_conflict(cause) and conflicts < CONFLICT_ATTEMPTS - 1:
+                    log.debug("%s: a transaction lost a conflict; running it again (%s)",
+                              self.location, exc)
+                    longest = min(CONFLICT_PAUSE_MAX_S, CONFLICT_PAUSE_S * 2 ** conflicts)
+                    time.sleep(random.uniform(0, longest))
+                    conflicts += 1
+                    continue
+                pause = None if cause is None else self._failover_pause(cause)
+                if pause is None:
                     raise
-                log.debug("%s: a transaction lost a conflict; running it again (%s)",
+                if failover_until is None:
+                    failover_until = time.monotonic() + FAILOVER_S
+                if time.monotonic() + pause > failover_until:
+                    raise
+                log.debug("%s: the database host failed; running the transaction again (%s)",
                           self.location, exc)
-                time.sleep(random.uniform(0, min(CONFLICT_PAUSE_MAX_S, CONFLICT_PAUSE_S * 2 ** n)))
-        raise AssertionError("unreachable")
+                time.sleep(pause)
+
+    def _failover_pause(self, exc: BaseException) -> Optional[float]:
+        """How long to wait before running a transaction again that failed with the driver
+        error ``exc`` because its database host did, when another host may take over;
+        None: do not.  Only a backend with several hosts of one cluster says anything."""
+        return None
 
     def _write(self, operation: Callable[[Tx], T]) -> T:
         """Run ``operation`` in a durable transaction, shared with other threads' writes

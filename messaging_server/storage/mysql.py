@@ -42,7 +42,17 @@ import pymysql
 import pymysql.constants
 
 from ..errors import QueueFull, StorageError, StorageUnavailable, UnknownClient
-from .base import HEARTBEAT_STALE_S, Queued, ServerAddress, SqlStorage, Tx, body_hash, split_sql_script
+from .base import (
+    HEARTBEAT_STALE_S,
+    IGNORED,
+    Queued,
+    ServerAddress,
+    SqlStorage,
+    Tx,
+    body_hash,
+    split_sql_script,
+)
+from .hosts import Address, HostList, format_address
 from .pool import ConnectionPool
 
 log = logging.getLogger(__name__)
@@ -84,6 +94,17 @@ PROCEDURE_RECHECK_S = 60.0
 # Error codes create_schema tells apart: a privilege is missing.
 ACCESS_DENIED = frozenset({1044, 1142})  # on the database; on a table
 
+
+# "WSREP has not yet prepared node for application use": a Galera node outside the
+# cluster's primary component (also raised by _connect_to for wsrep_ready OFF).
+WSREP_NOT_READY = 1047
+# Server errors after which another host of a multi-host URL should be tried: the node
+# is out of its cluster, shutting down, or killed the connection.
+HOST_FAILED_ERRNOS = frozenset({WSREP_NOT_READY, 1053, 1927, 4031})
+# "Can't connect to MySQL server": no host of a multi-host URL could be used.
+CR_CONN_HOST_ERROR = 2003
+# Between two runs of a transaction whose host failed (see SqlStorage._retry_conflicts).
+FAILOVER_PAUSE_S = 0.2
 
 # MySQL error code: "Duplicate column name".
 DUPLICATE_COLUMN = 1060
@@ -133,13 +154,14 @@ class MysqlStorage(SqlStorage):
                      ("clients", "queued_count", "BIGINT NOT NULL DEFAULT 0 AFTER lease_wanted_at"),
                      ("messages", "acknowledged_at", "DATETIME(6) NULL AFTER delivered_at"))
 
-    def __init__(self, host: str, port: int, user: str, password: str, database: str,
+    def __init__(self, hosts: Sequence[Address], user: str, password: str, database: str,
                  pool_size: int = 8) -> None:
         super().__init__()
         self.database = database
-        self.location = f"MySQL database {database!r} at {host}:{port}"
+        self.hosts = HostList(hosts, database)
+        self.location = f"MySQL database {database!r} at {self.hosts.describe()}"
         self._params: Dict[str, Any] = dict(
-            host=host, port=port, user=user, password=password, charset="utf8mb4",
+            user=user, password=password, charset="utf8mb4",
             autocommit=False, connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=READ_TIMEOUT_S, write_timeout=WRITE_TIMEOUT_S,
             # rowcount = rows matched, not rows changed, as SQLite counts them.
@@ -157,26 +179,77 @@ class MysqlStorage(SqlStorage):
         self._procedure_lock = threading.Lock()
 
     def _connect(self, database: Optional[str] = None) -> Any:
-        """A new connection; its handshake bounded by CONNECT_TIMEOUT_S, its queries by
-        READ_TIMEOUT_S."""
-        connection = _open({**self._params, "database": database or self.database})
+        """A new connection to the host in use; with several hosts, to the next one that
+        works when that one cannot be reached or is out of its cluster (hosts.py).
+        ``database``: None for the storage's, "" for none."""
+        failures: List[str] = []
+        first_error: Optional[pymysql.err.MySQLError] = None
+        for address in self.hosts.in_order():
+            try:
+                connection = self._connect_to(address, database)
+            except pymysql.err.MySQLError as exc:
+                if not self.hosts.several or not _host_failed(exc):
+                    raise
+                first_error = first_error or exc
+                failures.append(f"{format_address(address)}: {self.describe_error(exc)}")
+                continue
+            if failures:
+                self.hosts.use(address, failures[0])
+            return connection
+        assert first_error is not None
+        raise _NoHostUsable(CR_CONN_HOST_ERROR, f"no host could be used ({'; '.join(failures)})") \
+            from first_error
+
+    def _connect_to(self, address: Address, database: Optional[str]) -> Any:
+        """A new connection to ``address``; its handshake bounded by CONNECT_TIMEOUT_S,
+        its queries by READ_TIMEOUT_S.  On a Galera node, refused (1047) unless the node
+        is ready (in the primary component, synced enough to serve), and set to read
+        causally (wsrep_sync_wait): a read sees every commit of the cluster that came
+        before it, whichever node made it, so a server woken for a message another node
+        committed finds it."""
+        host, port = address
+        connection = _open({**self._params, "host": host, "port": port,
+                            "database": self.database if database is None else (database or None)})
         try:
             with connection.cursor() as cursor:
                 for statement in SESSION_SETUP:
                     cursor.execute(statement)
+                # MariaDB has the wsrep variables with or without Galera; MySQL has none.
+                cursor.execute("SHOW VARIABLES LIKE 'wsrep_on'")
+                galera = cursor.fetchone()
+                if galera is not None and str(galera[1]).upper() == "ON":
+                    cursor.execute("SHOW STATUS LIKE 'wsrep_ready'")
+                    ready = cursor.fetchone()
+                    if ready is None or str(ready[1]).upper() != "ON":
+                        raise pymysql.err.OperationalError(
+                            WSREP_NOT_READY, "the Galera node is not ready (wsrep_ready OFF: not in "
+                            "the cluster's primary component, or still joining)")
+                    cursor.execute("SET SESSION wsrep_sync_wait = 1")
         except BaseException:
             _close(connection)
             raise
         return connection
 
     def _ready(self, link: _Link) -> _Link:
-        """An idle connection as it leaves the pool: kept if its socket has nothing to say,
-        else replaced by a new one (the server closed it)."""
-        if link.idle_and_open():
+        """An idle connection as it leaves the pool: kept if its socket has nothing to say
+        and its host is still the one in use, else replaced by a new one (the server
+        closed it; or the pool is draining a host it moved away from)."""
+        if link.idle_and_open() and link.address() == self.hosts.current:
             link.reused = True
         else:
             link.replace()  # its error says why the server cannot be reached
         return link
+
+    def _failover_pause(self, exc: BaseException) -> Optional[float]:
+        """With several hosts, a transaction whose host failed runs again (on the next
+        host, once _connect moves there).  Safe on a Galera cluster even when the failure
+        may have come after the commit (a lost reply): a write set reaches every node or
+        none, and every enqueue writes its client's row (STORAGE.md, rule 7), so of the
+        first run and the second at most one commits; the other fails certification, is
+        run again and finds the first (the duplicate rule)."""
+        if self.hosts.several and _host_failed(exc) and not isinstance(exc, _NoHostUsable):
+            return FAILOVER_PAUSE_S
+        return None
 
     @contextlib.contextmanager
     def _borrow(self) -> Iterator[_Link]:
@@ -263,9 +336,13 @@ class MysqlStorage(SqlStorage):
                   None if ttl is None else int(ttl * 1_000_000), max_pending,
                   int(HEARTBEAT_STALE_S * 1_000_000))
 
+        maybe_committed = False
+
         def call() -> Any:
             # A conflict reaches us through the procedure's handler, which rolled the
-            # whole call back first (ROLLBACK; RESIGNAL): running it again is safe.
+            # whole call back first (ROLLBACK; RESIGNAL): running it again is safe.  So is
+            # a run on the next host after this one's failed (_failover_pause).
+            nonlocal maybe_committed
             try:
                 with self._borrow() as link:
                     return link.call(f"CALL {ENQUEUE_PROCEDURE}(%s, %s, %s, %s, %s, %s, %s)", params)
@@ -273,6 +350,7 @@ class MysqlStorage(SqlStorage):
                 if exc.args[:1] and exc.args[0] in PROCEDURE_UNUSABLE:
                     self._procedure_missing(exc)
                     return None
+                maybe_committed = maybe_committed or _connection_lost(exc)
                 raise self.storage_error(exc) from exc
 
         row = self._retry_conflicts(call)
@@ -286,10 +364,23 @@ class MysqlStorage(SqlStorage):
         if result == -2:
             raise QueueFull(f"client {client_id} already has {max_pending} pending messages")
         self.write_health.succeeded()
+        if result == 0 and maybe_committed:
+            # A run whose reply was lost with its host, then a run on another host that
+            # found the same body: the first one committed (or, within the duplicate
+            # window, another caller's same message did): this call's message is queued.
+            # Its wake-up was lost with the reply; the owner's sweep delivers it.
+            return Queued(self._queued_copy(client_id, params[2]))
         if result == 0:
             return Queued(None)
         owner = None if host is None or not find_owner else ServerAddress(int(owner_id), str(host), int(port))
         return Queued(int(result), owner, int(session), int(previous))
+
+    def _queued_copy(self, client_id: int, digest: bytes) -> Optional[int]:
+        """The id of the client's newest accepted message with this body hash."""
+        with self.transaction() as tx:
+            found = tx.scalar(f"SELECT MAX(id) FROM messages WHERE client_id = %s AND body_hash = %s "
+                              f"AND status <> '{IGNORED}'", (client_id, digest))
+        return None if found is None else int(found)
 
     def _procedure_missing(self, exc: pymysql.err.MySQLError) -> None:
         """The CALL was refused before it ran: use the statements for a while (one warning)."""
@@ -304,7 +395,7 @@ class MysqlStorage(SqlStorage):
 
     def _create_database(self) -> None:
         try:
-            server = _open(self._params)
+            server = self._connect(database="")  # none: it may not exist yet
         except pymysql.err.MySQLError as exc:
             raise self.storage_error(exc) from exc
         try:
@@ -408,6 +499,9 @@ class _Link:
         self.reused = False  # came idle from the pool: it may have died unseen meanwhile
         self.sent = False  # a statement of the current transaction was sent
         self.broken = False  # a connection error happened: never pool it again
+
+    def address(self) -> Address:
+        return (self.connection.host, self.connection.port)
 
     def idle_and_open(self) -> bool:
         """Whether the server has said nothing on this idle connection.  The protocol has
@@ -530,6 +624,19 @@ def _connection_lost(exc: BaseException) -> bool:
     if isinstance(exc, pymysql.err.InterfaceError):
         return True
     return bool(exc.args) and exc.args[0] in CONNECTION_LOST
+
+
+class _NoHostUsable(pymysql.err.OperationalError):
+    """Every host of a multi-host URL failed: no other one is left to take over."""
+
+
+def _host_failed(exc: BaseException) -> bool:
+    """Whether a driver error says the host cannot serve (cannot connect, connection
+    lost, shutting down, a Galera node out of its cluster), so another host may."""
+    if isinstance(exc, pymysql.err.InterfaceError):
+        return True
+    errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    return errno is not None and (errno >= FIRST_CLIENT_ERROR or errno in HOST_FAILED_ERRNOS)
 
 
 def _created_table(statement: str) -> Optional[str]:
