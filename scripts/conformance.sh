@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the black-box conformance kit (../shared/conformance) against a fresh Niki server.
-# Usage: scripts/conformance.sh sqlite|mysql [blackbox.py arguments after "conformance"]
-# MySQL uses NIKI_TEST_MYSQL_URL's server (default mysql://root@127.0.0.1:3306/...).
+# Usage: scripts/conformance.sh sqlite|mysql|url [blackbox.py arguments after "conformance"]
+# MySQL uses NIKI_TEST_MYSQL_URL's server (default mysql://root@127.0.0.1:3306/...);
+# url uses the database at NIKI_CONFORMANCE_DB (e.g. a Galera cluster's multi-host URL),
+# which the caller creates and drops.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 kit="${NIKI_CONFORMANCE_KIT:-$top/../shared/conformance}"
@@ -15,7 +17,8 @@ case "$kind" in
   mysql)
     base="${NIKI_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/niki_test}"
     db="${base%/*}/niki_conformance_$$" ;;
-  *) echo "usage: $0 sqlite|mysql" >&2; exit 2 ;;
+  url) db="${NIKI_CONFORMANCE_DB:?NIKI_CONFORMANCE_DB must name the database}" ;;
+  *) echo "usage: $0 sqlite|mysql|url" >&2; exit 2 ;;
 esac
 # The server runs with its default --workers: worker i listens for wake-ups on port + 1 + i,
 # and broadcast mode (NIKI_PEERS) must name every one of them.

@@ -22,6 +22,8 @@ Skipped when mariadbd, galera-4 or rsync is missing; with CI=true that fails ins
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -49,6 +51,8 @@ pytestmark = [
 ]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+ROOT = Path(__file__).resolve().parent.parent
+KIT = Path(os.environ.get("NIKI_CONFORMANCE_KIT", ROOT.parent / "shared" / "conformance"))
 PER_PRODUCER = 50
 # After the producers finish (they take well under a second here): a stranded message
 # stays pending for the whole connection (see below), so waiting longer shows nothing new.
@@ -239,9 +243,82 @@ def kill_a_node_under_traffic(galera: GaleraCluster) -> None:
         group.close()
 
 
+def conformance_kit(galera: GaleraCluster) -> None:
+    """The black-box kit (scripts/conformance.sh) against a server whose URL starts at
+    node 2, its enqueuer's too."""
+    if not (KIT / "blackbox.py").exists():
+        if IN_CI:
+            pytest.fail(f"the conformance kit is missing at {KIT}")
+        print(f"\nconformance kit not found at {KIT}: phase skipped")
+        return
+    create_database(galera, "niki_conformance")
+    env = dict(os.environ, PYTHON=sys.executable, NIKI_CONFORMANCE_KIT=str(KIT),
+               NIKI_CONFORMANCE_DB=multi_host_url(galera, "niki_conformance", 2))
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "conformance.sh"), "url"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "14 passed, 0 failed" in done.stdout, done.stdout
+
+
+def receive_and_ack(client: Client, count: int) -> List[str]:
+    """``count`` messages, each acknowledged at once, then a PING answered: the server
+    has read every ACK before this returns (replies come in the order of the commands)."""
+    bodies = []
+    for _ in range(count):
+        message = client.receive_message(timeout=10)
+        assert message is not None and message.message_id is not None, "closed"
+        client.ack(message.message_id)
+        bodies.append(message.body)
+    client.send_command("PING")
+    assert client.read_line(timeout=10) == "PONG"
+    return bodies
+
+
+def takeover_across_nodes(galera: GaleraCluster) -> None:
+    """A client moves between a server on node 1 and one on node 2 while node 3 queues
+    for it: the backlog comes once, in order, after each move; the older connection is
+    closed."""
+    name = "niki_takeover"
+    create_database(galera, name)
+    group = ServerGroup("--advertise-host", "127.0.0.1")
+    try:
+        servers = [group.start(multi_host_url(galera, name, 1)), group.start(multi_host_url(galera, name, 2))]
+        with Enqueuer(multi_host_url(galera, name, 3)) as enq:
+            with Client("127.0.0.1", servers[0].port, ack=True, auto_ack=False) as first:
+                credential = first.client_id
+                assert enq.enqueue(credential, "one")
+                assert receive_and_ack(first, 1) == ["one"]
+            sent = ["one"]
+            for round_ in range(4):
+                bodies = [f"round {round_} #{n}" for n in range(5)]
+                for body in bodies:
+                    assert enq.enqueue(credential, body)
+                sent += bodies
+                server = servers[(round_ + 1) % 2]
+                with Client("127.0.0.1", server.port, client_id=credential, ack=True,
+                            auto_ack=False) as client:
+                    assert receive_and_ack(client, len(bodies)) == bodies
+                    # A newer connection on the other server takes the client over.
+                    other = servers[round_ % 2]
+                    with Client("127.0.0.1", other.port, client_id=credential, ack=True,
+                                auto_ack=False) as newer:
+                        assert enq.enqueue(credential, f"after takeover {round_}")
+                        assert receive_and_ack(newer, 1) == [f"after takeover {round_}"]
+                        assert client.receive(timeout=10) is None  # closed: taken over
+                    sent.append(f"after takeover {round_}")
+        stored = query(galera.node(2).url + name,
+                       "SELECT body, status FROM messages ORDER BY id")
+        assert [row[0] for row in stored] == sent
+        assert {row[1] for row in stored} == {"delivered"}
+    finally:
+        group.close()
+
+
 def test_on_a_galera_cluster(galera: GaleraCluster) -> None:
     urls = create_database(galera, "niki_one_writer")
     deliver_from_two_producers(galera, urls[0], {"first": urls[0], "second": urls[0]})
     urls = create_database(galera, "niki_three_writers")
     deliver_from_two_producers(galera, urls[0], {"node2": urls[1], "node3": urls[2]})
-    kill_a_node_under_traffic(galera)
+    conformance_kit(galera)
+    takeover_across_nodes(galera)
+    kill_a_node_under_traffic(galera)  # last: node 1 stays dead
