@@ -139,6 +139,10 @@ class CountingProxy:
 
     def __init__(self, upstream: Tuple[str, int]) -> None:
         self.upstream = upstream
+        # Tests: the next command of this kind (e.g. "CALL", "COMMIT") reaches the server,
+        # but its answer never comes back: the proxy closes that connection and stops
+        # listening, as a database host that dies right after a commit.
+        self.cut_once_after: Optional[str] = None
         self.counts: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -168,10 +172,13 @@ class CountingProxy:
             for sock in (client, server):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._socks += [client, server]
-            threading.Thread(target=self._client_to_server, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+            doomed = threading.Event()  # set: drop the server's next answer, then close
+            threading.Thread(target=self._client_to_server, args=(client, server, doomed),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, doomed), daemon=True).start()
 
-    def _client_to_server(self, client: socket.socket, server: socket.socket) -> None:
+    def _client_to_server(self, client: socket.socket, server: socket.socket,
+                          doomed: threading.Event) -> None:
         buf = bytearray()
         try:
             while True:
@@ -190,17 +197,22 @@ class CountingProxy:
                 if kinds:
                     with self._lock:
                         self.counts.update(kinds)
+                        if self.cut_once_after in kinds:
+                            self.cut_once_after = None
+                            doomed.set()
+                            self._stop_listening()  # the host is gone: no new connections
                 server.sendall(chunk)
         except OSError:
             pass
         finally:
             self._shut(client, server)
 
-    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, target: socket.socket,
+              doomed: Optional[threading.Event] = None) -> None:
         try:
             while True:
                 chunk = source.recv(65536)
-                if not chunk:
+                if not chunk or (doomed is not None and doomed.is_set()):
                     break
                 target.sendall(chunk)
         except OSError:
@@ -214,9 +226,16 @@ class CountingProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
+    def _stop_listening(self) -> None:
+        # shutdown() first: close() alone leaves the socket listening while the accept
+        # thread is blocked in accept().
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+
     def close(self) -> None:
         self._closed = True
-        self._listener.close()
+        self._stop_listening()
         for sock in self._socks:
             with contextlib.suppress(OSError):
                 sock.close()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 
+from benchmarks.mysql_counts import CountingProxy
 from messaging_server.errors import ConfigurationError, StorageUnavailable
 from messaging_server.storage import open_storage
 from messaging_server.storage.hosts import HostList, parse_hosts
@@ -62,15 +64,15 @@ def test_host_list_order_and_one_line_per_move(caplog: pytest.LogCaptureFixture)
 
 
 def multi_host(*urls: str) -> str:
-    """One URL naming the hosts of ``urls`` in order, with the first one's database."""
+    """One URL naming the hosts of ``urls`` in order, with the last one's database."""
     parts = [urlsplit(url) for url in urls]
     hostlist = ",".join(f"{p.hostname}:{p.port}" for p in parts)
-    return parts[0]._replace(netloc=f"root@{hostlist}").geturl()
+    return parts[-1]._replace(netloc=f"root@{hostlist}").geturl()
 
 
 @pytest.mark.mysql
 def test_a_dead_first_host_is_passed_over(mysql_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    url = multi_host(f"mysql://root@127.0.0.1:{free_port()}/x", mysql_url)
+    url = multi_host(f"mysql://root@127.0.0.1:{free_port()}/", mysql_url)
     with caplog.at_level(logging.WARNING, logger="messaging_server.storage"):
         storage = open_storage(url)
         try:
@@ -129,3 +131,44 @@ def test_a_killed_host_is_left_for_the_next_within_the_call(
         storage.close()
     assert [row[0] for row in query(mysql_url, "SELECT body FROM messages ORDER BY id")] == \
         ["after", *[f"more {n}" for n in range(8)]]
+
+
+@pytest.fixture
+def dying_host(mysql_url: str) -> Iterator[CountingProxy]:
+    """A relay to the machine's server that stands for a first host which can die."""
+    parts = urlsplit(mysql_url)
+    relay = CountingProxy((parts.hostname or "127.0.0.1", parts.port or 3306))
+    yield relay
+    relay.close()
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("cut_after", ["CALL", "COMMIT"])
+def test_a_host_that_dies_after_the_commit_queues_once_and_says_so(
+        mysql_url: str, dying_host: CountingProxy, cut_after: str) -> None:
+    """The first host commits the enqueue (the CALL; or, for a batch, its COMMIT) and
+    dies before answering.  The call is run again on the next host, which finds the same
+    body (the duplicate rule): the caller is told its message was queued, with the id of
+    the one stored, and it is stored once."""
+    with open_storage(mysql_url, create=True) as prepare:
+        prepare.create_schema()
+        client = prepare.new_client().client_id
+    direct = urlsplit(mysql_url)
+    url = multi_host(f"mysql://root@127.0.0.1:{dying_host.port}/", mysql_url)
+    storage = open_storage(url)
+    try:
+        assert storage.enqueue(client, "warm-up", 5.0).message_id is not None
+        dying_host.cut_once_after = cut_after
+        if cut_after == "CALL":
+            queued = storage.enqueue(client, "hello", 5.0)
+            results = [queued]
+        else:
+            results = storage.enqueue_many([(client, "hello"), (client, "world")], 5.0)
+        assert storage.hosts.current == (direct.hostname, direct.port)
+    finally:
+        storage.close()
+    rows = query(mysql_url, "SELECT id, body, status FROM messages ORDER BY id")
+    pending = [(row[0], row[1]) for row in rows if row[2] == "pending"]
+    bodies = ["hello"] if cut_after == "CALL" else ["hello", "world"]
+    assert [body for _, body in pending] == ["warm-up", *bodies]
+    assert [r.message_id for r in results] == [i for i, body in pending if body in bodies]

@@ -562,17 +562,24 @@ class SqlStorage(Storage):
         as a whole (so running it again is safe)."""
         return False
 
-    def _retry_conflicts(self, attempt: Callable[[], T]) -> T:
+    def _retry_conflicts(self, attempt: Callable[[], T],
+                         after_failover: Optional[Callable[[T], T]] = None) -> T:
         """``attempt()``, run again when it loses a conflict (see CONFLICT_ATTEMPTS), or
         when its database host failed and another may take over (_failover_pause).
 
         ``attempt`` must be one whole transaction: it began after the last one ended,
-        so a conflict rolled back everything it did."""
+        so a conflict rolled back everything it did.  A run on another host may follow
+        one that committed before its host failed (its answer was lost): the result of
+        a run after a failover goes through ``after_failover``, which can tell that
+        apart (an enqueue's "duplicate" may be its own first run)."""
         conflicts = 0
         failover_until: Optional[float] = None
         while True:
             try:
-                return attempt()
+                result = attempt()
+                if failover_until is not None and after_failover is not None:
+                    result = after_failover(result)
+                return result
             except StorageUnavailable as exc:
                 cause = exc.__cause__
                 if cause is not None and self._is_conflict(cause) and conflicts < CONFLICT_ATTEMPTS - 1:
@@ -766,8 +773,22 @@ class SqlStorage(Storage):
     def enqueue(self, client_id: int, body: str, duplicate_window: float,
                 ttl: Optional[float] = None, max_pending: Optional[int] = None,
                 find_owner: bool = True) -> Queued:
-        return self._retry_conflicts(lambda: self._enqueue_once(
-            client_id, body, duplicate_window, ttl, max_pending, find_owner))
+        return self._retry_conflicts(
+            lambda: self._enqueue_once(client_id, body, duplicate_window, ttl, max_pending, find_owner),
+            after_failover=lambda queued: self._own_copy(client_id, body, queued))
+
+    def _own_copy(self, client_id: int, body: str, queued: Queued) -> Queued:
+        """After a failover, a "duplicate" is most likely this call's own first run, which
+        committed before its host failed (or, within the duplicate window, another
+        caller's same message): either way the message is queued, once.  Its id; no
+        owner (the first run's wake-up was lost with its answer: the owner's sweep
+        delivers it)."""
+        if queued.message_id is not None:
+            return queued
+        with self.transaction() as tx:
+            found = tx.scalar(f"SELECT MAX(id) FROM messages WHERE client_id = %s AND body_hash = %s "
+                              f"AND status <> '{IGNORED}'", (client_id, body_hash(body)))
+        return Queued(None if found is None else int(found))
 
     def _enqueue_once(self, client_id: int, body: str, duplicate_window: float,
                       ttl: Optional[float], max_pending: Optional[int], find_owner: bool) -> Queued:
@@ -819,8 +840,12 @@ class SqlStorage(Storage):
                      find_owner: bool = True) -> List[Union[Queued, NikiError]]:
         if not items:
             return []
+        def own_copies(results: List[Union[Queued, NikiError]]) -> List[Union[Queued, NikiError]]:
+            return [self._own_copy(item[0], item[1], r) if isinstance(r, Queued) else r
+                    for item, r in zip(items, results)]
+
         return self._retry_conflicts(lambda: self._enqueue_many_once(
-            items, duplicate_window, ttl, max_pending, find_owner))
+            items, duplicate_window, ttl, max_pending, find_owner), after_failover=own_copies)
 
     def _enqueue_many_once(self, items: Sequence[BatchItem], duplicate_window: float,
                            ttl: Optional[float], max_pending: Optional[int],

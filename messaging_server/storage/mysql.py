@@ -44,7 +44,6 @@ import pymysql.constants
 from ..errors import QueueFull, StorageError, StorageUnavailable, UnknownClient
 from .base import (
     HEARTBEAT_STALE_S,
-    IGNORED,
     Queued,
     ServerAddress,
     SqlStorage,
@@ -336,13 +335,10 @@ class MysqlStorage(SqlStorage):
                   None if ttl is None else int(ttl * 1_000_000), max_pending,
                   int(HEARTBEAT_STALE_S * 1_000_000))
 
-        maybe_committed = False
-
         def call() -> Any:
             # A conflict reaches us through the procedure's handler, which rolled the
             # whole call back first (ROLLBACK; RESIGNAL): running it again is safe.  So is
             # a run on the next host after this one's failed (_failover_pause).
-            nonlocal maybe_committed
             try:
                 with self._borrow() as link:
                     return link.call(f"CALL {ENQUEUE_PROCEDURE}(%s, %s, %s, %s, %s, %s, %s)", params)
@@ -350,10 +346,16 @@ class MysqlStorage(SqlStorage):
                 if exc.args[:1] and exc.args[0] in PROCEDURE_UNUSABLE:
                     self._procedure_missing(exc)
                     return None
-                maybe_committed = maybe_committed or _connection_lost(exc)
                 raise self.storage_error(exc) from exc
 
-        row = self._retry_conflicts(call)
+        failed_over = False
+
+        def after_failover(row: Any) -> Any:
+            nonlocal failed_over
+            failed_over = True
+            return row
+
+        row = self._retry_conflicts(call, after_failover)
         if row is None:
             return super().enqueue(client_id, body, duplicate_window, ttl, max_pending, find_owner)
         if self._procedure is not True:
@@ -364,23 +366,12 @@ class MysqlStorage(SqlStorage):
         if result == -2:
             raise QueueFull(f"client {client_id} already has {max_pending} pending messages")
         self.write_health.succeeded()
-        if result == 0 and maybe_committed:
-            # A run whose reply was lost with its host, then a run on another host that
-            # found the same body: the first one committed (or, within the duplicate
-            # window, another caller's same message did): this call's message is queued.
-            # Its wake-up was lost with the reply; the owner's sweep delivers it.
-            return Queued(self._queued_copy(client_id, params[2]))
+        if result == 0 and failed_over:
+            return self._own_copy(client_id, body, Queued(None))
         if result == 0:
             return Queued(None)
         owner = None if host is None or not find_owner else ServerAddress(int(owner_id), str(host), int(port))
         return Queued(int(result), owner, int(session), int(previous))
-
-    def _queued_copy(self, client_id: int, digest: bytes) -> Optional[int]:
-        """The id of the client's newest accepted message with this body hash."""
-        with self.transaction() as tx:
-            found = tx.scalar(f"SELECT MAX(id) FROM messages WHERE client_id = %s AND body_hash = %s "
-                              f"AND status <> '{IGNORED}'", (client_id, digest))
-        return None if found is None else int(found)
 
     def _procedure_missing(self, exc: pymysql.err.MySQLError) -> None:
         """The CALL was refused before it ran: use the statements for a while (one warning)."""
