@@ -16,9 +16,11 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +132,9 @@ def main() -> int:
         rows.append(measure("single MariaDB (the machine's)", single, [single], args, None))
     finally:
         drop(single, name)
-    template = template_datadir(__import__("pathlib").Path("/tmp/niki-galera-cache"))
+    cache = Path(tempfile.gettempdir()) / "niki-galera-cache"  # as python -m tests.galera_cluster
+    cache.mkdir(exist_ok=True)
+    template = template_datadir(cache)
     started = time.monotonic()
     with GaleraCluster(template) as cluster:
         print(f"Galera cluster of {cluster.size} up in {time.monotonic() - started:.1f} s", file=sys.stderr)
