@@ -38,20 +38,12 @@ from tests.private_mariadb import template_datadir  # noqa: E402
 MACHINE_MYSQL = os.environ.get("NIKI_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/niki_test")
 
 
-def create(url_on_server: str, name: str) -> None:
-    host, port = url_on_server.split("@")[1].split("/")[0].split(":")
+def on_server(url: str, statement: str) -> None:
+    """Run one statement on the server of ``url`` (mysql://root@host:port/...)."""
+    host, port = url.split("@")[1].split("/")[0].split(":")
     con = pymysql.connect(host=host, port=int(port), user="root", autocommit=True)
     try:
-        con.cursor().execute(f"CREATE DATABASE `{name}`")
-    finally:
-        con.close()
-
-
-def drop(url_on_server: str, name: str) -> None:
-    host, port = url_on_server.split("@")[1].split("/")[0].split(":")
-    con = pymysql.connect(host=host, port=int(port), user="root", autocommit=True)
-    try:
-        con.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
+        con.cursor().execute(statement)
     finally:
         con.close()
 
@@ -127,11 +119,11 @@ def main() -> int:
     rows = []
     name = f"niki_bench_{uuid.uuid4().hex[:8]}"
     single = MACHINE_MYSQL.rsplit("/", 1)[0] + "/" + name
-    create(single, name)
+    on_server(single, f"CREATE DATABASE `{name}`")
     try:
         rows.append(measure("single MariaDB (the machine's)", single, [single], args, None))
     finally:
-        drop(single, name)
+        on_server(single, f"DROP DATABASE IF EXISTS `{name}`")
     cache = Path(tempfile.gettempdir()) / "niki-galera-cache"  # as python -m tests.galera_cluster
     cache.mkdir(exist_ok=True)
     template = template_datadir(cache)
@@ -147,7 +139,7 @@ def main() -> int:
         for label, producers in (("Galera, producers on the server's node", [0]),
                                  ("Galera, producers on all 3 nodes", [0, 1, 2])):
             db = f"{name}_{len(producers)}"
-            create(cluster.node(1).url + db, db)
+            on_server(cluster.node(1).url, f"CREATE DATABASE `{db}`")
             rows.append(measure(label, url(0, db), [url(p, db) for p in producers], args, cluster))
     columns = list(rows[0])
     print(" | ".join(columns))
