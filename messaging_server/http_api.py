@@ -6,7 +6,8 @@ message's state, and probes and Prometheus read ``/healthz`` and ``/metrics``.
 The routes, statuses and bodies are in docs/HTTP_API.md and docs/openapi.yaml.
 
 It is the standard library's ``ThreadingHTTPServer`` on its own port
-(``--http-port``, off by default), one daemon thread per connection.  It
+(``--http-port``: the client port + 2 by default, 0 for none), one daemon thread
+per connection.  It
 queues through an :class:`~messaging_server.enqueue.Enqueuer` built on the
 server's own storage, so the rules are exactly ``enqueue``'s, and a client
 connected to this very server is asked for a delivery pass directly, with no
@@ -33,7 +34,7 @@ from .connection import ClientConnection
 from .credentials import redact
 from .enqueue import Enqueuer, Submitted, WakeHere, check_body, check_ttl, client_id_of
 from .errors import BodyRejected, NikiError, QueueFull, StorageUnavailable, UnknownClient
-from .http_auth import BearerToken, loopback_host_header
+from .http_auth import BearerToken, cross_site, loopback_host_header
 from .http_server import MAX_REQUEST_BYTES, BoundedHTTPServer, BoundedRequestHandler
 from .settings import ServerSettings
 from .storage import Storage
@@ -49,6 +50,12 @@ MAX_MESSAGE_ID = 2**63 - 1
 MAX_LOGGED_PATH = 200
 
 JSON_TYPE = "application/json"
+# A single message's body may also be the message itself: `curl -d 'hello' URL` sends
+# the form type, taken as it is (not form-decoded).
+TEXT_TYPES = ("text/plain", "application/x-www-form-urlencoded")
+# The fields a message may have, in the single-message call and in a batch item.
+MESSAGE_KEYS = ("body", "ttl")
+BATCH_ITEM_KEYS = ("client_id", "body", "ttl")
 
 
 class RequestRefused(NikiError):
@@ -210,6 +217,10 @@ class ApiHandler(BoundedRequestHandler):
             raise RequestRefused(HTTPStatus.UNAUTHORIZED, "a valid bearer token is required",
                                  close=True,
                                  headers=[("WWW-Authenticate", 'Bearer realm="niki"')])
+        headers = self.headers
+        if cross_site(headers.get("Origin"), headers.get("Host"), headers.get("Sec-Fetch-Site")):
+            raise RequestRefused(HTTPStatus.FORBIDDEN, "requests from another site's web pages are "
+                                 "refused", close=True)
         if not token.required and not loopback_host_header(self.headers.get("Host")):
             # Without a token the API serves this machine only; a foreign Host is
             # a web page's DNS-rebinding attempt to reach it through a browser.
@@ -218,8 +229,10 @@ class ApiHandler(BoundedRequestHandler):
 
     # --- reading the request ---
 
-    def _read_json(self) -> Any:
-        """The request body as JSON, read only if it is within the limits."""
+    def _read_json(self, text_too: bool = False) -> Any:
+        """The request body as JSON, read only if it is within the limits.  ``text_too``:
+        a text/plain body (or curl -d's form type, taken as it is, not form-decoded, as
+        ntfy does) is returned as a str: the message body itself."""
         headers = self.headers
         if headers.get("Transfer-Encoding"):
             raise RequestRefused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length "
@@ -232,25 +245,40 @@ class ApiHandler(BoundedRequestHandler):
             raise RequestRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                  f"the request body is over the limit of {MAX_REQUEST_BYTES} bytes",
                                  "body_too_large", close=True)
-        if headers.get_content_type() != JSON_TYPE:
+        content_type = headers.get_content_type()
+        text = text_too and content_type in TEXT_TYPES
+        if content_type != JSON_TYPE and not text:
+            wanted = f"{JSON_TYPE} or text/plain" if text_too else JSON_TYPE
             raise RequestRefused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                                 f"the request body must be {JSON_TYPE}", "bad_request", close=True)
+                                 f"the request body must be {wanted}", "bad_request", close=True)
         self._reader.budget = None  # the body is bounded by its Content-Length, checked above
         data = self.rfile.read(length)
         if len(data) < length:
             raise ConnectionError("the client closed the connection in the request body")
         self._body_unread = False
+        if text:
+            try:
+                return data.decode(headers.get_content_charset() or "utf-8")
+            except (LookupError, UnicodeDecodeError):
+                raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, "the request body is not "
+                                     "valid text in its charset (UTF-8 by default)", "bad_request") from None
         try:
             return json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, "the request body is not JSON",
                                  "bad_request") from None
 
-    def _message_fields(self, item: Any) -> Tuple[str, Optional[float]]:
+    def _message_fields(self, item: Any,
+                        known: Tuple[str, ...] = MESSAGE_KEYS) -> Tuple[str, Optional[float]]:
         """``body`` and ``ttl`` of one message object, checked as ``enqueue`` checks them."""
+        if isinstance(item, str):  # a text body: the message itself
+            item = {"body": item}
         if not isinstance(item, dict):
             raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, "a message must be a JSON object",
                                  "bad_request")
+        unknown = unknown_keys(item, known)
+        if unknown:
+            raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, unknown, "bad_request")
         body, ttl = item.get("body"), item.get("ttl")
         if not isinstance(body, str):
             raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, "body must be a string",
@@ -322,7 +350,7 @@ class ApiHandler(BoundedRequestHandler):
             "delivered_at": info.delivered_at, "acknowledged_at": info.acknowledged_at})
 
     def _post_message(self, text: str) -> None:
-        payload = self._read_json()  # first, so that a refusal keeps the connection usable
+        payload = self._read_json(text_too=True)  # first: a refusal keeps the connection usable
         client_id = self._client_id(text)
         body, ttl = self._message_fields(payload)
         try:
@@ -337,9 +365,10 @@ class ApiHandler(BoundedRequestHandler):
     def _post_batch(self) -> None:
         payload = self._read_json()
         items = payload.get("messages") if isinstance(payload, dict) else None
-        if not isinstance(items, list):
+        if not isinstance(items, list) or len(payload) > 1:
             raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY,
-                                 'the request body must be {"messages": [...]}', "bad_request")
+                                 'the request body must be {"messages": [...]}, nothing else',
+                                 "bad_request")
         if len(items) > MAX_HTTP_BATCH:
             metrics.MESSAGES_REJECTED.labels(reason="bad_request").inc(len(items) - 1)
             raise RequestRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -359,7 +388,7 @@ class ApiHandler(BoundedRequestHandler):
         for position, item in enumerate(items):
             try:
                 client_id = self._client_id(item["client_id"])
-                body, ttl = self._message_fields(item)
+                body, ttl = self._message_fields(item, BATCH_ITEM_KEYS)
                 check_body(body, self.server.backend.enqueuer.max_body_bytes)
                 valid.append((position, client_id, body, ttl))
             except (RequestRefused, BodyRejected) as exc:
@@ -439,10 +468,23 @@ class ApiHandler(BoundedRequestHandler):
         log.debug("HTTP connection from %s: %s", self.client_address[0], format)
 
 
+def unknown_keys(item: Dict[str, Any], known: Tuple[str, ...]) -> str:
+    """What is wrong with keys of ``item`` outside ``known`` ("" when there are none): a
+    misspelt ``tll`` must not queue a message that never expires."""
+    unknown = sorted(key for key in item if key not in known)
+    if not unknown:
+        return ""
+    return (f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"(a message has {', '.join(known)})")
+
+
 def batch_item_problem(item: Any) -> str:
     """Why ``item`` does not have the shape of a batch item ("" when it does)."""
     if not isinstance(item, dict):
         return "must be a JSON object"
+    unknown = unknown_keys(item, BATCH_ITEM_KEYS)
+    if unknown:
+        return unknown
     client_id = item.get("client_id")
     if isinstance(client_id, bool) or not isinstance(client_id, (int, str)):
         return "client_id must be a number or a string"
@@ -475,7 +517,7 @@ def open_http_api(settings: ServerSettings, storage: Storage, wake_here: WakeHer
     """
     enqueuer = Enqueuer(settings.db, storage=storage, wake_here=wake_here)
     try:
-        return HttpApi(settings.http_host, settings.http_port or 0,
+        return HttpApi(settings.http_host, settings.resolved_http_port or 0,
                        ApiBackend(storage, enqueuer, listening), settings.api_token,
                        request_timeout=settings.handshake_timeout,
                        write_timeout=settings.write_timeout)

@@ -105,6 +105,22 @@ def loopback_host_header(host_header: Optional[str]) -> bool:
     return bool(_literal_loopback(host))
 
 
+def cross_site(origin: Optional[str], host_header: Optional[str],
+               fetch_site: Optional[str]) -> bool:
+    """True when a browser says the request comes from a page of another site: an
+    ``Origin`` that is not this API's own (``http(s)://`` + its Host), or
+    ``Sec-Fetch-Site: cross-site``.  A page may send a text body cross-site without asking
+    first (no preflight), and a browser on the server's machine reaches its loopback API,
+    so such requests are refused whatever they carry.  Programs (curl, SDKs) send
+    neither header."""
+    if fetch_site is not None and fetch_site.strip().lower() == "cross-site":
+        return True
+    if origin is None:
+        return False
+    own = (host_header or "").strip().lower()
+    return origin.strip().lower() not in (f"http://{own}", f"https://{own}")
+
+
 def _literal_loopback(host: str) -> Optional[bool]:
     """Whether ``host`` is a loopback name or address as written; None when it is some
     other name (only a resolver could tell)."""

@@ -634,7 +634,7 @@ def run(settings: ServerSettings, storage: Storage, reuse_port: bool = False,
     shares the client port with the other workers, and tells its supervisor
     when it is registered and listening.
 
-    With ``settings.http_port`` set, the HTTP API runs beside the client port
+    Unless ``--http-port 0``, the HTTP API runs beside the client port
     (see :mod:`messaging_server.http_api`); it is bound before anything is
     started or registered, and stopped first, before the connections close.
     (An API reachable from other machines without a token is refused with
@@ -648,7 +648,7 @@ def run(settings: ServerSettings, storage: Storage, reuse_port: bool = False,
     server = NikiServer(settings, storage, reuse_port)
     serving = threading.Event()
     http = None
-    if settings.http_port is not None:
+    if settings.resolved_http_port is not None:
         try:
             http = open_http_api(
                 settings, storage, in_process_wake(server.registry.get, lambda: server.server_id),

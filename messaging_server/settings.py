@@ -150,7 +150,7 @@ class ServerSettings:
     failed_identifications_per_minute: int = FAILED_IDENTIFICATIONS_PER_MINUTE
     new_clients_per_minute: int = NEW_CLIENTS_PER_MINUTE
     throttle_exempt: str = DEFAULT_EXEMPT
-    http_port: Optional[int] = None  # the HTTP API; None: off
+    http_port: Optional[int] = None  # the HTTP API: None: the client port + 2; 0: off
     http_host: str = DEFAULT_HTTP_HOST
     api_token: str = ""
     log_format: str = "plain"
@@ -164,6 +164,14 @@ class ServerSettings:
         if self.host and self.host not in ("0.0.0.0", "::"):
             return self.host
         return socket.gethostname()
+
+    @property
+    def resolved_http_port(self) -> Optional[int]:
+        """The HTTP API's TCP port: as set (0: no API), else the client port + 2 (a client
+        port of 0, any free one: a free one too); None: no API."""
+        if self.http_port is not None:
+            return self.http_port or None
+        return self.port + 2 if self.port else 0
 
     @property
     def resolved_event_port(self) -> int:
@@ -339,8 +347,8 @@ SERVER_OPTIONS = (
            "addresses or networks the two limits above never apply to, comma-separated, or "
            "'none': a local proxy, a load balancer that hides client addresses"),
     Option(("--http-port",), "NIKI_HTTP_PORT", None, _port,
-           "TCP port of the HTTP API (queue messages, receipts, /healthz, /metrics); 0 picks a "
-           "free one", "default: no HTTP API"),
+           "TCP port of the HTTP API (queue messages, receipts, /healthz, /metrics); 0: no HTTP "
+           "API", "default: the client port + 2 (8002)"),
     Option(("--http-host",), "NIKI_HTTP_HOST", DEFAULT_HTTP_HOST, str,
            "address the HTTP API listens on; any other than loopback needs --api-token"),
     Option(("--api-token",), "NIKI_API_TOKEN", "", str,
@@ -550,5 +558,5 @@ def _check(values: Mapping[str, object], sources: Mapping[str, str]) -> None:
         raise ConfigurationError(f"--db must not be empty (db from {sources['db']})")
     if values["tls_key"] and not values["tls_cert"]:
         raise ConfigurationError(f"--tls-key needs --tls-cert (tls_key from {sources['tls_key']})")
-    if values["http_port"] is not None:
+    if values["http_port"] != 0:
         check_exposure(str(values["http_host"]), str(values["api_token"]))

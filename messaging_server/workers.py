@@ -13,9 +13,10 @@ Ports, for worker i (0-based):
 * clients: the one ``--port`` for all (TLS, if set, on it as always);
 * wake-ups (UDP): the event port + i (the event port defaults to the client
   port + 1; 0, or client port 0 without ``--event-port``: a free port each);
-* HTTP API (with ``--http-port``): the HTTP port + i (0: a free port each).  Each
-  worker's API is complete (any worker can queue for any client) and its
-  ``/metrics`` and ``/healthz`` describe that worker: scrape every worker.
+* HTTP API (unless ``--http-port 0``): the HTTP port + i (a free port each when the
+  client port is 0).  Each worker's API is complete (any worker can queue for any
+  client) and its ``/metrics`` and ``/healthz`` describe that worker: scrape every
+  worker.
 
 The supervisor checks the ports (binding each, without ``SO_REUSEPORT``, so that
 a port someone else holds fails here with the usual message and status 1),
@@ -94,9 +95,10 @@ def plan_ports(settings: ServerSettings, count: int) -> Ports:
         events = [_probe(probes, socket.SOCK_DGRAM, settings.host,
                          base_event + i if base_event else 0, dual=True) for i in range(count)]
         http: List[Optional[int]] = [None] * count
-        if settings.http_port is not None:
+        base_http = settings.resolved_http_port
+        if base_http is not None:
             http = [_probe(probes, socket.SOCK_STREAM, settings.http_host,
-                           settings.http_port + i if settings.http_port else 0, dual=False)
+                           base_http + i if base_http else 0, dual=False)
                     for i in range(count)]
         return Ports(client, events, http)
     finally:
@@ -194,8 +196,7 @@ class Supervisor:
             command = [sys.executable, "-m", "messaging_server", WORKER_COMMAND, str(index),
                        READY_FD, str(os.getpid()), *argv, "-p", str(ports.client),
                        "--event-port", str(ports.events[index]), "--workers", "1"]
-            if ports.http[index] is not None:
-                command += ["--http-port", str(ports.http[index])]
+            command += ["--http-port", str(ports.http[index] or 0)]  # 0: no API
             self.workers.append(Worker(index, command))
         self._wake_r, self._wake_w = os.pipe()  # a signal's write wakes the wait at once
         os.set_blocking(self._wake_w, False)

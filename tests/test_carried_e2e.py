@@ -33,7 +33,7 @@ METRIC_RE = re.compile(r"^(niki_[a-z_]+) ([0-9.e+]+)$", re.M)
 
 @pytest.fixture
 def server(db_url: str) -> Iterator[ServerProcess]:
-    with ServerProcess(db_url, "--http-port", "0", "--sweep-interval", "30") as proc:
+    with ServerProcess(db_url, "--sweep-interval", "30") as proc:
         yield proc
 
 

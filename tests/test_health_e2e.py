@@ -125,7 +125,7 @@ def fill(disk: Path) -> None:
 
 def test_sqlite_disk_full_turns_healthz_503_and_back(small_disk: Path) -> None:
     url = f"sqlite:///{small_disk / 'niki.sqlite3'}"
-    with ServerProcess(url, "--http-port", "0") as server:
+    with ServerProcess(url) as server:
         assert_health_follows_writes(server, lambda: fill(small_disk),
                                      lambda: (small_disk / "filler").unlink())
 
@@ -181,7 +181,7 @@ def test_mariadb_read_only_turns_healthz_503_and_back(private_mariadb: Tuple[str
         with root.cursor() as cursor:
             cursor.execute(f"SET GLOBAL read_only = {'ON' if on else 'OFF'}")
 
-    with ServerProcess(url, "--http-port", "0") as server:
+    with ServerProcess(url) as server:
         assert_health_follows_writes(server, lambda: read_only(True), lambda: read_only(False))
 
 

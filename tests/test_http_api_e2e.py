@@ -1,6 +1,6 @@
 """The HTTP API of a real server process, end to end, on SQLite and on MariaDB.
 
-``python -m messaging_server --http-port 0`` on free ports, spoken to with
+``python -m messaging_server -p 0`` (its HTTP API on by default) on free ports, spoken to with
 ``http.client`` over real sockets; clients connect over TCP as in production.
 What is proved here:
 
@@ -108,7 +108,7 @@ class Api:
 
 
 def start(db_url: str, *args: str, env: Optional[Dict[str, str]] = None) -> ServerProcess:
-    server = ServerProcess(db_url, "--http-port", "0", "--advertise-host", "127.0.0.1",
+    server = ServerProcess(db_url, "--advertise-host", "127.0.0.1",
                            *args, env=env).start()
     assert server.http_port, server.log
     return server
@@ -172,7 +172,7 @@ def test_queue_one_message_every_status(db_url: str) -> None:
         assert api.post(cid, raw=b"{not json").status == 422
         assert api.post(cid, raw=b"\xff\xfe").status == 422
         assert api.post(cid, raw=b"[" * 100_000).status == 422
-        assert api.post(cid, raw=b'{"body": "x"}', headers={"Content-Type": "text/plain"}).status == 415
+        assert api.post(cid, raw=b'{"body": "x"}', headers={"Content-Type": "text/html"}).status == 415
 
         for unknown in (cid + 1000, "abc", "0", "-1", f"{cid}.", "99999999999999999999999"):
             reply = api.post(unknown, {"body": "x"})
@@ -236,6 +236,46 @@ def test_routes_methods_and_health(sqlite_url: str) -> None:
 
 
 # --- the batch form ------------------------------------------------------------------------
+
+
+def test_a_text_body_is_the_message_and_unknown_fields_are_refused(db_url: str) -> None:
+    """`curl -d 'hello' URL` (the form type, not form-decoded) and text/plain queue the
+    body as it is, as ntfy does; a JSON field the API does not know is refused (422),
+    so that a misspelt ``tll`` cannot queue a message that never expires."""
+    with running(db_url) as server, Client("127.0.0.1", server.port) as client:
+        api = Api(server.http_port)
+        cid = numeric_id(str(client.client_id))
+        sent = {"application/x-www-form-urlencoded": "hello from curl & co=1",
+                "text/plain": "plain text ünïcode",
+                "text/plain; charset=latin-1": "latin \xe9"}
+        for content_type, text in sent.items():
+            raw = text.encode("latin-1") if "latin" in content_type else text.encode()
+            reply = api.post(cid, raw=raw, headers={"Content-Type": content_type})
+            assert reply.status == 201, (content_type, reply.raw)
+        assert [client.receive(timeout=10) for _ in sent] == [
+            "hello from curl & co=1", "plain text ünïcode", "latin é"]
+        for bad in (b"two\nlines", b"", b"\xff\xfe"):
+            reply = api.post(cid, raw=bad, headers={"Content-Type": "text/plain"})
+            assert reply.status == 422, (bad, reply.raw)
+        misspelt = api.post(cid, {"body": "x", "tll": 60})
+        assert misspelt.status == 422 and "'tll'" in misspelt.json["error"], misspelt.raw
+        batch = api.request("POST", "/v1/messages", {"messages": [
+            {"client_id": cid, "body": "y", "priority": 5}]})
+        assert batch.status == 422 and "'priority'" in batch.json["error"], batch.raw
+        extra = api.request("POST", "/v1/messages", {"messages": [], "dry_run": True})
+        assert extra.status == 422, extra.raw
+        # A page of another site may post a text body without a preflight: refused, as
+        # is anything a browser marks cross-site; the API's own origin is not.
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Sec-Fetch-Site": "cross-site"}):
+            reply = api.post(cid, raw=b"csrf", headers={"Content-Type": "text/plain", **headers})
+            assert reply.status == 403, (headers, reply.raw)
+        own = api.post(cid, raw=b"same origin", headers={
+            "Content-Type": "text/plain", "Origin": f"http://127.0.0.1:{server.http_port}"})
+        assert own.status == 201, own.raw
+        assert client.receive(timeout=10) == "same origin"
+        stored = query(server.db_url, "SELECT body FROM messages WHERE client_id = %s ORDER BY id", (cid,))
+        assert [row[0] for row in stored] == [*list(sent.values())[:2], "latin é", "same origin"]
 
 
 def test_batch(db_url: str) -> None:
@@ -423,7 +463,7 @@ def test_bearer_token(db_url: str) -> None:
 
 def test_refuses_to_serve_other_machines_without_a_token(sqlite_url: str) -> None:
     command = [sys.executable, "-m", "messaging_server", "-p", "0", "--db", sqlite_url,
-               "--http-port", "0", "--http-host", "0.0.0.0"]
+               "--http-host", "0.0.0.0"]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=20)
     assert refused.returncode == 2, refused.stderr
     assert "--api-token" in refused.stderr and "0.0.0.0" in refused.stderr

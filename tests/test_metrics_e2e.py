@@ -1,6 +1,6 @@
 """``GET /metrics`` of a real server counts exactly what its clients and enqueuers did.
 
-A ``python -m messaging_server --http-port 0`` process on SQLite and on MariaDB;
+A ``python -m messaging_server -p 0`` process (its HTTP API on by default) on SQLite and on MariaDB;
 clients over real loopback sockets (legacy and ACK mode, a reconnect, a wrong
 secret, one that hangs up during the handshake), messages queued with an
 Enqueuer (routed wake-ups) and over the HTTP API (one queued, three refused),
@@ -39,7 +39,7 @@ DEADLINE_S = 15.0  # for the counters to settle; a loaded 2-core box included
 
 
 def http_port(server: ServerProcess) -> int:
-    """The HTTP API's port (``--http-port 0``), as the server reported it."""
+    """The HTTP API's port (a free one with -p 0), as the server reported it."""
     port = getattr(server, "http_port", 0)
     if port:
         return int(port)
@@ -109,7 +109,7 @@ def say_goodbye(client: RawClient) -> None:
 
 def test_metrics_count_what_the_test_did(db_url: str, stack: contextlib.ExitStack):
     server = stack.enter_context(ServerProcess(
-        db_url, "--http-port", "0", "--advertise-host", "127.0.0.1",
+        db_url, "--advertise-host", "127.0.0.1",
         "--sweep-interval", "60", "--purge-interval", str(PURGE_INTERVAL)))
     base = f"http://127.0.0.1:{http_port(server)}"
     url = f"{base}/metrics"

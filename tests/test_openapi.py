@@ -67,7 +67,7 @@ def api_server(request: pytest.FixtureRequest,
         patch = stack.enter_context(pytest.MonkeyPatch.context())
         for name in [n for n in os.environ if n.startswith("NIKI_") and not n.startswith("NIKI_TEST_")]:
             patch.delenv(name)  # no NIKI_* setting of the caller leaks in
-        server = stack.enter_context(ServerProcess(url, "--http-port", "0", "--api-token", TOKEN,
+        server = stack.enter_context(ServerProcess(url, "--api-token", TOKEN,
                                                    "--advertise-host", "127.0.0.1"))
         with server.connect() as raw:
             assert raw.handshake().startswith("1.")  # client 1, for the examples

@@ -103,7 +103,7 @@ def test_forged_wakeups_for_clients_with_nothing_new_run_no_pass(db_url: str) ->
     """Datagrams naming every client id (ids are sequential) against idle clients: no
     delivery pass runs for a client with nothing new; a real message still goes out."""
     clients = 40
-    with ServerProcess(db_url, "--http-port", "0", "--sweep-interval", "60") as server:
+    with ServerProcess(db_url, "--sweep-interval", "60") as server:
         url = f"http://127.0.0.1:{http_port(server)}/metrics"
         connected = []
         for _ in range(clients):

@@ -32,10 +32,22 @@ def test_option_environment_and_file(tmp_path) -> None:
 
 
 def test_port_plan_resolves_port_zero_to_distinct_ports() -> None:
-    ports = plan_ports(ServerSettings(host="127.0.0.1", port=0, http_port=0), 3)
+    ports = plan_ports(ServerSettings(host="127.0.0.1", port=0), 3)  # the HTTP API by default
     assert ports.client > 0
     assert len(set(ports.events)) == 3 and 0 not in ports.events
-    assert len(set(ports.http)) == 3 and 0 not in ports.http
+    assert len(set(ports.http)) == 3 and 0 not in ports.http and None not in ports.http
+
+
+def test_port_plan_without_the_http_api() -> None:
+    ports = plan_ports(ServerSettings(host="127.0.0.1", port=0, http_port=0), 2)
+    assert list(ports.http) == [None, None]
+
+
+def test_the_http_port_follows_the_client_port() -> None:
+    assert ServerSettings(port=8000).resolved_http_port == 8002
+    assert ServerSettings(port=8000, http_port=9000).resolved_http_port == 9000
+    assert ServerSettings(port=8000, http_port=0).resolved_http_port is None
+    assert ServerSettings(port=0).resolved_http_port == 0  # a free one
 
 
 def test_port_plan_counts_from_the_given_ports() -> None:
