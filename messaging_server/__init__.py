@@ -10,6 +10,7 @@ connection to a server receive them at once, or as soon as they reconnect.
 
 from .enqueue import Enqueuer, enqueue, enqueue_many
 from .errors import (
+    AccessDenied,
     BodyRejected,
     ConfigurationError,
     NikiError,
@@ -19,13 +20,16 @@ from .errors import (
     StorageUnavailable,
     UnknownClient,
 )
+from .http_enqueuer import HttpEnqueuer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDenied",
     "BodyRejected",
     "ConfigurationError",
     "Enqueuer",
+    "HttpEnqueuer",
     "NikiError",
     "QueueFull",
     "StorageError",

@@ -59,8 +59,11 @@ from .errors import (
     StorageFault,
     UnknownClient,
 )
+from .http_enqueuer import MAX_HTTP_BATCH, HttpEnqueuer
 
 EXIT_QUEUED, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4
+# Where messages go: the database itself, or a server's HTTP API (--url).
+Publisher = Union[Enqueuer, HttpEnqueuer]
 EXIT_INTERNAL = 5  # the database refused a statement: a bug, not a state to wait out
 # Which outcome wins when a run of stdin lines has several.
 _SEVERITY = {EXIT_QUEUED: 0, EXIT_DUPLICATE: 1, EXIT_QUEUE_FULL: 2, EXIT_BAD_INPUT: 3, EXIT_ERROR: 4,
@@ -100,11 +103,15 @@ def enqueue_parser() -> argparse.ArgumentParser:
                    "or - to read one message per line from stdin")
     p.add_argument("--file", metavar="PATH", default=None,
                    help="bulk: read messages from PATH (- for stdin), stored up to "
-                   f"{MAX_BATCH} per transaction. With CLIENT_ID, each line is a message for it; "
+                   f"{MAX_BATCH} per transaction ({MAX_HTTP_BATCH} per request with --url). "
+                   "With CLIENT_ID, each line is a message for it; "
                    'without, each line is a JSON object {"client_id": ..., "body": ..., "ttl": ...}')
     p.add_argument("--json", action="store_true",
                    help="report each message as a JSON object on stdout (client_id, status, id, "
                    "error), and bulk runs end with a summary object")
+    p.add_argument("--url", default=None, metavar="URL",
+                   help="publish through a server's HTTP API, e.g. http://127.0.0.1:8002 (default: "
+                        "NIKI_URL; its token from NIKI_API_TOKEN): no database, no UDP needed")
     p.add_argument("--db", default=None,
                    help=f"database URL [NIKI_DB] (default {settings.DEFAULT_DB})")
     p.add_argument("--peers", default=None,
@@ -275,9 +282,15 @@ def enqueue_main(argv: Optional[List[str]] = None, stdin: Optional[TextIO] = Non
             bulk.close()
 
 
-def _open_enqueuer(args: argparse.Namespace) -> Enqueuer:
-    """An Enqueuer on the configured database; ConfigurationError for bad settings."""
+def _open_enqueuer(args: argparse.Namespace) -> Publisher:
+    """An HttpEnqueuer for --url (or NIKI_URL), else an Enqueuer on the configured
+    database; ConfigurationError for bad settings."""
     environ = settings.config_environ(args.config)
+    url = args.url or settings.env_default("NIKI_URL", "", environ)
+    if url:
+        if args.db or args.peers is not None:
+            raise ConfigurationError("--url publishes through a server: it takes neither --db nor --peers")
+        return HttpEnqueuer(url, settings.env_default("NIKI_API_TOKEN", "", environ))
     db = args.db or settings.default_db(environ)
     peers = args.peers if args.peers is not None else settings.env_default("NIKI_PEERS", "", environ)
     return Enqueuer(db, peers, max_pending=settings.default_max_pending(environ))
@@ -295,7 +308,7 @@ def _worst(a: int, b: int) -> int:
 # --- one message, and stdin line by line --------------------------------------------------------------
 
 
-def _store_one(enqueuer: Enqueuer, client_id: str, body: Union[str, bytes], ttl: Optional[float],
+def _store_one(enqueuer: Publisher, client_id: str, body: Union[str, bytes], ttl: Optional[float],
                line: Optional[int] = None) -> Outcome:
     """Queue one message; StorageUnavailable propagates (the message was not stored)."""
     result: Submitted
@@ -306,7 +319,7 @@ def _store_one(enqueuer: Enqueuer, client_id: str, body: Union[str, bytes], ttl:
     return _outcome(shown_id(client_id), line, result)
 
 
-def _enqueue_one(enqueuer: Enqueuer, client_id: str, body: str, args: argparse.Namespace) -> int:
+def _enqueue_one(enqueuer: Publisher, client_id: str, body: str, args: argparse.Namespace) -> int:
     try:
         outcome = _store_one(enqueuer, client_id, body, args.ttl)
     except StorageFault as exc:
@@ -327,7 +340,7 @@ def _enqueue_one(enqueuer: Enqueuer, client_id: str, body: str, args: argparse.N
     return EXIT_QUEUED
 
 
-def _enqueue_lines(enqueuer: Enqueuer, client_id: str, lines: Iterable[Union[str, bytes]],
+def _enqueue_lines(enqueuer: Publisher, client_id: str, lines: Iterable[Union[str, bytes]],
                    args: argparse.Namespace) -> int:
     report = _Report(args.json)
     status = EXIT_QUEUED
@@ -392,7 +405,7 @@ def _line_count(source: IO[Any]) -> Optional[int]:
         return None
 
 
-def _enqueue_file(enqueuer: Enqueuer, args: argparse.Namespace, source: IO[Any]) -> int:
+def _enqueue_file(enqueuer: Publisher, args: argparse.Namespace, source: IO[Any]) -> int:
     show_bar = sys.stderr.isatty()
     report = _Report(args.json, _Progress(show_bar, _line_count(source) if show_bar else None))
     client_id: Optional[str] = args.client_id
@@ -411,7 +424,7 @@ def _enqueue_file(enqueuer: Enqueuer, args: argparse.Namespace, source: IO[Any])
             continue
         batch.append(entry)
         items += isinstance(entry, _Item)
-        if items == MAX_BATCH:
+        if items == enqueuer.max_batch:
             failure = _store_batch(enqueuer, batch, report)
             if failure is not None:
                 return _stopped(report, *failure)
@@ -493,7 +506,7 @@ def _json_entry(line: int, text: Union[str, bytes], default_ttl: Optional[float]
     return _entry(line, client_id, body, ttl)
 
 
-def _store_batch(enqueuer: Enqueuer, batch: List[Entry],
+def _store_batch(enqueuer: Publisher, batch: List[Entry],
                  report: _Report) -> Optional[Tuple[int, StorageError]]:
     """Store a batch's messages in one transaction (each with its own ttl) and report every
     entry, in order.  When the database fails, nothing of the batch was stored: its first

@@ -147,6 +147,8 @@ class Enqueuer:
     the server would send to itself.
     """
 
+    max_batch = MAX_BATCH  # items per enqueue_many call
+
     def __init__(self, db: Optional[str] = None, peers: Optional[Union[str, Sequence[Address]]] = None,
                  *, max_body_bytes: int = settings.MAX_BODY_BYTES,
                  max_pending: Optional[int] = None,

@@ -47,11 +47,17 @@ class StorageFault(StorageError):
     niki-enqueue exits with status 5."""
 
 
+class AccessDenied(StorageError):
+    """A server's HTTP API refused the caller (HTTP 401 or 403: no token, a wrong one, or
+    a request it serves to its own machine only).  Nothing was queued."""
+
+
 class ConfigurationError(NikiError, ValueError):
     """A setting (database URL, peer list, port) is malformed."""
 
 
 __all__ = [
+    "AccessDenied",
     "BodyRejected",
     "ConfigurationError",
     "NikiError",
