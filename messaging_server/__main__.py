@@ -26,6 +26,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from .errors import NikiError
 from .logs import LOGGER, configure_logging
 from .settings import (
+    DEFAULT_DB,
+    DEFAULT_DB_PATH,
     ServerSettings,
     configured_peers,
     default_workers,
@@ -68,6 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .server import run
 
     try:
+        if settings.db == DEFAULT_DB:  # the per-user data directory: made on first use
+            _make_data_dir(os.path.dirname(DEFAULT_DB_PATH))
         storage = open_storage(settings.db, pool_size=settings.pool_size, create=True)
         logging.getLogger(LOGGER).info("database %s", describe_url(settings.db))
         if worker is None:  # a worker's supervisor has done it
@@ -88,6 +92,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         storage.close()
     return EXIT_OK
+
+
+def _make_data_dir(path: str) -> None:
+    """Create the default database's directory, readable by its user only."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise NikiError(f"cannot create the data directory {path} for the default "
+                                 f"database: {exc.strerror or exc} (choose another with --db)") from None
 
 
 def _supervise(settings: ServerSettings, argv: List[str], count: int,

@@ -29,7 +29,21 @@ from .throttle import (
 from .wakeup import Address, parse_peers
 
 DEFAULT_PORT = 8000
-DEFAULT_DB = "sqlite:///niki.sqlite3"
+
+
+def default_data_dir(environ: Optional[Mapping[str, str]] = None) -> str:
+    """The per-user data directory (XDG Base Directory): ``$XDG_DATA_HOME/niki`` when it
+    is set to an absolute path, else ``~/.local/share/niki``."""
+    environ = os.environ if environ is None else environ
+    xdg = environ.get("XDG_DATA_HOME", "")
+    base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "niki")
+
+
+# The server and every tool use the same database whatever their working directory
+# (a relative default once sent niki-enqueue to a file no server read).
+DEFAULT_DB_PATH = os.path.join(default_data_dir(), "niki.sqlite3")
+DEFAULT_DB = f"sqlite:///{DEFAULT_DB_PATH}"
 # The original's duplicate rule: the same body for the same client within this
 # many seconds is recorded as ignored and not delivered.
 DUPLICATE_WINDOW_S = 5.0

@@ -63,7 +63,7 @@ class ServerProcess:
     worker's wake-up port (``w0`` first).
     """
 
-    def __init__(self, db_url: str, *args: str, env: Optional[Dict[str, str]] = None,
+    def __init__(self, db_url: Optional[str], *args: str, env: Optional[Dict[str, str]] = None,
                  port: int = 0, event_port: Optional[int] = None, workers: int = 1) -> None:
         self.db_url = db_url
         self.workers = workers
@@ -85,6 +85,8 @@ class ServerProcess:
             cmd += ["--event-port", str(self.requested_event_port)]
         cmd += self.args
         env = dict(os.environ, NIKI_DB=self.db_url, PYTHONUNBUFFERED="1", **self.extra_env)
+        if not self.db_url:  # the default database
+            del env["NIKI_DB"]
         STARTED.append(self)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      env=env, text=True, encoding="utf-8", errors="replace")

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import pty
+import stat
 import struct
 import subprocess
 import sys
@@ -19,10 +20,19 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
+from messaging_server.client import Client
 from messaging_server.enqueue import MAX_BATCH
 from messaging_server.settings import DEFAULT_PORT, MAX_BODY_BYTES
 from messaging_server.storage import Storage, open_storage
-from tests.helpers import REFUSED_BODY, DatagramCounter, query, refuse_body, wait_until
+from tests.helpers import (
+    REFUSED_BODY,
+    DatagramCounter,
+    ServerProcess,
+    numeric_id,
+    query,
+    refuse_body,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -212,12 +222,33 @@ def test_unreachable_database(db, tmp_path, wakeups):
 
 
 def test_default_database_is_not_created(tmp_path, wakeups):
-    # No --db and no NIKI_DB: the default sqlite:///niki.sqlite3 is relative to the working
-    # directory and must exist (only the server creates it).
-    result = run_cli("5", "hello", peers=wakeups.peers, cwd=str(tmp_path))
+    # No --db and no NIKI_DB: the default database, in the per-user data directory, must
+    # exist (only the server creates it); the error names it and the way to create it.
+    result = run_cli("5", "hello", peers=wakeups.peers, cwd=str(tmp_path),
+                     extra_env={"XDG_DATA_HOME": str(tmp_path / "data")})
     assert result.status == 1
-    result.one_error_line()
+    path = tmp_path / "data" / "niki" / "niki.sqlite3"
+    assert f"there is no database at {path}" in result.one_error_line()
+    assert "python -m messaging_server" in result.one_error_line()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_database_is_the_same_from_any_directory(tmp_path, wakeups):
+    """The server makes the default database in the per-user data directory (0700), and
+    niki-enqueue finds it from any working directory."""
+    data = tmp_path / "data"
+    with ServerProcess(None, env={"XDG_DATA_HOME": str(data)}) as server, \
+            Client("127.0.0.1", server.port) as client:
+        path = data / "niki" / "niki.sqlite3"
+        assert f"database sqlite:///{path}" in server.log
+        assert stat.S_IMODE(os.stat(data / "niki").st_mode) == 0o700
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        result = run_cli(str(numeric_id(str(client.client_id))), "found it", cwd=str(elsewhere),
+                         extra_env={"XDG_DATA_HOME": str(data)})
+        assert result.status == 0, result.stderr
+        assert client.receive(timeout=10) == "found it"
+        assert list(elsewhere.iterdir()) == []
 
 
 @pytest.mark.parametrize("opts", [("--db", "postgres://localhost/niki"), ("--db", "sqlite://"),

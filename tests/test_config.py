@@ -297,8 +297,13 @@ def test_example_file_lists_every_key_with_its_default(tmp_path):
     assert sorted(keys) == sorted(option.key for option in CONFIG_OPTIONS)  # each once
     uncommented = "\n".join(EXAMPLE_KEY_LINE.sub(r"\1 =\2", line) for line in text.splitlines())
     effective = effective_settings(["--config", write(tmp_path, uncommented)], {})
-    assert effective.values == {option.key: option.default for option in CONFIG_OPTIONS}
-    assert effective.settings == ServerSettings()
+    # The default database is under the user's home, different on every machine: the
+    # example shows a system path instead, and says what the default is.
+    assert effective.values["db"] == "sqlite:////var/lib/niki/niki.sqlite3"
+    assert "~/.local/share/niki/niki.sqlite3" in text
+    values = {**effective.values, "db": settings.DEFAULT_DB}
+    assert values == {option.key: option.default for option in CONFIG_OPTIONS}
+    assert dataclasses.replace(effective.settings, db=settings.DEFAULT_DB) == ServerSettings()
     set_keys = {key for key, source in effective.sources.items() if source.startswith("file ")}
     assert set_keys == {option.key for option in CONFIG_OPTIONS
                         if option.default not in (None, "")}

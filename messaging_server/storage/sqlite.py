@@ -67,6 +67,7 @@ class SqliteStorage(SqlStorage):
         self.location = f"SQLite database {path}"
         # Only the server creates the file; a typo in an enqueuer's URL must
         # not leave an empty database behind.
+        self._create = create
         self._uri = f"file:{pathname2url(os.path.abspath(path))}?mode={'rwc' if create else 'rw'}"
         self._pool: ConnectionPool[sqlite3.Connection] = ConnectionPool(
             self._connect, _close, pool_size, self.location)
@@ -163,6 +164,12 @@ class SqliteStorage(SqlStorage):
 
     def describe_error(self, exc: BaseException) -> str:
         text = " ".join(str(exc).split()) or type(exc).__name__
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if "unable to open" in text and not self._create and not os.path.exists(self.path):
+            return (f"{text}: there is no database at {self.path} (a server creates it on its "
+                    f"first start: python -m messaging_server --db sqlite:///{self.path})")
+        if "unable to open" in text and not os.path.isdir(directory):
+            return f"{text}: the directory {directory} does not exist"
         if ("unable to open" in text or "readonly" in text) and os.path.exists(self.path) \
                 and not _writable(self.path):
             return (f"{text} (the file or its directory is read-only: the server writes the file "
