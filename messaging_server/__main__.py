@@ -68,7 +68,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.update(effective.enqueue_environ())
     fail = _reporter(settings.log_format)
     from .server import run
+    from .tls import server_context
 
+    if settings.tls_cert:  # unusable files are found before anything is created
+        try:
+            server_context(settings.tls_cert, settings.tls_key)
+        except NikiError as exc:
+            return fail(EXIT_ERROR, str(exc))
     try:
         if settings.db == DEFAULT_DB:  # the per-user data directory: made on first use
             _make_data_dir(os.path.dirname(DEFAULT_DB_PATH))

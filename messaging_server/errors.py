@@ -56,6 +56,16 @@ class ConfigurationError(NikiError, ValueError):
     """A setting (database URL, peer list, port) is malformed."""
 
 
+def port_error(exc: OSError, what: str, host: str, port: int) -> OSError:
+    """A bind's ``exc`` that names the port and what it is for ("Address already in use"
+    alone does not say which of a server's three ports is taken)."""
+    where = f"port {port}" if host in ("", "::", "0.0.0.0") else \
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    error = OSError(f"cannot bind the {what}, {where}: {exc.strerror or exc}")
+    error.errno = exc.errno
+    return error
+
+
 __all__ = [
     "AccessDenied",
     "BodyRejected",

@@ -41,6 +41,8 @@ from http.client import HTTPException
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Type
 
+from .errors import port_error
+
 log = logging.getLogger("messaging_server.http")
 
 # Concurrent HTTP connections; each costs a thread and, while it runs a
@@ -333,7 +335,11 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse lookup of the address (slow where DNS is)."""
-        socketserver.TCPServer.server_bind(self)
+        try:
+            socketserver.TCPServer.server_bind(self)
+        except OSError as exc:
+            host, port = self.server_address[:2]
+            raise port_error(exc, "HTTP API port (TCP)", str(host), int(port)) from exc
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     @property

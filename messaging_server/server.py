@@ -49,7 +49,7 @@ from .delivery import (
     give_back_lease,
     write_carried,
 )
-from .errors import StorageUnavailable
+from .errors import StorageUnavailable, port_error
 from .marks import MarkWriter
 from .protocol import ConnectionClosed, Identify, LineTooLong, ServerConnection, ServerEvent
 from .settings import PURGE_BATCH, ServerSettings
@@ -422,7 +422,10 @@ class NikiServer(socketserver.ThreadingTCPServer):
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise port_error(exc, "client port (TCP)", self.settings.host, self.settings.port) from exc
 
     @property
     def port(self) -> int:

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, port_error
 from .protocol import parse_client_id
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,11 @@ class WakeupListener:
         # its size.  The kernel caps the request at net.core.rmem_max.
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        self._sock.bind((host, port))
+        try:
+            self._sock.bind((host, port))
+        except OSError as exc:
+            self._sock.close()
+            raise port_error(exc, "wake-up port (UDP)", host, port) from exc
 
     @property
     def port(self) -> int:

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from .backoff import ExponentialBackoff
-from .errors import NikiError
+from .errors import NikiError, port_error
 from .settings import ServerSettings
 
 log = logging.getLogger("messaging_server")
@@ -91,22 +91,25 @@ def plan_ports(settings: ServerSettings, count: int) -> Ports:
     base_event = settings.resolved_event_port
     probes: List[socket.socket] = []
     try:
-        client = _probe(probes, socket.SOCK_STREAM, settings.host, settings.port, dual=True)
+        client = _probe(probes, socket.SOCK_STREAM, settings.host, settings.port, dual=True,
+                        what="client port (TCP)")
         events = [_probe(probes, socket.SOCK_DGRAM, settings.host,
-                         base_event + i if base_event else 0, dual=True) for i in range(count)]
+                         base_event + i if base_event else 0, dual=True,
+                         what=f"wake-up port (UDP) of worker {i}") for i in range(count)]
         http: List[Optional[int]] = [None] * count
         base_http = settings.resolved_http_port
         if base_http is not None:
             http = [_probe(probes, socket.SOCK_STREAM, settings.http_host,
-                           base_http + i if base_http else 0, dual=False)
-                    for i in range(count)]
+                           base_http + i if base_http else 0, dual=False,
+                           what=f"HTTP API port (TCP) of worker {i}") for i in range(count)]
         return Ports(client, events, http)
     finally:
         for probe in probes:  # all open until the end: no two free ports alike
             probe.close()
 
 
-def _probe(probes: List[socket.socket], kind: int, host: str, port: int, dual: bool) -> int:
+def _probe(probes: List[socket.socket], kind: int, host: str, port: int, dual: bool,
+           what: str) -> int:
     """Bind ``host``:``port`` as the server will (dual-stack for "" where ``dual``); its port."""
     if port > 65535:
         raise OSError(f"port {port} is out of range (a worker's port is the base port + its index)")
@@ -119,7 +122,10 @@ def _probe(probes: List[socket.socket], kind: int, host: str, port: int, dual: b
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
     if host == "::":
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise port_error(exc, what, host, port) from exc
     return sock.getsockname()[1]
 
 

@@ -600,7 +600,8 @@ def test_port_in_use_exits_1(db_url: str) -> None:
         result = run_cli("-p", str(port), "--event-port", "0", env=env)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert "cannot listen" in result.stderr and "in use" in result.stderr, result.stderr
+    assert "cannot listen: cannot bind the client port (TCP)" in result.stderr, result.stderr
+    assert f"port {port}: Address already in use" in result.stderr, result.stderr
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("0.0.0.0", 0))
@@ -608,4 +609,14 @@ def test_port_in_use_exits_1(db_url: str) -> None:
         result = run_cli("-p", "0", "--event-port", str(port), env=env)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert "cannot listen" in result.stderr and "in use" in result.stderr, result.stderr
+    assert "cannot listen: cannot bind the wake-up port (UDP)" in result.stderr, result.stderr
+    assert f"port {port}: Address already in use" in result.stderr, result.stderr
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("-p", "0", "--http-port", str(port), env=env)
+    assert result.returncode == 1, result.stderr
+    assert "cannot listen: cannot bind the HTTP API port (TCP)" in result.stderr, result.stderr
+    assert f"127.0.0.1:{port}: Address already in use" in result.stderr, result.stderr

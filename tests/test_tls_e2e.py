@@ -514,3 +514,4 @@ def test_unusable_tls_files_stop_the_server(case: str, tls_files: TlsFiles, tmp_
         proc.start()
     assert proc.proc is not None and proc.proc.returncode == status, proc.log
     wait_until(lambda: text in proc.log, timeout=5, message=f"{text!r} in the log")
+    assert not (tmp_path / "niki.sqlite3").exists(), "a database was created before the check"

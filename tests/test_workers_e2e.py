@@ -142,7 +142,8 @@ def test_start_up_errors_fail_fast_with_the_single_server_status(sqlite_url: str
                                "-p", str(port), "--db", sqlite_url], env=env,
                               capture_output=True, text=True, timeout=30)
     assert done.returncode == 1, done.stderr
-    assert "messaging_server: cannot listen: [Errno 98] Address already in use" in done.stderr
+    assert (f"messaging_server: cannot listen: cannot bind the client port (TCP), port {port}: "
+            "Address already in use") in done.stderr, done.stderr
     assert "started worker" not in done.stderr
     done = subprocess.run([sys.executable, "-m", "messaging_server", "--workers", "2", "-p", "0",
                            "--db", sqlite_url, "--tls-cert", "/nonexistent.pem"], env=env,
