@@ -21,8 +21,7 @@ from .errors import (
     UnknownClient,
 )
 from .http_enqueuer import HttpEnqueuer
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AccessDenied",

@@ -23,6 +23,7 @@ from .enqueue import client_id_of
 from .errors import ConfigurationError, NikiError, UnknownClient
 from .storage import Storage, open_storage
 from .storage.base import ClientInfo, MessageInfo, ServerInfo
+from .version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # An operator's command runs one query at a time.
@@ -62,6 +63,7 @@ def admin_parser(prog: str = "niki-admin") -> argparse.ArgumentParser:
                 "receipts; expire and purge old messages now.",
                 epilog="Exit status: 0 done, 1 unknown client or message, or database "
                 "unreachable, 2 usage error.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(p, None)
     p.set_defaults(json=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

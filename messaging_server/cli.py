@@ -60,6 +60,7 @@ from .errors import (
     UnknownClient,
 )
 from .http_enqueuer import MAX_HTTP_BATCH, HttpEnqueuer
+from .version import __version__
 
 EXIT_QUEUED, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4
 # Where messages go: the database itself, or a server's HTTP API (--url).
@@ -95,6 +96,7 @@ def enqueue_parser() -> argparse.ArgumentParser:
         "database refused the statement (a bug: please report it). With --file: 0 all "
         "queued or duplicate, 1 some rejected or the database unavailable, 2 usage error, 5 as above.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("client_id", metavar="CLIENT_ID", nargs="?",
                    help="the client id: the number before the dot in what the server sent "
                    "after SET_CLIENT_ID: (the whole credential works too)")

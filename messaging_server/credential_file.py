@@ -9,10 +9,12 @@ directory), so that a crash never leaves half a credential behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import ipaddress
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 from .credentials import parse_credential
 from .errors import NikiError
@@ -26,13 +28,29 @@ class CredentialFileError(NikiError):
     """The credential file cannot be read, holds no credential, or cannot be written."""
 
 
-def default_credential_path(host: str, port: int, environ: Mapping[str, str] = os.environ) -> Path:
+def default_credential_path(host: str, port: int, environ: Mapping[str, str] = os.environ,
+                            name: str = "") -> Path:
     """``$XDG_CONFIG_HOME/niki/credential-HOST-PORT`` (``~/.config`` when unset or relative,
-    as the XDG base directory specification says)."""
+    as the XDG base directory specification says), ``-NAME`` added for a named subscriber.
+    Every spelling of this machine (``localhost``, ``127.0.0.1``, ``[::1]``) is one host,
+    so that it is one client of its server."""
     config = environ.get("XDG_CONFIG_HOME", "")
     base = Path(config) if os.path.isabs(config) else Path(environ.get("HOME") or Path.home()) / ".config"
-    safe_host = "".join(c if c.isalnum() or c in ".-_:" else "_" for c in host.lower())
-    return base / "niki" / f"credential-{safe_host}-{port}"
+    host = host.strip("[]").lower()
+    if _loopback(host):
+        host = "localhost"
+    safe_host = "".join(c if c.isalnum() or c in ".-_:" else "_" for c in host)
+    suffix = "".join(c if c.isalnum() or c in ".-_" else "_" for c in name)
+    return base / "niki" / (f"credential-{safe_host}-{port}" + (f"-{suffix}" if suffix else ""))
+
+
+def _loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class CredentialFile:
@@ -63,6 +81,31 @@ class CredentialFile:
         if not os.access(self.path.parent, os.W_OK | os.X_OK):
             raise CredentialFileError(f"cannot write the credential file {self.path}: "
                                       f"{self.path.parent} is not writable")
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Hold the file for this process (a lock file beside it) while the block runs.
+        Two subscribers on one credential take each other over forever, each
+        reconnecting as the other is closed: the second refuses to start instead."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, CREDENTIAL_FILE_MODE)
+        except OSError as exc:
+            raise CredentialFileError(f"cannot open {lock_path}: {exc.strerror or exc}") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                raise CredentialFileError(
+                    f"{self.path} is in use by another niki-client (pid {holder}): two clients "
+                    "on one credential would take each other over forever; give this one its "
+                    "own --name (or --credential-file)") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def load(self) -> Optional[str]:
         """The stored credential; None when there is none yet (no file, or an empty one)."""

@@ -29,7 +29,7 @@ from http import HTTPStatus
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
-from . import __version__, metrics
+from . import metrics
 from .connection import ClientConnection
 from .credentials import redact
 from .enqueue import Enqueuer, Submitted, WakeHere, check_body, check_ttl, client_id_of
@@ -39,6 +39,7 @@ from .http_server import MAX_REQUEST_BYTES, BoundedHTTPServer, BoundedRequestHan
 from .settings import ServerSettings
 from .storage import Storage
 from .storage.base import ServerAddress
+from .version import __version__
 
 log = logging.getLogger("messaging_server.http")
 

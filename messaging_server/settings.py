@@ -26,6 +26,7 @@ from .throttle import (
     NEW_CLIENTS_PER_MINUTE,
     parse_exempt,
 )
+from .version import __version__
 from .wakeup import Address, parse_peers
 
 DEFAULT_PORT = 8000
@@ -418,6 +419,7 @@ def server_parser() -> argparse.ArgumentParser:
         "Command line > environment > config file > default. "
         "'python -m messaging_server admin ...' runs the administration tool.",
     )
+    p.add_argument("--version", action="version", version=f"Niki (messaging_server) {__version__}")
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                    help=f"INI file of settings, in a [niki] section [{CONFIG_ENV}] (default: none)")
     p.add_argument("--print-config", action="store_true",

@@ -22,8 +22,11 @@ Why it is shaped the way it is:
   DISCONNECT; a signal that arrives while a message is being printed and
   acknowledged waits until that is done.
 
-Exit status: 0 (signal, ``--count`` reached, ``--timeout`` expired), 1 fatal
-error (credential file, stdout closed, certificate check), 2 usage error.
+Exit status (as ``mosquitto_sub``'s): 0 when it did what was asked (``--count``
+reached, or stopped by SIGINT/SIGTERM), 27 when ``--timeout`` passed without a message,
+1 when it never connected within ``--timeout`` (refused, unreachable, not a Niki
+server; the reason is logged) or on a fatal error (credential file in use or
+unwritable, stdout closed, certificate check), 2 usage error.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ from .credentials import parse_credential, redact
 from .errors import ConfigurationError, NikiError
 from .protocol import MAX_CLIENT_ID, PING, PONG, Message
 from .settings import DEFAULT_PORT, non_negative_float, positive_float, positive_int
+from .version import __version__
 
 PROG = "niki-client"
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+EXIT_TIMEOUT = 27  # mosquitto_sub -W's status when its time ran out
 
 CONNECT_TIMEOUT = 10.0  # seconds for TCP connect, TLS and protocol handshake together
 DISCONNECT_TIMEOUT = 2.0  # seconds to wait for the server to close after DISCONNECT
@@ -83,7 +88,12 @@ class StopRequested(BaseException):
 
 
 class _Finished(Exception):
-    """``--count`` messages printed, or ``--timeout`` seconds without one."""
+    """``--count`` messages printed (``timed_out`` False), or ``--timeout`` seconds
+    without one."""
+
+    def __init__(self, timed_out: bool = True) -> None:
+        super().__init__()
+        self.timed_out = timed_out
 
 
 # --- the server address ---
@@ -240,6 +250,14 @@ class Keepalive:
         return self.last_heard + self.interval if self.interval > 0 else None
 
 
+def _no_greeting(exc: BaseException) -> bool:
+    """Whether a connect failed waiting for the greeting, or on bytes that are not the
+    protocol's (a TLS server waits for a ClientHello and answers plain text with an alert)."""
+    if isinstance(exc, (TimeoutError, ssl.SSLError)) or "timed out" in str(exc):
+        return True
+    return isinstance(exc, ClientError) and "expected GET_CLIENT_ID" in str(exc)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -266,19 +284,30 @@ class Subscriber:
         self.credential: Optional[str] = None
         self._idle_deadline: Optional[float] = None
         self._retrying = False
+        self.connected = False  # identified at least once in this run
+        self.last_failure = ""  # why the last connection attempt failed
 
     def run(self) -> int:
         """Until a signal, ``--count`` or ``--timeout``; fatal errors propagate (after DISCONNECT)."""
         self.credentials.prepare()
-        self.credential = self.credentials.load()
-        self._touch()
         try:
-            while True:
-                self.signals.check()
-                if self._open():
-                    self._serve_until_lost()
-        except (_Finished, StopRequested):
+            with self.credentials.in_use():
+                self.credential = self.credentials.load()
+                self._touch()
+                while True:
+                    self.signals.check()
+                    if self._open():
+                        self._serve_until_lost()
+        except StopRequested:
             return EXIT_OK
+        except _Finished as finished:
+            if not finished.timed_out:
+                return EXIT_OK
+            if not self.connected:
+                self.log(f"never connected to {self.options.address} within --timeout "
+                         f"{self.options.idle_timeout:g} s ({self.last_failure or 'no attempt'})")
+                return EXIT_FATAL
+            return EXIT_TIMEOUT
         finally:
             self._hang_up()
 
@@ -309,8 +338,13 @@ class Subscriber:
                                     f"trusted ({exc.verify_message}); see --cafile") from exc
         except (OSError, ClientError) as exc:
             self._drop()
-            self._pause(f"cannot connect to {self.options.address} ({_describe(exc)})")
+            self.last_failure = _describe(exc)
+            if self.options.ssl_context is None and _no_greeting(exc):
+                self.last_failure += ("; the server sent no GET_CLIENT_ID: if it serves TLS "
+                                      "(--tls-cert), connect with --tls")
+            self._pause(f"cannot connect to {self.options.address} ({self.last_failure})")
             return False
+        self.connected = True
         with self.signals.deferred():
             self._adopt(self.client.client_id)
         if self._retrying:
@@ -414,7 +448,7 @@ class Subscriber:
                 self.printed.add(message_id)
                 client.ack(message_id)
         if self.options.count is not None and self.count >= self.options.count:
-            raise _Finished()
+            raise _Finished(timed_out=False)
 
     def _pause(self, what: str) -> None:
         """Log the failure and wait the back-off (or until ``--timeout`` ends the run)."""
@@ -456,13 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Subscribe to a Niki server: print every message for this client, one per "
         "line, reconnecting when the connection is lost.",
-        epilog="Exit status: 0 on SIGINT/SIGTERM, --count or --timeout; 1 fatal error; 2 usage error.",
+        epilog="Exit status: 0 on SIGINT/SIGTERM or --count reached; 27 when --timeout passed "
+        "without a message; 1 when it never connected within --timeout, or a fatal error; "
+        "2 usage error.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("address", metavar="HOST[:PORT]",
                    help=f"the server (port {DEFAULT_PORT} by default; IPv6 as [::1]:8000)")
     p.add_argument("--credential-file", metavar="PATH", type=Path, default=None,
                    help="where this client's credential is kept (default "
-                   "$XDG_CONFIG_HOME/niki/credential-HOST-PORT, ~/.config when unset)")
+                   "$XDG_CONFIG_HOME/niki/credential-HOST-PORT[-NAME], ~/.config when unset; "
+                   "localhost, 127.0.0.1 and [::1] are one host)")
+    p.add_argument("--name", default="",
+                   help="a name for this subscriber, so that several on one machine and "
+                   "server are several clients (each has its own credential file); one file "
+                   "serves one niki-client at a time")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per message: {"id", "body", "received_at"}')
     p.add_argument("--no-ack", dest="ack", action="store_false",
@@ -473,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trust this PEM certificate (e.g. the server's self-signed one); implies --tls")
     p.add_argument("--count", type=positive_int, metavar="N", help="exit after N messages")
     p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
-                   help="exit (status 0) after SECONDS without a message")
+                   help="exit after SECONDS without a message (status 27; 1 if it never connected)")
     p.add_argument("--max-backoff", type=positive_float, default=DEFAULT_CAP, metavar="SECONDS",
                    help=f"longest wait between reconnect attempts (default {DEFAULT_CAP:g}; "
                    f"the first waits up to {DEFAULT_BASE:g})")
@@ -515,7 +557,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           idle_timeout=args.timeout, max_backoff=args.max_backoff,
                           keepalive=args.keepalive,
                           ssl_context=_ssl_context(args.tls, args.cafile))
-        path = args.credential_file or default_credential_path(host, port)
+        path = args.credential_file or default_credential_path(host, port, name=args.name)
         subscriber = Subscriber(options, CredentialFile(path), OutputWriter(sys.stdout.buffer, args.json),
                                 signals, log)
         return subscriber.run()

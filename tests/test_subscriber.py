@@ -96,8 +96,28 @@ def test_default_path_follows_xdg_config_home(tmp_path: Path) -> None:
 @pytest.mark.parametrize("xdg", [None, "", "relative/dir"])
 def test_default_path_falls_back_to_home_config(xdg: object, tmp_path: Path) -> None:
     environ = {"HOME": str(tmp_path)} if xdg is None else {"HOME": str(tmp_path), "XDG_CONFIG_HOME": xdg}
-    expected = tmp_path / ".config" / "niki" / "credential-::1-9000"
+    expected = tmp_path / ".config" / "niki" / "credential-localhost-9000"
     assert default_credential_path("::1", 9000, environ) == expected
+
+
+def test_every_spelling_of_this_machine_is_one_host_and_a_name_makes_another_file(tmp_path: Path) -> None:
+    environ = {"XDG_CONFIG_HOME": str(tmp_path)}
+    paths = {default_credential_path(host, 8000, environ)
+             for host in ("localhost", "127.0.0.1", "::1", "[::1]", "LOCALHOST", "127.0.0.2")}
+    assert paths == {tmp_path / "niki" / "credential-localhost-8000"}
+    assert default_credential_path("push1.example.com", 8000, environ).name == \
+        "credential-push1.example.com-8000"
+    assert default_credential_path("localhost", 8000, environ, name="kitchen/tablet").name == \
+        "credential-localhost-8000-kitchen_tablet"
+
+
+def test_one_credential_file_serves_one_process(tmp_path: Path) -> None:
+    first, second = CredentialFile(tmp_path / "credential"), CredentialFile(tmp_path / "credential")
+    held = rf"in use by another niki-client \(pid {os.getpid()}\)"
+    with first.in_use(), pytest.raises(CredentialFileError, match=held), second.in_use():
+        pass
+    with second.in_use():  # let go at the end of the block
+        pass
 
 
 def test_default_path_keeps_odd_host_characters_out_of_the_name(tmp_path: Path) -> None:

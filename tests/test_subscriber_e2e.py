@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
+import messaging_server
 from messaging_server import Enqueuer
 from tests.helpers import RawClient, ServerProcess, numeric_id, query, wait_until
 
@@ -162,7 +163,7 @@ def test_queued_and_live_messages_and_the_credential_file(db_url: str, tmp_path:
     env = {"XDG_CONFIG_HOME": str(config)}
     with ServerProcess(db_url) as server, Enqueuer(db_url) as enq:
         address = f"127.0.0.1:{server.port}"
-        path = config / "niki" / f"credential-127.0.0.1-{server.port}"
+        path = config / "niki" / f"credential-localhost-{server.port}"  # one host, any spelling
         with SubscriberProcess(address, "--count", "1", env=env) as first:
             credential = credential_in(path)
             enq.enqueue(credential, "live one")
@@ -176,14 +177,15 @@ def test_queued_and_live_messages_and_the_credential_file(db_url: str, tmp_path:
 
         enq.enqueue(credential, "queued one")
         enq.enqueue(credential, "queued two")
-        with SubscriberProcess(address, "--count", "3", env=env) as second:
+        with SubscriberProcess(f"localhost:{server.port}", "--count", "3", env=env) as second:
             assert second.wait_lines(2) == ["queued one", "queued two"]
             enq.enqueue(credential, "live two")
             assert second.wait() == 0, second.log
         assert second.output() == ["queued one", "queued two", "live two"]
         assert path.read_text() == credential + "\n"
         assert "registered" not in second.log and "did not accept" not in second.log
-        assert os.listdir(path.parent) == [path.name]
+        # No temporary file left behind; the lock file stays (one subscriber per credential).
+        assert sorted(os.listdir(path.parent)) == [path.name, path.name + ".lock"]
 
 
 def test_survives_a_server_restart_and_prints_everything_exactly_once(db_url: str, tmp_path: Path) -> None:
@@ -228,7 +230,7 @@ def test_json_output_ids_and_idle_timeout(db_url: str, tmp_path: Path) -> None:
             enq.enqueue(credential, "second")
             acked.wait_lines(2)
             last_line_at = time.monotonic()
-            assert acked.wait() == 0, acked.log
+            assert acked.wait() == 27, acked.log  # --timeout passed: mosquitto_sub -W's status
         assert time.monotonic() - last_line_at < IDLE + QUICK_EXIT, "--timeout left it running"
         records = [json.loads(line) for line in acked.output()]
         stored = query(db_url, "SELECT id, body FROM messages WHERE client_id = %s ORDER BY id",
@@ -368,12 +370,13 @@ def test_refused_connects_are_retried_until_the_timeout(tmp_path: Path) -> None:
     started = time.monotonic()
     with SubscriberProcess(f"127.0.0.1:{port}", "--timeout", "1.5", "--max-backoff", "0.2",
                            credential_file=path) as sub:
-        assert sub.wait() == 0, sub.log
+        assert sub.wait() == 1, sub.log  # it never connected: not a quiet server
     elapsed = time.monotonic() - started
     assert 1.5 <= elapsed < 1.5 + QUICK_EXIT
     attempts = [line for line in sub.errors if "cannot connect" in line]
     assert len(attempts) >= 3, sub.log  # at most 0.2 s apart
     assert all(f"cannot connect to 127.0.0.1:{port}" in line and "as 7.***" in line for line in attempts)
+    assert f"never connected to 127.0.0.1:{port} within --timeout 1.5 s (Connection refused)" in sub.log
     assert SECRET not in sub.log
 
 
@@ -411,3 +414,35 @@ def test_keepalive_pings_and_gives_up_on_a_silent_server(scripted: ScriptedServe
         silent.close()
     assert sub.output() == ["still here"]
     assert sub.log.count("no answer to PING") == 1, "a PONG keeps the connection"
+
+
+def test_one_credential_file_one_subscriber_and_a_name_makes_another_client(db_url: str,
+                                                                             tmp_path: Path) -> None:
+    """Two subscribers on one credential would take each other over forever: the second
+    refuses to start and says why; with --name it is a client of its own."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    with ServerProcess(db_url) as server, Enqueuer(db_url) as enq:
+        address = f"127.0.0.1:{server.port}"
+        with SubscriberProcess(address, "--count", "1", env=env) as first:
+            credential = credential_in(tmp_path / "config" / "niki" / f"credential-localhost-{server.port}")
+            with SubscriberProcess(address, "--count", "1", env=env) as second:
+                assert second.wait() == 1, second.log
+            assert "is in use by another niki-client" in second.log and "--name" in second.log
+            with SubscriberProcess(address, "--count", "1", "--name", "tablet", env=env) as named:
+                other = credential_in(tmp_path / "config" / "niki" /
+                                      f"credential-localhost-{server.port}-tablet")
+                assert numeric_id(other) != numeric_id(credential)
+                enq.enqueue(other, "for the tablet")
+                assert named.wait() == 0, named.log
+            enq.enqueue(credential, "for the first")
+            assert first.wait() == 0, first.log
+        assert first.output() == ["for the first"] and named.output() == ["for the tablet"]
+
+
+def test_every_entry_point_knows_its_version() -> None:
+    for module in ("messaging_server", "messaging_server.cli", "messaging_server.subscriber",
+                   "messaging_server.admin"):
+        done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0 and done.stdout.strip().endswith(messaging_server.__version__), \
+            (module, done.stdout, done.stderr)

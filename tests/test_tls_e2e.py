@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -515,3 +516,15 @@ def test_unusable_tls_files_stop_the_server(case: str, tls_files: TlsFiles, tmp_
     assert proc.proc is not None and proc.proc.returncode == status, proc.log
     wait_until(lambda: text in proc.log, timeout=5, message=f"{text!r} in the log")
     assert not (tmp_path / "niki.sqlite3").exists(), "a database was created before the check"
+
+
+def test_niki_client_without_tls_on_a_tls_port_is_told_to_use_it(server: ServerProcess,
+                                                                  tmp_path: Path) -> None:
+    """A TLS server waits for a ClientHello and never says GET_CLIENT_ID to plain text:
+    niki-client gives up at its --timeout with status 1 and suggests --tls."""
+    done = subprocess.run([sys.executable, "-m", "messaging_server.subscriber",
+                           f"127.0.0.1:{server.port}", "--timeout", "2",
+                           "--credential-file", str(tmp_path / "credential")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert "connect with --tls" in done.stderr and "never connected" in done.stderr, done.stderr
