@@ -26,6 +26,7 @@ import logging
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
+from importlib import resources
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
@@ -45,6 +46,7 @@ log = logging.getLogger("messaging_server.http")
 
 # Messages in one POST /v1/messages.
 MAX_HTTP_BATCH = 100
+STATUS_PAGE = resources.files(__package__).joinpath("status_page.html").read_bytes()
 # Message ids are signed 64-bit in both databases.
 MAX_MESSAGE_ID = 2**63 - 1
 # How much of a request path a log line shows.
@@ -124,6 +126,7 @@ class ApiBackend:
     storage: Storage
     enqueuer: Enqueuer
     listening: Callable[[], bool]  # the client port accepts connections
+    status: Callable[[], Dict[str, Any]]  # the status page's data (activity.py)
 
 
 class HttpApi(BoundedHTTPServer):
@@ -148,6 +151,8 @@ class Route:
 
 
 ROUTES = (
+    Route(re.compile(r"/"), {"GET": "_status_page"}),
+    Route(re.compile(r"/v1/status"), {"GET": "_status"}),
     Route(re.compile(r"/healthz"), {"GET": "_health"}, public=True),
     Route(re.compile(r"/metrics"), {"GET": "_metrics"}),
     Route(re.compile(r"/v1/messages"), {"POST": "_post_batch"}),
@@ -215,9 +220,12 @@ class ApiHandler(BoundedRequestHandler):
         token = self.server.token
         if not token.accepts(self.headers.get("Authorization")):
             # Closed after the answer: a caller without the token holds no connection.
+            # The status page asks a browser for it (as the password: Basic).
+            page = self.path.partition("?")[0] == "/"
             raise RequestRefused(HTTPStatus.UNAUTHORIZED, "a valid bearer token is required",
                                  close=True,
-                                 headers=[("WWW-Authenticate", 'Bearer realm="niki"')])
+                                 headers=[("WWW-Authenticate",
+                                           'Basic realm="niki"' if page else 'Bearer realm="niki"')])
         headers = self.headers
         if cross_site(headers.get("Origin"), headers.get("Host"), headers.get("Sec-Fetch-Site")):
             raise RequestRefused(HTTPStatus.FORBIDDEN, "requests from another site's web pages are "
@@ -323,6 +331,16 @@ class ApiHandler(BoundedRequestHandler):
         else:
             answer["error"] = writes.problem or "client port not listening"
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE, answer)
+
+    def _status_page(self) -> None:
+        """One HTML page, no external assets: it reads /v1/status every 5 s."""
+        self._send(HTTPStatus.OK, STATUS_PAGE, "text/html; charset=utf-8", [
+            ("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                        "style-src 'unsafe-inline'; frame-ancestors 'none'"),
+            ("X-Frame-Options", "DENY")])
+
+    def _status(self) -> None:
+        self._reply(HTTPStatus.OK, self.server.backend.status())
 
     def _metrics(self) -> None:
         body, content_type = metrics.render()
@@ -509,7 +527,7 @@ def submitted(message_id: Optional[int]) -> Tuple[int, Dict[str, Any]]:
 
 
 def open_http_api(settings: ServerSettings, storage: Storage, wake_here: WakeHere,
-                  listening: Callable[[], bool]) -> HttpApi:
+                  listening: Callable[[], bool], status: Callable[[], Dict[str, Any]]) -> HttpApi:
     """Bind the HTTP API (OSError when the port is taken); ``start()`` it when ready.
 
     Its Enqueuer uses the server's storage and wakes clients connected to this
@@ -519,7 +537,7 @@ def open_http_api(settings: ServerSettings, storage: Storage, wake_here: WakeHer
     enqueuer = Enqueuer(settings.db, storage=storage, wake_here=wake_here)
     try:
         return HttpApi(settings.http_host, settings.resolved_http_port or 0,
-                       ApiBackend(storage, enqueuer, listening), settings.api_token,
+                       ApiBackend(storage, enqueuer, listening, status), settings.api_token,
                        request_timeout=settings.handshake_timeout,
                        write_timeout=settings.write_timeout)
     except BaseException:

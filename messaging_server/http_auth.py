@@ -17,6 +17,8 @@ No I/O beyond name resolution: the API server asks, this module answers.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import socket
@@ -82,10 +84,17 @@ class BearerToken:
         if not authorization:
             return False
         scheme, _, presented = authorization.strip().partition(" ")
-        if scheme.lower() != SCHEME.lower():
-            return False
         # Header values arrive decoded as Latin-1: these are the bytes sent.
         raw = presented.strip().encode("latin-1", errors="replace")
+        if scheme.lower() == "basic":
+            # A browser opening the status page asks for a user name and password: the
+            # token is the password (any user name).
+            try:
+                raw = base64.b64decode(raw, validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                return False
+        elif scheme.lower() != SCHEME.lower():
+            return False
         return hmac.compare_digest(raw, self._expected)
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import metrics
+from .activity import ActivityMonitor
 from .admission import Admission, connection_cap
 from .commands import CommandListener, handle_events
 from .connection import ClientConnection, WorkItem
@@ -650,16 +651,19 @@ def run(settings: ServerSettings, storage: Storage, reuse_port: bool = False,
     threading.stack_size(THREAD_STACK_BYTES)
     server = NikiServer(settings, storage, reuse_port)
     serving = threading.Event()
+    activity = ActivityMonitor(storage, lambda: server.server_id, lambda: len(server.registry))
     http = None
     if settings.resolved_http_port is not None:
         try:
             http = open_http_api(
                 settings, storage, in_process_wake(server.registry.get, lambda: server.server_id),
-                listening=lambda: serving.is_set() and server.socket.fileno() >= 0)
+                listening=lambda: serving.is_set() and server.socket.fileno() >= 0,
+                status=activity.status)
         except BaseException:
             server.server_close()
             raise
     server.start()
+    activity.start()
     if http is not None:
         http.start()
         log.info("HTTP API on %s%s", http.url,
@@ -689,6 +693,7 @@ def run(settings: ServerSettings, storage: Storage, reuse_port: bool = False,
         serving.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        activity.stop()
         if http is not None:
             http.stop()
         server.stop()

@@ -32,6 +32,7 @@ What is proved here:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -706,3 +707,35 @@ def test_on_by_default_at_the_client_port_plus_two_and_off_with_zero(sqlite_url:
         assert "HTTP API" not in server.log and server.http_port == 0
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port + 2), timeout=2).close()
+
+
+def test_the_status_page_and_its_data(db_url: str) -> None:
+    with running(db_url) as server, Client("127.0.0.1", server.port) as client:
+        api = Api(server.http_port)
+        page = api.get("/")
+        assert page.status == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+        assert b"v1/status" in page.raw and b"<script" in page.raw and b"src=" not in page.raw
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        before = api.get("/v1/status").json
+        (me,) = [s for s in before["servers"] if s["id"] == before["server_id"]]
+        assert me["alive"] and me["clients"] == 1 and before["clients_connected_here"] == 1
+        assert before["pending"] == 0
+        api.post(numeric_id(str(client.client_id)) + 10**6, {"body": "nobody"})  # 404: no change
+        with Client("127.0.0.1", server.port) as offline:
+            credential = str(offline.client_id)
+        api.post(numeric_id(credential), {"body": "waits"})
+        after = api.get("/v1/status").json
+        assert after["pending"] == 1 and after["clients_connected_here"] == 1
+
+
+def test_the_status_page_asks_a_browser_for_the_token(sqlite_url: str) -> None:
+    with running(sqlite_url, "--api-token", "tok3n") as server:
+        api = Api(server.http_port)
+        page = api.get("/")
+        assert page.status == 401 and page.headers["www-authenticate"] == 'Basic realm="niki"'
+        assert api.get("/v1/status").headers["www-authenticate"] == 'Bearer realm="niki"'
+        basic = "Basic " + base64.b64encode(b"anyone:tok3n").decode()
+        assert api.get("/", headers={"Authorization": basic}).status == 200
+        assert api.get("/v1/status", headers={"Authorization": basic}).status == 200
+        wrong = "Basic " + base64.b64encode(b"anyone:guess").decode()
+        assert api.get("/", headers={"Authorization": wrong}).status == 401

@@ -161,6 +161,18 @@ class Queued:
 
 
 @dataclass(frozen=True)
+class Activity:
+    """The whole database's message flow at one moment, for the status page and the
+    per-minute log line: ids handed out so far (their rise is what was queued, in every
+    server's and enqueuer's name, duplicates recorded as ignored included) and the
+    messages still pending."""
+
+    newest_message_id: int
+    id_step: int  # ids advance by this much per message (a Galera node: the cluster's size)
+    pending: int
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     """A registered server, for operators (times: ISO 8601, UTC)."""
 
@@ -409,6 +421,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def message_info(self, message_id: int) -> Optional[MessageInfo]:
         """A message's status and times; None when there is none (never, or purged)."""
+
+    @abc.abstractmethod
+    def activity(self) -> Activity:
+        """The newest message id and the number of pending messages (two index reads)."""
 
     @abc.abstractmethod
     def list_servers(self) -> List[ServerInfo]:
@@ -1136,6 +1152,13 @@ class SqlStorage(Storage):
                              f"AND status = '{PENDING}' AND {self._unexpired}", (client_id,)))
 
     # --- for operators and the HTTP API ---
+
+    def activity(self) -> Activity:
+        with self.read() as tx:
+            newest, pending = tx.fetchall(
+                f"SELECT (SELECT MAX(id) FROM messages), "
+                f"(SELECT COUNT(*) FROM messages WHERE status = '{PENDING}')")[0]
+            return Activity(int(newest or 0), self._id_step(tx), int(pending))
 
     def client_info(self, client_id: int) -> Optional[ClientInfo]:
         with self.transaction() as tx:
