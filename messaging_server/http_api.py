@@ -30,7 +30,7 @@ from importlib import resources
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
-from . import metrics
+from . import metrics, websocket
 from .connection import ClientConnection
 from .credentials import redact
 from .enqueue import Enqueuer, Submitted, WakeHere, check_body, check_ttl, client_id_of
@@ -127,6 +127,8 @@ class ApiBackend:
     enqueuer: Enqueuer
     listening: Callable[[], bool]  # the client port accepts connections
     status: Callable[[], Dict[str, Any]]  # the status page's data (activity.py)
+    adopt: websocket.Adopt  # serves a WebSocket's socket pair as a client connection
+    ws_origins: Tuple[str, ...]  # pages of other origins that may open a WebSocket
 
 
 class HttpApi(BoundedHTTPServer):
@@ -154,6 +156,8 @@ ROUTES = (
     Route(re.compile(r"/"), {"GET": "_status_page"}),
     Route(re.compile(r"/v1/status"), {"GET": "_status"}),
     Route(re.compile(r"/healthz"), {"GET": "_health"}, public=True),
+    # Public as the client port is: a client proves who it is inside the protocol.
+    Route(re.compile(websocket.PATH), {"GET": "_websocket"}, public=True),
     Route(re.compile(r"/metrics"), {"GET": "_metrics"}),
     Route(re.compile(r"/v1/messages"), {"POST": "_post_batch"}),
     Route(re.compile(r"/v1/messages/([^/]+)"), {"GET": "_get_message"}),
@@ -331,6 +335,22 @@ class ApiHandler(BoundedRequestHandler):
         else:
             answer["error"] = writes.problem or "client port not listening"
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE, answer)
+
+    def _websocket(self) -> None:
+        """The line protocol over WebSocket (websocket.py), for the rest of the connection.
+        It no longer counts against the HTTP connections: the client port's caps apply."""
+        headers = self.headers
+        if (headers.get("Upgrade") or "").lower() != "websocket":
+            raise RequestRefused(HTTPStatus.UPGRADE_REQUIRED, "GET /v1/ws is a WebSocket: "
+                                 "send Upgrade: websocket", headers=[("Upgrade", "websocket")])
+        self.close_connection = True
+        self.server.slots.release(self.connection)
+        backend = self.server.backend
+        outcome = websocket.serve(
+            self.connection, websocket.raw_request(self.raw_requestline, headers.items()),
+            headers.get("Origin"), headers.get("Host"), backend.ws_origins, backend.adopt,
+            self.client_address, self.server.write_timeout)
+        log.debug("WebSocket from %s: %s", self.client_address[0], outcome)
 
     def _status_page(self) -> None:
         """One HTML page, no external assets: it reads /v1/status every 5 s."""
@@ -527,7 +547,8 @@ def submitted(message_id: Optional[int]) -> Tuple[int, Dict[str, Any]]:
 
 
 def open_http_api(settings: ServerSettings, storage: Storage, wake_here: WakeHere,
-                  listening: Callable[[], bool], status: Callable[[], Dict[str, Any]]) -> HttpApi:
+                  listening: Callable[[], bool], status: Callable[[], Dict[str, Any]],
+                  adopt: websocket.Adopt) -> HttpApi:
     """Bind the HTTP API (OSError when the port is taken); ``start()`` it when ready.
 
     Its Enqueuer uses the server's storage and wakes clients connected to this
@@ -537,7 +558,9 @@ def open_http_api(settings: ServerSettings, storage: Storage, wake_here: WakeHer
     enqueuer = Enqueuer(settings.db, storage=storage, wake_here=wake_here)
     try:
         return HttpApi(settings.http_host, settings.resolved_http_port or 0,
-                       ApiBackend(storage, enqueuer, listening, status), settings.api_token,
+                       ApiBackend(storage, enqueuer, listening, status, adopt,
+                                  tuple(o.strip() for o in settings.ws_origins.split(",") if o.strip())),
+                       settings.api_token,
                        request_timeout=settings.handshake_timeout,
                        write_timeout=settings.write_timeout)
     except BaseException:

@@ -189,9 +189,10 @@ class ClientHandler(socketserver.BaseRequestHandler):
     def _serve(self, conn: ClientConnection) -> None:
         settings = self.server.settings
         log.debug("connection from %s", conn.peer)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        set_keepalive(conn.sock, settings.keepalive_idle, settings.keepalive_interval,
-                      settings.keepalive_count)
+        if conn.sock.family != socket.AF_UNIX:  # a WebSocket's socket pair has no TCP options
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_keepalive(conn.sock, settings.keepalive_idle, settings.keepalive_interval,
+                          settings.keepalive_count)
         # One deadline for the TLS handshake and the client's id together.
         deadline = time.monotonic() + settings.handshake_timeout
         if conn.tls:
@@ -382,6 +383,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.throttle = IdentifyThrottle(settings.failed_identifications_per_minute,
                                          settings.new_clients_per_minute, settings.throttle_exempt)
         self._connections: set = set()
+        self._bridged: set = set()  # sockets adopted from WebSockets: no TLS of their own
         self._connections_lock = threading.Lock()
         host = settings.host
         if not host and socket.has_dualstack_ipv6():
@@ -471,8 +473,30 @@ class NikiServer(socketserver.ThreadingTCPServer):
             self.admission.leave(client_address[0])
             raise
 
+    def adopt(self, sock: socket.socket, client_address: Tuple[str, int]) -> bool:
+        """Serve ``sock`` (one end of a socket pair: a WebSocket's, websocket.py) as a
+        connection from ``client_address``, under the same caps and limits; False when
+        they refuse it.  It is not wrapped in TLS: the WebSocket's transport is the
+        HTTP port's."""
+        with self._connections_lock:
+            self._bridged.add(sock)
+        if self.verify_request(sock, client_address):
+            try:
+                self.process_request(sock, client_address)
+                return True
+            except BaseException:
+                pass
+        with self._connections_lock:
+            self._bridged.discard(sock)
+        sock.close()
+        return False
+
     def secure(self, sock: socket.socket) -> socket.socket:
         """The connection's socket, wrapped in TLS if the port has it (handshake not yet done)."""
+        with self._connections_lock:
+            if sock in self._bridged:
+                self._bridged.discard(sock)
+                return sock
         if self.tls_context is None:
             return sock
         return self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -658,7 +682,7 @@ def run(settings: ServerSettings, storage: Storage, reuse_port: bool = False,
             http = open_http_api(
                 settings, storage, in_process_wake(server.registry.get, lambda: server.server_id),
                 listening=lambda: serving.is_set() and server.socket.fileno() >= 0,
-                status=activity.status)
+                status=activity.status, adopt=server.adopt)
         except BaseException:
             server.server_close()
             raise

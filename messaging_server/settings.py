@@ -168,6 +168,7 @@ class ServerSettings:
     http_port: Optional[int] = None  # the HTTP API: None: the client port + 2; 0: off
     http_host: str = DEFAULT_HTTP_HOST
     api_token: str = ""
+    ws_origins: str = ""  # web pages of other origins that may open WebSockets; "*": any
     log_format: str = "plain"
     workers: Optional[int] = None  # None: default_workers(db)
 
@@ -369,6 +370,10 @@ SERVER_OPTIONS = (
     Option(("--api-token",), "NIKI_API_TOKEN", "", str,
            "bearer token the HTTP API requires on everything but /healthz",
            "default: none, and then the API serves loopback only"),
+    Option(("--ws-origins",), "NIKI_WS_ORIGINS", "", str,
+           "origins (https://app.example.com, comma-separated; * for any) of web pages that may "
+           "open the protocol over WebSocket (GET /v1/ws on the HTTP port)",
+           "default: none but the HTTP port's own; programs send no Origin and are not concerned"),
     Option(("--log-format",), "NIKI_LOG_FORMAT", "plain", _log_format,
            "log lines as plain text, or as one JSON object each for log collectors"),
     Option(("--workers",), "NIKI_WORKERS", None, positive_int,
