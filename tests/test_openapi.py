@@ -74,7 +74,9 @@ def api_server(request: pytest.FixtureRequest,
         yield server
 
 
-@schema.parametrize()
+# A WebSocket upgrade is not something an HTTP fuzzer can make: tests/test_websocket_e2e.py
+# covers /v1/ws, with a real WebSocket client.
+@schema.exclude(path="/v1/ws").parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_server_conforms_to_the_document(case: schemathesis.Case, api_server: ServerProcess) -> None:
     case.call_and_validate(base_url=f"http://127.0.0.1:{api_server.http_port}",
