@@ -368,8 +368,12 @@ def _enqueue_lines(enqueuer: Publisher, client_id: str, lines: Iterable[Union[st
 def _numbered(lines: Iterable[Union[str, bytes]]) -> Iterator[Tuple[int, Union[str, bytes]]]:
     """Each line with its number, without its ``\\n`` or ``\\r\\n``."""
     for number, line in enumerate(lines, 1):
-        body = line.rstrip(b"\n" if isinstance(line, bytes) else "\n")
-        yield number, body[:-1] if body[-1:] in ("\r", b"\r") else body
+        if isinstance(line, bytes):
+            raw = line.rstrip(b"\n")
+            yield number, raw[:-1] if raw.endswith(b"\r") else raw
+        else:
+            text = line.rstrip("\n")
+            yield number, text[:-1] if text.endswith("\r") else text
 
 
 # --- bulk: --file -------------------------------------------------------------------------------------
@@ -517,7 +521,7 @@ def _store_batch(enqueuer: Publisher, batch: List[Entry],
     try:
         results = enqueuer.submit_many([(item.client_id, item.body, item.ttl) for item in items])
     except StorageError as exc:
-        return (batch[0].line, exc)
+        return (batch[0].line or 0, exc)
     outcomes = {item.line: _outcome(item.shown, item.line, result)
                 for item, result in zip(items, results)}
     for entry in batch:

@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Set, Tuple, Union
+from typing import List, Optional, Sequence, Set, Tuple, Union, cast
 
 from . import metrics
 from .protocol import ServerConnection
@@ -234,8 +234,8 @@ class ClientConnection:
                 data = self.sock.recv(READ_CHUNK)
                 # TLS: bytes already decrypted do not make the socket readable
                 # again, so take them now or the selector would never report them.
-                while data and self.tls and self.sock.pending():
-                    data += self.sock.recv(self.sock.pending())
+                while data and self.tls and cast(ssl.SSLSocket, self.sock).pending():
+                    data += self.sock.recv(cast(ssl.SSLSocket, self.sock).pending())
                 return data
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
@@ -247,7 +247,7 @@ class ClientConnection:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.sock.do_handshake()
+                cast(ssl.SSLSocket, self.sock).do_handshake()
                 return ""
             except ssl.SSLWantReadError:
                 ready = self._wait(select.POLLIN, deadline)
@@ -275,7 +275,7 @@ class ClientConnection:
         self._closed.set()
         if self.tls:  # say goodbye properly (close_notify), without waiting for an answer
             with self._io_lock, contextlib.suppress(OSError, ValueError):
-                self.sock.unwrap()
+                cast(ssl.SSLSocket, self.sock).unwrap()
         with contextlib.suppress(OSError):  # already gone
             # The plain socket's shutdown, also for TLS: SSLSocket.shutdown() would
             # drop the TLS state under a thread that may be reading or writing.

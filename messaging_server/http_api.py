@@ -197,6 +197,7 @@ class ApiHandler(BoundedRequestHandler):
                 raise RequestRefused(HTTPStatus.METHOD_NOT_ALLOWED,
                                      f"method {self.command} not allowed here; use {allow}",
                                      headers=[("Allow", allow)])
+            assert match is not None  # a route was found by it
             getattr(self, name)(*(unquote(group) for group in match.groups()))
         except RequestRefused as refused:
             if refused.reason is not None:
@@ -347,7 +348,8 @@ class ApiHandler(BoundedRequestHandler):
         self.server.slots.release(self.connection)
         backend = self.server.backend
         outcome = websocket.serve(
-            self.connection, websocket.raw_request(self.raw_requestline, headers.items()),
+            self.connection,
+            websocket.raw_request(self.raw_requestline, headers.items()),  # type: ignore[attr-defined]
             headers.get("Origin"), headers.get("Host"), backend.ws_origins, backend.adopt,
             self.client_address, self.server.write_timeout)
         log.debug("WebSocket from %s: %s", self.client_address[0], outcome)

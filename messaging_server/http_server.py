@@ -39,7 +39,7 @@ from email.message import Message
 from http import HTTPStatus
 from http.client import HTTPException
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Type, cast
 
 from .errors import port_error
 
@@ -310,7 +310,7 @@ class BoundedRequestHandler(BaseHTTPRequestHandler):
         """After a response: whether the next request begins within the keep-alive idle time."""
         self._reader.begin(min(KEEPALIVE_IDLE_S, self.server.request_timeout), READ_BUFFER)
         try:
-            return bool(self.rfile.peek(1))  # bytes already buffered, or one read
+            return bool(cast(io.BufferedReader, self.rfile).peek(1))  # buffered, or one read
         except OSError:  # idle too long (a timeout), or the client went away
             return False
 
@@ -349,6 +349,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host = self.server_address[0]
+        host = str(self.server_address[0])
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def verify_request(self, request: Any, client_address: Any) -> bool:

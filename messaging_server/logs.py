@@ -101,4 +101,4 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
         return
     name = args.thread.name if args.thread is not None else "unknown"
     logging.getLogger(LOGGER).error("uncaught exception in thread %s", name,
-                                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+                                    exc_info=args.exc_value or True)

@@ -431,9 +431,8 @@ def server_parser() -> argparse.ArgumentParser:
                    help="print the effective settings as a config file, each with where it came "
                    "from, secrets masked; then exit without starting")
     for option in SERVER_OPTIONS:
-        convert = None if option.convert is str else option.convert
-        p.add_argument(*option.flags, type=convert, default=argparse.SUPPRESS, dest=option.key,
-                       help=_help(option))
+        p.add_argument(*option.flags, type=option.convert, default=argparse.SUPPRESS,
+                       dest=option.key, help=_help(option))
     for option in FLAG_OPTIONS:
         p.add_argument(*option.flags, action="store_true", default=argparse.SUPPRESS,
                        dest=option.key, help=_help(option))
@@ -493,7 +492,7 @@ def effective_settings(argv: Optional[List[str]] = None,
             values[key], sources[key] = option.default, "default"
     _check(values, sources)
     fields = {option.key for option in SERVER_OPTIONS + FLAG_OPTIONS}
-    settings = ServerSettings(**{key: values[key] for key in fields})
+    settings = ServerSettings(**{key: values[key] for key in fields})  # type: ignore[arg-type]
     return EffectiveSettings(settings, values, sources, path or None, print_config)
 
 

@@ -54,6 +54,7 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    Type,
     TypeVar,
     Union,
 )
@@ -489,7 +490,7 @@ class SqlStorage(Storage):
     insert_ignore_sql = "INSERT IGNORE"
 
     # The driver's exceptions, mapped at this boundary (see storage_error).
-    driver_errors: Tuple[type, ...] = ()
+    driver_errors: Tuple[Type[BaseException], ...] = ()
 
     def _is_unavailable(self, exc: BaseException) -> bool:
         """Whether a driver error means "the database cannot be used now" (gone away,
