@@ -25,8 +25,8 @@ from typing import Deque, Iterator, List, Optional, Union
 
 from .errors import NikiError
 from .protocol import (
-    ClientConnection,
     ClientEvent,
+    ClientProtocol,
     ConnectionClosed,
     IdAssigned,
     IdRequested,
@@ -58,7 +58,7 @@ class Client:
         self.notices: List[str] = []  # lines other than messages (Invalid command: …)
         self.closed = False
         self._sock: Optional[socket.socket] = None
-        self._protocol = ClientConnection()
+        self._protocol = ClientProtocol()
         self._events: Deque[ClientEvent] = collections.deque()  # during the handshake
         self._messages: Deque[Message] = collections.deque()
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Set, Tuple, Union, cast
 
 from . import metrics
-from .protocol import ServerConnection
+from .protocol import ServerProtocol
 from .storage import StoredMessage
 from .wakeup import Carried
 
@@ -89,7 +89,7 @@ class ClientConnection:
         self._io_lock = threading.Lock()
         self.peer = peer
         self.write_timeout = write_timeout
-        self.protocol = ServerConnection()
+        self.protocol = ServerProtocol()
         self.client_id: Optional[int] = None
         self.credential = ""  # what SET_CLIENT_ID told the client to present next time
         self.new_client = False  # created by this connection's handshake

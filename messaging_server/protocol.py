@@ -1,9 +1,9 @@
 """The Niki line protocol as a pure state machine: bytes in, events out.
 
 Nothing here touches a socket, a database or a clock (the model is h11).  The
-server feeds what it reads from a client into :class:`ServerConnection` and
+server feeds what it reads from a client into :class:`ServerProtocol` and
 acts on the events it gets back; it turns what it wants to say into bytes with
-the ``ServerConnection`` methods.  :class:`ClientConnection` is the mirror image
+the ``ServerProtocol`` methods.  :class:`ClientProtocol` is the mirror image
 used by :mod:`messaging_server.client`.
 
 The conversation (see docs/PROTOCOL.md)::
@@ -36,7 +36,7 @@ from .credentials import parse_credential
 # words while bounding what a stranger can make the server buffer per socket.
 MAX_CLIENT_LINE = 1024
 
-# Longest line a server may send to a client (read by ClientConnection).  A
+# Longest line a server may send to a client (read by ClientProtocol).  A
 # MESSAGE line carries a body of at most the enqueue limit; 64 KiB leaves room
 # for servers configured with a larger body limit.
 MAX_SERVER_LINE = 65536
@@ -210,7 +210,7 @@ def check_body(body: str) -> None:
         raise ValueError("a message body cannot contain a line break")
 
 
-class ServerConnection:
+class ServerProtocol:
     """The server's side of one client connection."""
 
     def __init__(self, max_line: int = MAX_CLIENT_LINE) -> None:
@@ -301,7 +301,7 @@ def _line(text: str) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
-class ClientConnection:
+class ClientProtocol:
     """The client's side: parses what a server sends, formats what a client says."""
 
     def __init__(self, max_line: int = MAX_SERVER_LINE) -> None:

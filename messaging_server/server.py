@@ -52,7 +52,7 @@ from .delivery import (
 )
 from .errors import StorageUnavailable, port_error
 from .marks import MarkWriter
-from .protocol import ConnectionClosed, Identify, LineTooLong, ServerConnection, ServerEvent
+from .protocol import ConnectionClosed, Identify, LineTooLong, ServerEvent, ServerProtocol
 from .settings import PURGE_BATCH, ServerSettings
 from .storage import Storage
 from .sweeper import Heartbeat, Purger, Sweeper
@@ -453,7 +453,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         if self.tls_context is None:
             with contextlib.suppress(OSError):
                 request.setblocking(False)
-                request.send(ServerConnection.error(refusal))
+                request.send(ServerProtocol.error(refusal))
         return False
 
     def process_request(self, request: socket.socket, client_address: Tuple) -> None:  # type: ignore[override]

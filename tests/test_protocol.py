@@ -13,7 +13,7 @@ from messaging_server.protocol import (
     MAX_SERVER_LINE,
     Ack,
     BadAck,
-    ClientConnection,
+    ClientProtocol,
     ConnectionClosed,
     Disconnect,
     IdAssigned,
@@ -26,21 +26,21 @@ from messaging_server.protocol import (
     Notice,
     Ping,
     ProtocolError,
-    ServerConnection,
+    ServerProtocol,
     State,
 )
 
 
-def identified() -> ServerConnection:
-    conn = ServerConnection()
+def identified() -> ServerProtocol:
+    conn = ServerProtocol()
     assert conn.receive_data(b"NONE\n") == [Identify(None, "NONE")]
     assert conn.state is State.IDENTIFIED
     return conn
 
 
-def ack_mode(line: bytes = b"NONE ACK\n") -> ServerConnection:
+def ack_mode(line: bytes = b"NONE ACK\n") -> ServerProtocol:
     """A connection whose client asked for acknowledged delivery."""
-    conn = ServerConnection()
+    conn = ServerProtocol()
     [event] = conn.receive_data(line)
     assert isinstance(event, Identify)
     assert conn.ack_mode is True
@@ -58,7 +58,7 @@ def feed_bytewise(conn, data: bytes) -> List[object]:
 
 
 def test_greeting_bytes():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.state is State.AWAITING_ID
     assert conn.greeting() == b"GET_CLIENT_ID\n"
     # Greeting does not change the state; it can be produced again before identification.
@@ -72,7 +72,7 @@ def test_greeting_after_identification_raises():
 
 
 def test_greeting_after_close_raises():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"") == [ConnectionClosed()]
     with pytest.raises(ProtocolError):
         conn.greeting()
@@ -80,7 +80,7 @@ def test_greeting_after_close_raises():
 
 @pytest.mark.parametrize("line", ["NONE", "none", "None", "nOnE"])
 def test_none_means_new_client(line):
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(line.encode() + b"\n") == [Identify(None, line, malformed=False)]
     assert conn.state is State.IDENTIFIED
 
@@ -97,7 +97,7 @@ def test_none_means_new_client(line):
     ],
 )
 def test_stored_id(line, client_id):
-    conn = ServerConnection()
+    conn = ServerProtocol()
     [event] = conn.receive_data(line.encode() + b"\n")
     assert event == Identify(client_id, line, malformed=False)
 
@@ -141,7 +141,7 @@ def test_stored_id(line, client_id):
     ids=lambda line: line if len(line) < 40 else f"{line[:12]}...({len(line)} chars)",
 )
 def test_malformed_id(line):
-    conn = ServerConnection()
+    conn = ServerProtocol()
     events = conn.receive_data(line.encode() + b"\n")
     assert events == [Identify(None, line, malformed=True)]
     # A malformed id still ends the handshake (the server issues a new id).
@@ -166,25 +166,25 @@ def test_malformed_id(line):
 )
 def test_credential_id_line(line, client_id, secret, capabilities):
     """``<id>.<secret>``: the protocol hands id and secret to the server, which checks the secret."""
-    conn = ServerConnection()
+    conn = ServerProtocol()
     events = conn.receive_data(line.encode() + b"\r\n")
     assert events == [Identify(client_id, line, capabilities=capabilities, secret=secret)]
     assert conn.state is State.IDENTIFIED
 
 
 def test_capability_words_kept():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"42 push v2\n") == [Identify(42, "42 push v2", capabilities=("push", "v2"))]
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"NONE  zlib\n") == [Identify(None, "NONE  zlib", capabilities=("zlib",))]
-    conn = ServerConnection()
+    conn = ServerProtocol()
     [event] = conn.receive_data(b"x1 cap\n")
     assert event == Identify(None, "x1 cap", malformed=True, capabilities=("cap",))
 
 
 @pytest.mark.parametrize("terminator", [b"\n", b"\r\n"])
 def test_line_terminators(terminator):
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"7" + terminator) == [Identify(7, "7")]
     assert conn.receive_data(b"hello" + terminator) == [InvalidCommand("hello")]
     assert conn.receive_data(b"DISCONNECT" + terminator) == [Disconnect()]
@@ -196,7 +196,7 @@ def test_only_one_carriage_return_is_dropped():
 
 
 def test_byte_by_byte():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     data = b"12345 cap\r\nfoo bar\r\nDISCONNECT\r\n"
     assert feed_bytewise(conn, data) == [
         Identify(12345, "12345 cap", capabilities=("cap",)),
@@ -207,7 +207,7 @@ def test_byte_by_byte():
 
 
 def test_no_event_until_newline():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"12") == []
     assert conn.receive_data(b"3") == []
     assert conn.state is State.AWAITING_ID
@@ -215,7 +215,7 @@ def test_no_event_until_newline():
 
 
 def test_several_lines_in_one_chunk_in_order():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     events = conn.receive_data(b"99\nfoo\n\nbar\r\nDISCONNECT\nafter\n")
     assert events == [
         Identify(99, "99"),
@@ -228,7 +228,7 @@ def test_several_lines_in_one_chunk_in_order():
 
 
 def test_id_and_command_in_one_packet_with_partial_tail():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"NONE\nhel") == [Identify(None, "NONE")]
     assert conn.receive_data(b"lo\nDISC") == [InvalidCommand("hello")]
     assert conn.receive_data(b"ONNECT\n") == [Disconnect()]
@@ -281,7 +281,7 @@ def test_invalid_utf8_is_replaced():
 
 
 def test_invalid_utf8_as_id_is_malformed():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"\xff\xfe\n") == [Identify(None, "\ufffd\ufffd", malformed=True)]
 
 
@@ -292,7 +292,7 @@ def test_multibyte_character_split_across_feeds():
 
 
 def test_connection_closed():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"") == [ConnectionClosed()]
     assert conn.state is State.CLOSED
     assert conn.receive_data(b"NONE\n") == []
@@ -322,13 +322,13 @@ def test_unterminated_line_over_limit():
 
 
 def test_unterminated_line_over_limit_before_identification():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"1" * (MAX_CLIENT_LINE + 5)) == [LineTooLong(MAX_CLIENT_LINE)]
     assert conn.state is State.CLOSED
 
 
 def test_unterminated_line_over_limit_byte_by_byte():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     events = feed_bytewise(conn, b"9" * (MAX_CLIENT_LINE + 10))
     assert events == [LineTooLong(MAX_CLIENT_LINE)]
     assert conn.state is State.CLOSED
@@ -343,14 +343,14 @@ def test_long_complete_line(size):
 
 
 def test_long_line_after_good_lines_in_one_chunk():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     events = conn.receive_data(b"5\nhi\n" + b"z" * 3000 + b"\nDISCONNECT\n")
     assert events == [Identify(5, "5"), InvalidCommand("hi"), LineTooLong(MAX_CLIENT_LINE)]
     assert conn.state is State.CLOSED
 
 
 def test_custom_limit():
-    conn = ServerConnection(max_line=8)
+    conn = ServerProtocol(max_line=8)
     assert conn.receive_data(b"1234567\n") == [Identify(1234567, "1234567")]
     assert conn.receive_data(b"abcdef\r\n") == [InvalidCommand("abcdef")]  # 8 bytes with \r\n
     assert conn.receive_data(b"abcdefg\r\n") == [LineTooLong(8)]
@@ -360,17 +360,17 @@ def test_custom_limit():
 
 
 def test_output_formatting():
-    assert ServerConnection.set_client_id(42) == b"SET_CLIENT_ID: 42\n"
-    assert ServerConnection.set_client_id("42") == b"SET_CLIENT_ID: 42\n"
+    assert ServerProtocol.set_client_id(42) == b"SET_CLIENT_ID: 42\n"
+    assert ServerProtocol.set_client_id("42") == b"SET_CLIENT_ID: 42\n"
     # message() is an instance method: its format depends on the connection's mode.
-    legacy = ServerConnection()
+    legacy = ServerProtocol()
     assert legacy.message("hello world") == b"MESSAGE: hello world\n"
     assert legacy.message("h\u00e9 \U0001f600") == "MESSAGE: h\u00e9 \U0001f600\n".encode()
     # Outside ACK mode the id, if given, is not sent.
     assert legacy.message("hello", 7) == b"MESSAGE: hello\n"
-    assert ServerConnection.invalid_command("foo bar") == b"Invalid command: foo bar\n"
-    assert ServerConnection.invalid_command("") == b"Invalid command: \n"
-    assert ServerConnection.error("server is shutting down") == b"ERROR: server is shutting down\n"
+    assert ServerProtocol.invalid_command("foo bar") == b"Invalid command: foo bar\n"
+    assert ServerProtocol.invalid_command("") == b"Invalid command: \n"
+    assert ServerProtocol.error("server is shutting down") == b"ERROR: server is shutting down\n"
     conn = identified()
     assert conn.message("x") == b"MESSAGE: x\n"
 
@@ -378,7 +378,7 @@ def test_output_formatting():
 @pytest.mark.parametrize("body", ["a\nb", "a\rb", "\n", "trailing\r\n"])
 def test_message_with_line_break_raises(body):
     with pytest.raises(ValueError):
-        ServerConnection().message(body)
+        ServerProtocol().message(body)
     with pytest.raises(ValueError):
         ack_mode().message(body, 1)
     with pytest.raises(ValueError):
@@ -386,10 +386,10 @@ def test_message_with_line_break_raises(body):
 
 
 def test_server_output_parsed_by_client():
-    client = ClientConnection()
-    server = ServerConnection()
-    data = (server.greeting() + ServerConnection.set_client_id(17)
-            + server.message("one") + ServerConnection.invalid_command("x"))
+    client = ClientProtocol()
+    server = ServerProtocol()
+    data = (server.greeting() + ServerProtocol.set_client_id(17)
+            + server.message("one") + ServerProtocol.invalid_command("x"))
     assert client.receive_data(data) == [IdRequested(), IdAssigned("17"), Message("one"),
                                          Notice("Invalid command: x")]
 
@@ -398,7 +398,7 @@ def test_server_output_parsed_by_client():
 
 
 def test_client_parses_server_lines():
-    client = ClientConnection()
+    client = ClientProtocol()
     assert client.receive_data(b"GET_CLIENT_ID\n") == [IdRequested()]
     assert client.receive_data(b"SET_CLIENT_ID: 3000\r\n") == [IdAssigned("3000")]
     assert client.receive_data(b"MESSAGE: hello\n") == [Message("hello")]
@@ -412,26 +412,26 @@ def test_client_parses_server_lines():
 
 
 def test_client_four_byte_utf8_body_byte_by_byte():
-    client = ClientConnection()
+    client = ClientProtocol()
     body = "caf\u00e9 \U0001f600\U0001f389 \U0001d11e"
     data = ("MESSAGE: " + body + "\n").encode("utf-8")
     assert feed_bytewise(client, data) == [Message(body)]
 
 
 def test_client_several_lines_in_one_chunk():
-    client = ClientConnection()
+    client = ClientProtocol()
     events = client.receive_data(b"GET_CLIENT_ID\nSET_CLIENT_ID: 5\nMESSAGE: a\nMESSAGE: b\nMESS")
     assert events == [IdRequested(), IdAssigned("5"), Message("a"), Message("b")]
     assert client.receive_data(b"AGE: c\n") == [Message("c")]
 
 
 def test_client_closed_and_too_long():
-    client = ClientConnection()
+    client = ClientProtocol()
     assert client.receive_data(b"") == [ConnectionClosed()]
     assert client.closed
     assert client.receive_data(b"MESSAGE: x\n") == []
 
-    client = ClientConnection()
+    client = ClientProtocol()
     assert client.receive_data(b"MESSAGE: " + b"a" * (MAX_SERVER_LINE - 20) + b"\n") == [
         Message("a" * (MAX_SERVER_LINE - 20))
     ]
@@ -441,15 +441,15 @@ def test_client_closed_and_too_long():
 
 
 def test_client_output():
-    assert ClientConnection.identify(None) == b"NONE\n"
-    assert ClientConnection.identify(42) == b"42\n"
-    assert ClientConnection.identify("42") == b"42\n"
-    assert ClientConnection.command("DISCONNECT") == b"DISCONNECT\n"
+    assert ClientProtocol.identify(None) == b"NONE\n"
+    assert ClientProtocol.identify(42) == b"42\n"
+    assert ClientProtocol.identify("42") == b"42\n"
+    assert ClientProtocol.command("DISCONNECT") == b"DISCONNECT\n"
     with pytest.raises(ValueError):
-        ClientConnection.command("DISCONNECT\nNONE")
+        ClientProtocol.command("DISCONNECT\nNONE")
     # What a client says is what a server parses.
-    conn = ServerConnection()
-    assert conn.receive_data(ClientConnection.identify(42) + ClientConnection.command("DISCONNECT")) == [
+    conn = ServerProtocol()
+    assert conn.receive_data(ClientProtocol.identify(42) + ClientProtocol.command("DISCONNECT")) == [
         Identify(42, "42"), Disconnect()
     ]
 
@@ -515,7 +515,7 @@ def test_ping_is_exact(mode, line):
 
 
 def test_ping_before_identification_is_an_id_line():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"PING\n") == [Identify(None, "PING", malformed=True)]
     assert conn.state is State.IDENTIFIED
     assert conn.ack_mode is False
@@ -538,7 +538,7 @@ def test_ping_before_identification_is_an_id_line():
     ],
 )
 def test_ack_capability_is_case_insensitive(line, client_id, capabilities):
-    conn = ServerConnection()
+    conn = ServerProtocol()
     expected = Identify(client_id, line, capabilities=capabilities)
     assert conn.receive_data(line.encode() + b"\r\n") == [expected]
     assert conn.ack_mode is True
@@ -548,7 +548,7 @@ def test_ack_capability_is_case_insensitive(line, client_id, capabilities):
 @pytest.mark.parametrize("line", ["12", "NONE", "12 ACKS", "12 NACK", "12 ACK5", "12ACK", "ACK", "12 push",
                                   "12 ACK_", "12 \u0391CK"])
 def test_no_ack_capability(line):
-    conn = ServerConnection()
+    conn = ServerProtocol()
     [event] = conn.receive_data(line.encode() + b"\n")
     assert isinstance(event, Identify)
     assert conn.ack_mode is False
@@ -557,7 +557,7 @@ def test_no_ack_capability(line):
 
 def test_malformed_id_with_ack_still_asks_for_ack_mode():
     # A malformed id gets a new one (section 4); the capability word still counts.
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"x1 ACK\n") == [Identify(None, "x1 ACK", malformed=True, capabilities=("ACK",))]
     assert conn.ack_mode is True
 
@@ -621,12 +621,12 @@ def test_ack_in_legacy_mode_is_an_invalid_command(line):
     conn = identified()
     assert conn.receive_data(line.encode() + b"\n") == [InvalidCommand(line)]
     assert conn.state is State.IDENTIFIED
-    conn = ServerConnection()
+    conn = ServerProtocol()
     assert conn.receive_data(b"12 push\n" + line.encode() + b"\n")[1:] == [InvalidCommand(line)]
 
 
 def test_ack_mode_commands_in_the_id_packet_byte_by_byte():
-    conn = ServerConnection()
+    conn = ServerProtocol()
     events = feed_bytewise(conn, b"NONE ACK\r\nACK 1\r\nPING\r\nACK\r\nhello\r\nDISCONNECT\r\nACK 2\r\n")
     assert events == [Identify(None, "NONE ACK", capabilities=("ACK",)), Ack(1), Ping(), BadAck("ACK"),
                       InvalidCommand("hello"), Disconnect()]
@@ -637,7 +637,7 @@ def test_ack_mode_commands_in_the_id_packet_byte_by_byte():
 
 
 def test_client_parses_ack_mode_messages():
-    client = ClientConnection()
+    client = ClientProtocol()
     assert client.receive_data(b"MESSAGE 7: body\n") == [Message("body", 7)]
     assert client.receive_data(b"MESSAGE 7: body\r\n") == [Message("body", 7)]
     assert client.receive_data(b"MESSAGE 0042: x\n") == [Message("x", 42)]
@@ -654,31 +654,31 @@ def test_client_parses_ack_mode_messages():
                                   "MESSAGE : x", "MESSAGE 7", "message 7: x", " MESSAGE 7: x",
                                   "MESSAGE \u0667: x"])
 def test_client_malformed_ack_mode_lines_are_notices(line):
-    client = ClientConnection()
+    client = ClientProtocol()
     assert client.receive_data(line.encode() + b"\n") == [Notice(line)]
 
 
 def test_legacy_body_that_looks_like_an_ack_message_is_not_misparsed():
-    client = ClientConnection()
+    client = ClientProtocol()
     assert client.receive_data(b"MESSAGE: MESSAGE 7: x\n") == [Message("MESSAGE 7: x")]
-    assert client.receive_data(ServerConnection().message("MESSAGE 7: x")) == [Message("MESSAGE 7: x", None)]
+    assert client.receive_data(ServerProtocol().message("MESSAGE 7: x")) == [Message("MESSAGE 7: x", None)]
     assert client.receive_data(b"MESSAGE: 7: x\n") == [Message("7: x")]
 
 
 def test_client_ack_mode_output_parsed_by_server():
-    assert ClientConnection.identify(None, ack=True) == b"NONE ACK\n"
-    assert ClientConnection.identify(42, ack=True) == b"42 ACK\n"
-    assert ClientConnection.identify("42", ack=False) == b"42\n"
-    assert ClientConnection.ack(31) == b"ACK 31\n"
-    conn = ServerConnection()
-    data = (ClientConnection.identify(42, ack=True) + ClientConnection.ack(31)
-            + ClientConnection.command("PING"))
+    assert ClientProtocol.identify(None, ack=True) == b"NONE ACK\n"
+    assert ClientProtocol.identify(42, ack=True) == b"42 ACK\n"
+    assert ClientProtocol.identify("42", ack=False) == b"42\n"
+    assert ClientProtocol.ack(31) == b"ACK 31\n"
+    conn = ServerProtocol()
+    data = (ClientProtocol.identify(42, ack=True) + ClientProtocol.ack(31)
+            + ClientProtocol.command("PING"))
     assert conn.receive_data(data) == [Identify(42, "42 ACK", capabilities=("ACK",)), Ack(31), Ping()]
     assert conn.ack_mode is True
 
 
 def test_ack_mode_round_trip_through_both_sides():
-    server, client = ServerConnection(), ClientConnection()
+    server, client = ServerProtocol(), ClientProtocol()
     assert client.receive_data(server.greeting()) == [IdRequested()]
     server.receive_data(client.identify(None, ack=True))
     data = server.set_client_id(9) + server.message("one", 100) + server.message("MESSAGE 5: two", 101)

@@ -17,7 +17,7 @@ from messaging_server.protocol import (
     MAX_CLIENT_LINE,
     Ack,
     BadAck,
-    ClientConnection,
+    ClientProtocol,
     ConnectionClosed,
     Disconnect,
     Identify,
@@ -25,7 +25,7 @@ from messaging_server.protocol import (
     LineTooLong,
     Message,
     Ping,
-    ServerConnection,
+    ServerProtocol,
     State,
 )
 
@@ -34,7 +34,7 @@ PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[Heal
 # For the properties whose examples are big (many lines, many pieces).
 HEAVY = settings(PROPERTY, max_examples=50)
 
-Parser = Union[ServerConnection, ClientConnection]
+Parser = Union[ServerProtocol, ClientProtocol]
 
 # Bytes that matter to the parsers, mixed with arbitrary ones: line ends, NUL, bytes that are
 # never valid UTF-8, the start of a multi-byte character, and fragments of real commands.
@@ -66,8 +66,8 @@ def feed(parser: Parser, chunks: Sequence[bytes]) -> List[object]:
     return events
 
 
-def server_after_id(id_line: bytes) -> ServerConnection:
-    conn = ServerConnection()
+def server_after_id(id_line: bytes) -> ServerProtocol:
+    conn = ServerProtocol()
     [event] = conn.receive_data(id_line)
     assert isinstance(event, Identify)
     return conn
@@ -80,7 +80,7 @@ def server_after_id(id_line: bytes) -> ServerConnection:
 @given(st.data(), stream, st.booleans())
 def test_server_split_does_not_change_events(data, payload: bytes, close: bool):
     cuts = data.draw(split_points(payload))
-    whole, split = ServerConnection(), ServerConnection()
+    whole, split = ServerProtocol(), ServerProtocol()
     expected = feed(whole, [payload] if payload else [])
     got = feed(split, pieces(payload, cuts))
     assert got == expected
@@ -96,7 +96,7 @@ def test_server_split_does_not_change_events(data, payload: bytes, close: bool):
 @given(st.data(), stream, st.booleans())
 def test_client_split_does_not_change_events(data, payload: bytes, close: bool):
     cuts = data.draw(split_points(payload))
-    whole, split = ClientConnection(max_line=MAX_CLIENT_LINE), ClientConnection(max_line=MAX_CLIENT_LINE)
+    whole, split = ClientProtocol(max_line=MAX_CLIENT_LINE), ClientProtocol(max_line=MAX_CLIENT_LINE)
     expected = feed(whole, [payload] if payload else [])
     got = feed(split, pieces(payload, cuts))
     assert got == expected
@@ -110,7 +110,7 @@ def test_client_split_does_not_change_events(data, payload: bytes, close: bool):
 @PROPERTY
 @given(st.lists(st.one_of(fragment, long_run), max_size=20))
 def test_server_never_raises_and_stays_bounded(chunks: List[bytes]):
-    conn = ServerConnection()
+    conn = ServerProtocol()
     reported_too_long = False
     for chunk in chunks:
         events = conn.receive_data(chunk)  # never raises
@@ -132,7 +132,7 @@ def test_server_never_raises_and_stays_bounded(chunks: List[bytes]):
 @given(st.lists(st.one_of(fragment, long_run), max_size=20))
 def test_client_never_raises_and_stays_bounded(chunks: List[bytes]):
     limit = MAX_CLIENT_LINE  # a small limit, so that the generated runs cross it
-    client = ClientConnection(max_line=limit)
+    client = ClientProtocol(max_line=limit)
     for chunk in chunks:
         events = client.receive_data(chunk)
         if LineTooLong(limit) in events:
@@ -188,7 +188,7 @@ def expected_event(line: str, ack: bool) -> object:
 @given(st.sampled_from([b"NONE", b"12", b"NONE ACK", b"12 ack", b"x ACK", b""]),
        st.lists(line_bytes, max_size=15), st.sampled_from([b"\n", b"\r\n"]), st.data())
 def test_each_complete_line_is_one_event(id_line: bytes, lines: List[bytes], terminator: bytes, data):
-    conn = ServerConnection()
+    conn = ServerProtocol()
     payload = id_line + terminator + b"".join(line + terminator for line in lines)
     events = feed(conn, pieces(payload, data.draw(split_points(payload))))
     assert isinstance(events[0], Identify)
@@ -224,7 +224,7 @@ def test_message_round_trip(messages: List[Tuple[str, int]], ack: bool, data):
     server = server_after_id(b"NONE ACK\n" if ack else b"NONE\n")
     assert server.ack_mode is ack
     payload = b"".join(server.message(body, message_id) for body, message_id in messages)
-    client = ClientConnection()
+    client = ClientProtocol()
     events = feed(client, pieces(payload, data.draw(split_points(payload))))
     assert events == [Message(body, message_id if ack else None) for body, message_id in messages]
 
@@ -232,17 +232,17 @@ def test_message_round_trip(messages: List[Tuple[str, int]], ack: bool, data):
 @PROPERTY
 @given(message_ids)
 def test_ack_ids_round_trip(message_id: int):
-    server = server_after_id(ClientConnection.identify(None, ack=True))
-    assert server.receive_data(ClientConnection.ack(message_id)) == [Ack(message_id)]
-    legacy = server_after_id(ClientConnection.identify(None))
-    assert legacy.receive_data(ClientConnection.ack(message_id)) == [InvalidCommand(f"ACK {message_id}")]
+    server = server_after_id(ClientProtocol.identify(None, ack=True))
+    assert server.receive_data(ClientProtocol.ack(message_id)) == [Ack(message_id)]
+    legacy = server_after_id(ClientProtocol.identify(None))
+    assert legacy.receive_data(ClientProtocol.ack(message_id)) == [InvalidCommand(f"ACK {message_id}")]
 
 
 @PROPERTY
 @given(st.one_of(st.none(), message_ids), st.booleans())
 def test_identify_round_trip(client_id, ack: bool):
-    conn = ServerConnection()
-    [event] = conn.receive_data(ClientConnection.identify(client_id, ack=ack))
+    conn = ServerProtocol()
+    [event] = conn.receive_data(ClientProtocol.identify(client_id, ack=ack))
     assert isinstance(event, Identify)
     assert event.client_id == client_id
     assert not event.malformed
