@@ -39,8 +39,11 @@ class WsClient:
         self._partial: List[str] = []
         deadline = time.monotonic() + timeout
         while True:
-            for event in self._events(deadline):
+            events = self._events(deadline)
+            for index, event in enumerate(events):
                 if isinstance(event, AcceptConnection):
+                    # Frames that came in the same read as the 101 are the first lines.
+                    self._take(events[index + 1:])
                     return
                 if isinstance(event, (RejectConnection, RejectData)):
                     self.sock.close()
@@ -67,17 +70,20 @@ class WsClient:
         while not self.lines:
             if self.closed is not None:
                 return None
-            for event in self._events(deadline):
-                if isinstance(event, TextMessage):
-                    self._partial.append(event.data)
-                    if event.message_finished:
-                        self.lines.append("".join(self._partial))
-                        self._partial = []
-                elif isinstance(event, CloseConnection):
-                    self.closed = event.code
-                    with contextlib.suppress(Exception):  # the server may be gone already
-                        self.sock.sendall(self.ws.send(event.response()))
+            self._take(self._events(deadline))
         return self.lines.pop(0)
+
+    def _take(self, events: List[object]) -> None:
+        for event in events:
+            if isinstance(event, TextMessage):
+                self._partial.append(event.data)
+                if event.message_finished:
+                    self.lines.append("".join(self._partial))
+                    self._partial = []
+            elif isinstance(event, CloseConnection):
+                self.closed = event.code
+                with contextlib.suppress(Exception):  # the server may be gone already
+                    self.sock.sendall(self.ws.send(event.response()))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing anyway
