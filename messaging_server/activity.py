@@ -24,9 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional
 
-from prometheus_client import REGISTRY
-
 from .errors import StorageError
+from .metrics import REGISTRY
 from .storage import Storage
 
 log = logging.getLogger("messaging_server")

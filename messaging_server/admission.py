@@ -17,6 +17,12 @@ from typing import Dict
 RESERVED_FILES = 128
 
 
+def same_address(address: str) -> str:
+    """One spelling per address: a dual-stack client port sees an IPv4 peer as
+    ``::ffff:a.b.c.d``, the HTTP port (and so a WebSocket) as ``a.b.c.d``."""
+    return address[7:] if address.startswith("::ffff:") and "." in address else address
+
+
 class Admission:
     def __init__(self, max_total: int, max_per_address: int = 0) -> None:
         self.max_total = max_total
@@ -28,6 +34,7 @@ class Admission:
 
     def enter(self, address: str) -> str:
         """Count a new connection from ``address`` in; "" if admitted, else why not."""
+        address = same_address(address)
         with self._lock:
             if self._total >= self.max_total:
                 self.refused += 1
@@ -41,6 +48,7 @@ class Admission:
             return ""
 
     def leave(self, address: str) -> None:
+        address = same_address(address)
         with self._lock:
             self._total -= 1
             held = self._by_address.pop(address, 0) - 1

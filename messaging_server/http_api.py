@@ -272,7 +272,7 @@ class ApiHandler(BoundedRequestHandler):
         self._body_unread = False
         if text:
             try:
-                return data.decode(headers.get_content_charset() or "utf-8")
+                return TextBody(data.decode(headers.get_content_charset() or "utf-8"))
             except (LookupError, UnicodeDecodeError):
                 raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, "the request body is not "
                                      "valid text in its charset (UTF-8 by default)", "bad_request") from None
@@ -285,8 +285,8 @@ class ApiHandler(BoundedRequestHandler):
     def _message_fields(self, item: Any,
                         known: Tuple[str, ...] = MESSAGE_KEYS) -> Tuple[str, Optional[float]]:
         """``body`` and ``ttl`` of one message object, checked as ``enqueue`` checks them."""
-        if isinstance(item, str):  # a text body: the message itself
-            item = {"body": item}
+        if isinstance(item, TextBody):  # a text body: the message itself
+            item = {"body": str(item)}
         if not isinstance(item, dict):
             raise RequestRefused(HTTPStatus.UNPROCESSABLE_ENTITY, "a message must be a JSON object",
                                  "bad_request")
@@ -344,6 +344,13 @@ class ApiHandler(BoundedRequestHandler):
         if (headers.get("Upgrade") or "").lower() != "websocket":
             raise RequestRefused(HTTPStatus.UPGRADE_REQUIRED, "GET /v1/ws is a WebSocket: "
                                  "send Upgrade: websocket", headers=[("Upgrade", "websocket")])
+        if self._body_unread:  # an upgrade has no body: its bytes would be taken for frames
+            raise RequestRefused(HTTPStatus.BAD_REQUEST, "a WebSocket upgrade request has no body",
+                                 close=True)
+        if not self.server.token.required and not loopback_host_header(headers.get("Host")):
+            # As for the other routes: a web page's DNS rebinding must not reach this machine.
+            raise RequestRefused(HTTPStatus.FORBIDDEN,
+                                 "the Host header must name this machine (no API token is set)")
         self.close_connection = True
         self.server.slots.release(self.connection)
         backend = self.server.backend
@@ -507,6 +514,11 @@ class ApiHandler(BoundedRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("HTTP connection from %s: %s", self.client_address[0], format)
+
+
+class TextBody(str):
+    """A request body that is the message itself (text/plain), told apart from a JSON
+    string, which is not a message object."""
 
 
 def unknown_keys(item: Dict[str, Any], known: Tuple[str, ...]) -> str:

@@ -148,6 +148,11 @@ class HttpEnqueuer:
                 connection.request("POST", self._prefix + path, body=body, headers=headers)
                 response = connection.getresponse()
                 data = response.read()
+            except http.client.BadStatusLine as exc:  # an answer, but not HTTP: nothing queued
+                self._drop()
+                raise StorageUnavailable(
+                    f"{self.url} does not answer HTTP (it said {str(exc).strip()[:40]!r}); is it the "
+                    "HTTP API's port (the client port + 2, 8002 by default)?") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
                 raise StorageUnavailable(f"{self.url}: no answer ({exc or type(exc).__name__}); the "

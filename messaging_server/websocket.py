@@ -12,8 +12,9 @@ The framing is wsproto's (sans-I/O, like the protocol module): this module only
 moves bytes between the two sockets, in one thread (the HTTP connection's):
 
 * a text frame from the browser becomes its text plus ``\\n`` (a trailing
-  newline in the frame is not doubled); a binary frame or a message over
-  MAX_MESSAGE_BYTES closes the WebSocket (1003, 1009);
+  newline in the frame is not doubled); a binary frame closes the WebSocket
+  (1003), and so does a line over the protocol's limit (1009), also one sent as a
+  flood of fragments;
 * each line the server writes becomes one text frame, without its newline;
 * the server closing the connection closes the WebSocket (1000), and the browser
   closing it (or vanishing) ends the connection as a TCP client's end would.
@@ -26,6 +27,7 @@ server's write timeout or the connection is closed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import selectors
 import socket
@@ -49,14 +51,25 @@ from .protocol import MAX_CLIENT_LINE
 log = logging.getLogger("messaging_server.websocket")
 
 PATH = "/v1/ws"
-# A frame carries one line: at most a client line's limit (the server answers a longer
-# one as it answers it on TCP, but it is not buffered here beyond this).
-MAX_MESSAGE_BYTES = MAX_CLIENT_LINE + 2
+# A message carries one line: at most the text of a client line (the protocol's limit
+# counts the line end, which the frame does not carry).  Each fragment also costs
+# FRAGMENT_COST, so that a flood of empty fragments is bounded too.
+MAX_MESSAGE_BYTES = MAX_CLIENT_LINE - 1
+FRAGMENT_COST = 16
 READ_BYTES = 65536
 CLOSE_NORMAL, CLOSE_UNSUPPORTED, CLOSE_TOO_BIG, CLOSE_GOING_AWAY = 1000, 1003, 1009, 1001
 
-BAD_HANDSHAKE = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 37\r\n"
-                 b"Connection: close\r\n\r\nexpected a WebSocket upgrade request\n")
+def _refusal(status: str, error: str, *headers: str) -> bytes:
+    """A complete HTTP answer that refuses the upgrade (a JSON error, as the API's)."""
+    body = json.dumps({"error": error}).encode("utf-8")
+    head = [f"HTTP/1.1 {status}", *headers, "Content-Type: application/json",
+            f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+WRONG_VERSION = _refusal("426 Upgrade Required", "only WebSocket version 13 is spoken",
+                         "Sec-WebSocket-Version: 13")
+BAD_HANDSHAKE = _refusal("400 Bad Request", "expected a WebSocket upgrade request")
 # Hands one end of a socket pair to the Niki server as a connection from ``peer``;
 # False when the server refused it (at its connection caps).
 Adopt = Callable[[socket.socket, Tuple[str, int]], bool]
@@ -138,19 +151,26 @@ class Bridge:
 
     def _text(self, event: TextMessage) -> None:
         self._partial.append(event.data)
-        self._partial_bytes += len(event.data.encode("utf-8", "surrogatepass"))
-        if self._partial_bytes > MAX_MESSAGE_BYTES:
-            self._close(CLOSE_TOO_BIG, f"a frame carries one line of at most {MAX_CLIENT_LINE} bytes")
+        self._partial_bytes += len(event.data.encode("utf-8", "surrogatepass")) + FRAGMENT_COST
+        # Room for a line end the frame may carry, and for the fragments' cost.
+        if self._partial_bytes > MAX_MESSAGE_BYTES + 2 + FRAGMENT_COST * 64:
+            self._too_big()
             return
         if not event.message_finished:
             return
         text, self._partial, self._partial_bytes = "".join(self._partial), [], 0
         if text.endswith("\n"):
             text = text[:-2] if text.endswith("\r\n") else text[:-1]
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
+            self._too_big()
+            return
         try:
             self.inner.sendall(text.encode("utf-8", "surrogateescape") + b"\n")
         except OSError:
             self._closing = True
+
+    def _too_big(self) -> None:
+        self._close(CLOSE_TOO_BIG, f"a frame carries one line of at most {MAX_MESSAGE_BYTES} bytes")
 
     def _from_niki(self) -> None:
         try:
@@ -197,7 +217,8 @@ def serve(sock: socket.socket, request_head: bytes, origin: Optional[str], host_
         ws.receive_data(request_head)
         request = next((e for e in ws.events() if isinstance(e, Request)), None)
     except RemoteProtocolError as exc:
-        sock.sendall(BAD_HANDSHAKE)
+        version = "version" in str(exc).lower()
+        sock.sendall(WRONG_VERSION if version else BAD_HANDSHAKE)
         return f"refused: not a WebSocket handshake ({exc})"
     if request is None:
         sock.sendall(BAD_HANDSHAKE)

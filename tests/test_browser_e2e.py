@@ -141,3 +141,36 @@ class open_client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.client.close()
+
+
+def test_two_tabs_share_one_client_without_taking_each_other_over(browser, pages: str,
+                                                                  sqlite_url: str) -> None:
+    """Tabs of one site share the credential in localStorage: one connects, the other
+    waits for its Web Lock and takes over when the first is closed."""
+    with ServerProcess(sqlite_url, "--ws-origins", pages) as server:
+        url = f"{pages}/example.html?server=ws://127.0.0.1:{server.http_port}/v1/ws&maxBackoff=1"
+        browser.switch_to.new_window("tab")
+        first = browser.current_window_handle
+        browser.get(url)
+        wait_until(lambda: text(browser, "status") == "connected", SEEN_WITHIN, "the first tab")
+        client_id = text(browser, "client")
+        browser.switch_to.new_window("tab")
+        second = browser.current_window_handle
+        browser.get(url)
+        wait_until(lambda: text(browser, "status") == "waiting", SEEN_WITHIN, "the second tab to wait")
+        with Enqueuer(sqlite_url) as enq:
+            assert enq.enqueue(int(client_id), "to the tab that holds the client")
+            browser.switch_to.window(first)
+            wait_until(lambda: items(browser) == ["to the tab that holds the client"], SEEN_WITHIN,
+                       "the message in the first tab")
+            browser.close()  # the first tab goes: the second takes the client over
+            browser.switch_to.window(second)
+            wait_until(lambda: text(browser, "status") == "connected", SEEN_WITHIN,
+                       "the second tab to connect")
+            assert text(browser, "client") == client_id
+            assert enq.enqueue(int(client_id), "to the second tab")
+            wait_until(lambda: items(browser) == ["to the second tab"], SEEN_WITHIN,
+                       "the message in the second tab")
+        assert "taken over" not in server.log, server.log
+        browser.close()
+        browser.switch_to.window(browser.window_handles[0])

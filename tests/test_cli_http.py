@@ -76,6 +76,9 @@ def test_no_server_and_bad_urls_are_clear_errors(tmp_path) -> None:
     down = run_cli("1", "hello", "--url", f"http://127.0.0.1:{port}")
     assert down.status == 1
     assert f"cannot reach the server's HTTP API at http://127.0.0.1:{port}" in down.one_error_line()
+    with ServerProcess(f"sqlite:///{tmp_path}/niki.sqlite3") as server:  # the client port is not HTTP
+        wrong = run_cli("1", "hello", "--url", f"http://127.0.0.1:{server.port}")
+        assert wrong.status == 1 and "does not answer HTTP" in wrong.one_error_line()
     for bad in ("ftp://x", "http://", "http://host:99999"):
         result = run_cli("1", "hello", "--url", bad)
         assert result.status == 2, (bad, result.stderr)

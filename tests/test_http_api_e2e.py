@@ -258,6 +258,7 @@ def test_a_text_body_is_the_message_and_unknown_fields_are_refused(db_url: str) 
         for bad in (b"two\nlines", b"", b"\xff\xfe"):
             reply = api.post(cid, raw=bad, headers={"Content-Type": "text/plain"})
             assert reply.status == 422, (bad, reply.raw)
+        assert api.post(cid, "a JSON string").status == 422  # JSON must be a message object
         misspelt = api.post(cid, {"body": "x", "tll": 60})
         assert misspelt.status == 422 and "'tll'" in misspelt.json["error"], misspelt.raw
         batch = api.request("POST", "/v1/messages", {"messages": [

@@ -27,12 +27,12 @@ class WsRefused(Exception):
 
 class WsClient:
     def __init__(self, port: int, origin: Optional[str] = None, timeout: float = 10.0,
-                 path: str = "/v1/ws") -> None:
+                 path: str = "/v1/ws", host: Optional[str] = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.timeout = timeout
         self.ws = WSConnection(ConnectionType.CLIENT)
         headers: List[Tuple[bytes, bytes]] = [(b"Origin", origin.encode())] if origin else []
-        self.sock.sendall(self.ws.send(Request(host=f"127.0.0.1:{port}", target=path,
+        self.sock.sendall(self.ws.send(Request(host=host or f"127.0.0.1:{port}", target=path,
                                                extra_headers=headers)))
         self.lines: List[str] = []
         self.closed: Optional[int] = None  # the close code, once closed
@@ -61,8 +61,9 @@ class WsClient:
         self.ws.receive_data(data or None)
         return list(self.ws.events())
 
-    def send_line(self, line: str) -> None:
-        self.sock.sendall(self.ws.send(TextMessage(data=line)))
+    def send_line(self, line: str, finished: bool = True) -> None:
+        """One text frame (``finished`` False: a fragment, more of the message follows)."""
+        self.sock.sendall(self.ws.send(TextMessage(data=line, message_finished=finished)))
 
     def read_line(self, timeout: Optional[float] = None) -> Optional[str]:
         """The next line (text frame); None once the server closed the WebSocket."""

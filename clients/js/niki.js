@@ -15,14 +15,20 @@
 //   server sends again (its ACK was lost with a connection) is recognised by its id,
 //   acknowledged and not handed over twice;
 // - it reconnects after a lost connection with exponential back-off and full jitter
-//   (1 s doubling to `maxBackoff`, 30 s), and PINGs a silent server every `keepalive`
-//   seconds (60), reconnecting when no PONG comes back within as long again.
+//   (1 s doubling to `maxBackoff`, 30 s; back to 1 s only after a connection that lasted
+//   10 s), and PINGs a silent server every `keepalive` seconds (60), reconnecting when
+//   no PONG comes back within as long again;
+// - one credential, one connection: tabs of one site share the credential, and two
+//   connections of one client take each other over, so only the tab that holds a Web
+//   Lock named after `storageKey` connects; the others wait ("waiting") and take over
+//   when it closes. (Web Locks need a secure context: https, or http on localhost.)
 (function (root) {
   "use strict";
 
   const MESSAGE_ACK = /^MESSAGE (\d+): (.*)$/s;
   const MESSAGE = /^MESSAGE: (.*)$/s;
   const REMEMBERED_IDS = 1000;
+  const STABLE_MS = 10000;  // a connection this old counts as having worked
 
   class NikiClient {
     constructor(url, options = {}) {
@@ -52,7 +58,15 @@
 
     connect() {
       this.stopped = false;
-      this._open();
+      const locks = root.navigator && root.navigator.locks;
+      if (!locks) { this._open(); return; }
+      this.onStatus("waiting");
+      // Held until close(): another tab of this client waits here meanwhile.
+      locks.request(`niki:${this.storageKey}`, () => new Promise((release) => {
+        this._releaseLock = release;
+        if (this.stopped) { release(); return; }
+        this._open();
+      }));
     }
 
     // Ends the connection (DISCONNECT) and stops reconnecting.
@@ -61,12 +75,14 @@
       clearTimeout(this._reconnectTimer);
       clearTimeout(this._keepaliveTimer);
       if (this.socket && this.socket.readyState === WebSocket.OPEN) this.socket.send("DISCONNECT");
+      if (this._releaseLock) { this._releaseLock(); this._releaseLock = null; }
     }
 
     _open() {
       const socket = new WebSocket(this.url);
       this.socket = socket;
       let identified = false;
+      let openedAt = null;
       socket.onmessage = (event) => {
         this._heard();
         const line = String(event.data);
@@ -75,7 +91,7 @@
             socket.send((this.credential || "NONE") + (this.ack ? " ACK" : ""));
           } else if (line.startsWith("SET_CLIENT_ID: ")) {
             identified = true;
-            this.attempt = 0;
+            openedAt = Date.now();
             this.credential = line.slice("SET_CLIENT_ID: ".length);
             this.onStatus("connected", this.credential.split(".")[0]);
           }
@@ -88,6 +104,7 @@
         if (this.socket !== socket) return;
         this.socket = null;
         if (this.stopped) { this.onStatus("closed"); return; }
+        if (openedAt !== null && Date.now() - openedAt >= STABLE_MS) this.attempt = 0;
         const cap = Math.min(this.maxBackoff, 1000 * 2 ** this.attempt++);
         const delay = Math.random() * cap;
         this.onStatus("reconnecting", Math.round(delay));
