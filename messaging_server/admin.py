@@ -22,7 +22,7 @@ from . import settings
 from .enqueue import client_id_of
 from .errors import ConfigurationError, NikiError, UnknownClient
 from .storage import Storage, open_storage
-from .storage.base import ClientInfo, MessageInfo, ServerInfo
+from .storage.records import ClientInfo, MessageInfo, ServerInfo
 from .version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

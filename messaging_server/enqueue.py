@@ -19,7 +19,7 @@ from .credentials import parse_credential, redact
 from .errors import BodyRejected, ConfigurationError, NikiError, UnknownClient
 from .protocol import MAX_CLIENT_ID
 from .storage import Queued, Storage, open_storage
-from .storage.base import ServerAddress
+from .storage.records import ServerAddress
 from .wakeup import Address, Carried, WakeupSender, encode_carried, parse_peers
 
 ClientId = Union[int, str]

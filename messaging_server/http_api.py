@@ -39,7 +39,7 @@ from .http_auth import BearerToken, cross_site, loopback_host_header
 from .http_server import MAX_REQUEST_BYTES, BoundedHTTPServer, BoundedRequestHandler
 from .settings import ServerSettings
 from .storage import Storage
-from .storage.base import ServerAddress
+from .storage.records import ServerAddress
 from .version import __version__
 
 log = logging.getLogger("messaging_server.http")

@@ -65,7 +65,7 @@ SWEEP_INTERVAL_S = 2.0
 # its client's delivery lease back (with its last marks).  A busy connection keeps it,
 # so that messages wake-ups carry are written without reading the database; an idle
 # one lets go, so that if its server dies, the client's next connection elsewhere
-# need not wait for it (storage.base.LEASE_HANDOVER_S).  Measured with B2 (1,000
+# need not wait for it (storage.interface.LEASE_HANDOVER_S).  Measured with B2 (1,000
 # clients, each sent a message about once a second): at 1 s the lease was given back
 # and taken again around every message (9.9 database round trips per message).
 LEASE_IDLE_S = 10.0

@@ -22,7 +22,7 @@ from . import metrics
 from .connection import ClientConnection
 from .errors import StorageUnavailable
 from .storage import Storage
-from .storage.base import HEARTBEAT_INTERVAL_S
+from .storage.interface import HEARTBEAT_INTERVAL_S
 
 log = logging.getLogger(__name__)
 

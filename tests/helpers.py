@@ -352,7 +352,7 @@ def seconds_ago_sql(db_url: str, seconds: float) -> str:
 
 def insert_message(db_url: str, client_id: int, body: str, status: str, seconds_ago: float) -> None:
     """A message row as if stored ``seconds_ago``: history the duplicate rule must read right."""
-    from messaging_server.storage.base import body_hash
+    from messaging_server.storage.interface import body_hash
 
     query(db_url, "INSERT INTO messages (client_id, body, body_hash, status, created_at) "
           f"VALUES (%s, %s, %s, %s, {seconds_ago_sql(db_url, seconds_ago)})",

@@ -14,7 +14,8 @@ from typing import List
 
 from messaging_server.errors import StorageUnavailable
 from messaging_server.storage import Storage
-from messaging_server.storage.base import LEASE_HANDOVER_S, ServerAddress
+from messaging_server.storage.interface import LEASE_HANDOVER_S
+from messaging_server.storage.records import ServerAddress
 from tests.helpers import query, run_threads
 
 WINDOW = 5.0

@@ -26,7 +26,8 @@ from messaging_server.errors import (
 )
 from messaging_server.settings import DUPLICATE_WINDOW_S, MAX_BODY_BYTES
 from messaging_server.storage import Storage
-from messaging_server.storage.base import Queued, body_hash
+from messaging_server.storage.interface import body_hash
+from messaging_server.storage.records import Queued
 from messaging_server.wakeup import MAX_DATAGRAM, encode
 from tests.helpers import (
     DatagramCounter,

@@ -10,8 +10,8 @@ import pytest
 
 from messaging_server.errors import StorageUnavailable
 from messaging_server.storage import open_storage
-from messaging_server.storage.base import Tx
 from messaging_server.storage.group_commit import GroupCommit
+from messaging_server.storage.sql import Tx
 from messaging_server.storage.sqlite import SqliteStorage
 from tests.helpers import wait_until
 

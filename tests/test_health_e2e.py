@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, Tuple
 import pymysql
 import pytest
 
-from messaging_server.storage.base import HEARTBEAT_INTERVAL_S, WRITE_STALE_S
+from messaging_server.storage.interface import HEARTBEAT_INTERVAL_S, WRITE_STALE_S
 from messaging_server.storage.write_health import WriteHealth
 from tests.conftest import IN_CI
 from tests.helpers import ServerProcess, wait_until
@@ -186,6 +186,6 @@ def test_mariadb_read_only_turns_healthz_503_and_back(private_mariadb: Tuple[str
 
 
 def test_write_stale_window_is_within_the_liveness_window() -> None:
-    from messaging_server.storage.base import HEARTBEAT_STALE_S
+    from messaging_server.storage.interface import HEARTBEAT_STALE_S
 
     assert HEARTBEAT_INTERVAL_S < WRITE_STALE_S < HEARTBEAT_STALE_S

@@ -49,7 +49,7 @@ import pytest
 
 from messaging_server.client import Client
 from messaging_server.http_server import KEEPALIVE_IDLE_S, MAX_HTTP_CONNECTIONS
-from messaging_server.storage.base import HEARTBEAT_INTERVAL_S
+from messaging_server.storage.interface import HEARTBEAT_INTERVAL_S
 from tests.helpers import REFUSED_BODY, ServerProcess, numeric_id, query, refuse_body, wait_until
 
 # Routed mode and no API token unless a test sets one: no NIKI_* setting may leak in.

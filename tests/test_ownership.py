@@ -13,7 +13,8 @@ import pytest
 
 from messaging_server import Enqueuer
 from messaging_server.storage import Storage, StoredMessage
-from messaging_server.storage.base import HEARTBEAT_STALE_S, Claim, Queued, ServerAddress, SweepResult
+from messaging_server.storage.interface import HEARTBEAT_STALE_S
+from messaging_server.storage.records import Claim, Queued, ServerAddress, SweepResult
 from messaging_server.wakeup import WakeupListener
 from tests.helpers import DatagramCounter, query, seconds_ago_sql
 

@@ -18,7 +18,7 @@ from messaging_server.errors import (
     UnknownClient,
 )
 from messaging_server.storage import Delivery, Storage, StoredMessage, describe_url, open_storage
-from messaging_server.storage.base import Claim, Queued
+from messaging_server.storage.records import Claim, Queued
 from tests.conftest import mysql_connect
 from tests.helpers import (
     REFUSED_BODY,

@@ -29,8 +29,8 @@ import pytest
 
 from messaging_server.errors import StorageUnavailable
 from messaging_server.storage import open_storage
-from messaging_server.storage.base import split_sql_script
 from messaging_server.storage.mysql import CONNECT_TIMEOUT_S
+from messaging_server.storage.sql import split_sql_script
 from tests.conftest import MYSQL_URL, mysql_connect
 from tests.helpers import ServerProcess, wait_until
 

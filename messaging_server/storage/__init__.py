@@ -16,7 +16,8 @@ from __future__ import annotations
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError
-from .base import Delivery, Queued, Storage, StoredMessage
+from .interface import Storage
+from .records import Delivery, Queued, StoredMessage
 
 __all__ = ["Delivery", "Queued", "Storage", "StoredMessage", "describe_url", "open_storage"]
 

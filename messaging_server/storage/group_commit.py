@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, ContextManager, Generic, List, Optional, TypeVar
 
-from .base import Tx
+from .sql import Tx
 
 T = TypeVar("T")
 

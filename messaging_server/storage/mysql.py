@@ -42,17 +42,11 @@ import pymysql
 import pymysql.constants
 
 from ..errors import QueueFull, StorageError, StorageUnavailable, UnknownClient
-from .base import (
-    HEARTBEAT_STALE_S,
-    Queued,
-    ServerAddress,
-    SqlStorage,
-    Tx,
-    body_hash,
-    split_sql_script,
-)
 from .hosts import Address, HostList, format_address
+from .interface import HEARTBEAT_STALE_S, body_hash
 from .pool import ConnectionPool
+from .records import Queued, ServerAddress
+from .sql import SqlStorage, Tx, split_sql_script
 
 log = logging.getLogger(__name__)
 

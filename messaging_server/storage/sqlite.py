@@ -21,9 +21,9 @@ from typing import Dict, Iterator, List
 from urllib.request import pathname2url
 
 from ..errors import StorageUnavailable
-from .base import SqlStorage, Tx, split_sql_script
 from .group_commit import GroupCommit
 from .pool import ConnectionPool
+from .sql import SqlStorage, Tx, split_sql_script
 
 # How long a writer waits for another process's write lock before giving up.
 # Longer than the server's socket write timeout, which bounds how long a

@@ -5,7 +5,7 @@ would prove little and cost much: a read still succeeds on a full disk, a
 read-only file or a read-only MariaDB, and on SQLite every transaction takes
 the one write lock, so a probe would queue behind the writers.  A server writes
 all the time (its heartbeat every HEARTBEAT_INTERVAL_S, handshakes, enqueues,
-deliveries), so :class:`~messaging_server.storage.base.SqlStorage` records here
+deliveries), so :class:`~messaging_server.storage.sql.SqlStorage` records here
 when a transaction that changed rows commits, and when any operation fails with
 a database error; the latest outcome, and its age, tell the truth about writes.
 

@@ -1,7 +1,5 @@
-"""The storage interface and the SQL that both databases share.
-
-:class:`Storage` is everything the server and ``enqueue`` need from a database.
-:class:`SqlStorage` implements it once in SQL; a backend (``sqlite.py``,
+"""The SQL that both databases share: :class:`SqlStorage` implements the storage
+interface (``interface.py``) once; a backend (``sqlite.py``,
 ``mysql.py``) supplies only what differs: how a transaction is opened on a
 pooled connection, which driver errors mean "unavailable", and a few dialect
 fragments (clock, row locks).
@@ -36,14 +34,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import datetime
-import hashlib
-import itertools
 import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -60,7 +54,35 @@ from typing import (
 )
 
 from ..errors import NikiError, QueueFull, StorageError, StorageFault, StorageUnavailable, UnknownClient
-from .write_health import WriteHealth
+from .interface import (
+    FORGET_BATCH,
+    HEARTBEAT_STALE_S,
+    LEASE_HANDOVER_S,
+    Storage,
+    body_hash,
+)
+from .records import (
+    ACKNOWLEDGED,
+    DELIVERED,
+    EXPIRED,
+    IGNORED,
+    PENDING,
+    Acquired,
+    Activity,
+    BatchItem,
+    Claim,
+    ClientInfo,
+    Delivery,
+    MessageInfo,
+    Queued,
+    Row,
+    ServerAddress,
+    ServerInfo,
+    StoredMessage,
+    SweepResult,
+    Writer,
+    iso_time,
+)
 
 if TYPE_CHECKING:
     from .group_commit import GroupCommit
@@ -69,7 +91,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PENDING, DELIVERED, IGNORED, EXPIRED = "pending", "delivered", "ignored", "expired"
+
 # A transaction that loses a conflict (a deadlock; on a Galera cluster, certification
 # against another node's transaction) is run again, up to this many times in all, after
 # a pause drawn between 0 and CONFLICT_PAUSE_S * 2**attempt (at most CONFLICT_PAUSE_MAX_S):
@@ -89,387 +111,6 @@ MARK_CHUNK = 500
 WAKEUP_KEY_NAME = "wakeup"
 
 
-@dataclass(frozen=True)
-class StoredMessage:
-    id: int
-    body: str
-    # When it was queued, in seconds since the epoch (the database's clock), for
-    # the enqueue-to-delivery latency; 0.0: not known.  Not part of equality: a
-    # message is its id and body.
-    created_at: float = field(default=0.0, compare=False)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What one delivery pass did."""
-
-    delivered: int  # written (and, unless the caller marks later, marked delivered)
-    taken_over: bool = False
-    write_failed: bool = False
-    more: bool = False
-    last_id: int = 0  # the highest message id written in this pass
-    busy: bool = False  # another delivery of this client holds its lease: try again soon
-
-
-@dataclass(frozen=True)
-class Acquired:
-    """What :meth:`Storage.acquire_delivery` got: the lease and a batch, or why not."""
-
-    messages: List[StoredMessage] = field(default_factory=list)
-    taken_over: bool = False  # the session is no longer the client's current one
-    busy: bool = False  # a connection of an older session still holds the lease
-
-
-@dataclass(frozen=True)
-class ServerAddress:
-    """Where a server listens for wake-ups."""
-
-    server_id: int
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A client identified on a server: its new session, and who held it before."""
-
-    client_id: int
-    session: int
-    # The live server that owned the client until now, if another one: it must
-    # be told to close its connection.
-    previous_owner: Optional[ServerAddress] = None
-    has_secret: bool = False  # a secret hash is stored for it (not a --legacy-ids client)
-    # The session holds the client's delivery lease from the start (a new client:
-    # nobody else can have sent it anything).
-    holds_lease: bool = False
-
-
-@dataclass(frozen=True)
-class Queued:
-    """What ``enqueue`` stored: the message id (None for a duplicate) and the live owner."""
-
-    message_id: Optional[int]
-    owner: Optional[ServerAddress] = None
-    # The client's session when it was stored, and its newest pending message before
-    # this one (0: none): what a wake-up carrying the message tells the owner.  Both
-    # are read under the client row's lock, so no enqueue can come between.  (A
-    # delivery may mark ``previous`` delivered meanwhile; status 'pending' counts,
-    # expired or not.)  Both 0 for a duplicate.  enqueue_many gives ``previous``
-    # (chained per client through the batch) but leaves ``session`` 0: the Enqueuer
-    # then names the batch's clients in wake-ups instead of carrying each message.
-    session: int = 0
-    previous: int = 0
-
-
-@dataclass(frozen=True)
-class Activity:
-    """The whole database's message flow at one moment, for the status page and the
-    per-minute log line: ids handed out so far (their rise is what was queued, in every
-    server's and enqueuer's name, duplicates recorded as ignored included) and the
-    messages still pending."""
-
-    newest_message_id: int
-    id_step: int  # ids advance by this much per message (a Galera node: the cluster's size)
-    pending: int
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    """A registered server, for operators (times: ISO 8601, UTC)."""
-
-    server_id: int
-    host: str
-    port: int
-    event_host: str
-    event_port: int
-    pid: int
-    started_at: str
-    heartbeat_at: str
-    alive: bool  # its heartbeat is fresh
-    clients: int  # connected clients it owns
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    """A client as the database sees it (times: ISO 8601, UTC)."""
-
-    client_id: int
-    pending: int  # messages waiting for delivery (not expired)
-    server: Optional[ServerInfo]  # the live server holding its connection; None: offline
-    created_at: str
-    last_seen_at: Optional[str]
-    has_secret: bool
-
-    @property
-    def connected(self) -> bool:
-        return self.server is not None
-
-
-# What a message's status reads as from outside: ACKNOWLEDGED is a delivered
-# message that an ACK-mode client confirmed.
-ACKNOWLEDGED = "acknowledged"
-
-
-@dataclass(frozen=True)
-class MessageInfo:
-    """One message's fate: a delivery receipt (times: ISO 8601, UTC)."""
-
-    message_id: int
-    client_id: int
-    status: str  # pending, delivered, acknowledged, expired or ignored
-    created_at: str
-    expires_at: Optional[str]
-    delivered_at: Optional[str]
-    acknowledged_at: Optional[str]
-
-
-def iso_time(value: Any) -> Optional[str]:
-    """A stored time (a MySQL datetime, a SQLite text) as ISO 8601 UTC with a Z."""
-    if value is None:
-        return None
-    if isinstance(value, datetime.datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    text = str(value).replace(" ", "T", 1)
-    return text if text.endswith("Z") else text + "Z"
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    """This server's clients as the database sees them: id -> (session, has pending)."""
-
-    registered: bool
-    owned: Dict[int, Tuple[int, bool]] = field(default_factory=dict)
-
-
-# enqueue_many's items: (client id, body) or (client id, body, ttl or None).
-BatchItem = Union[Tuple[int, str], Tuple[int, str, Optional[float]]]
-# A message row as _insert_messages writes it: client id, body, body hash, status, ttl.
-Row = Tuple[int, str, bytes, str, Optional[float]]
-
-# write(messages) -> how many of them, from the first, reached the socket.
-Writer = Callable[[Sequence[StoredMessage]], int]
-
-# How long a new session waits for an older one to give the delivery lease back
-# before it takes it anyway (the older one's server crashed but is not yet taken
-# for dead).  Several sweep intervals: a live server gives it back sooner.
-LEASE_HANDOVER_S = 5.0
-
-# Client rows a departing server's clean-up locks per statement.
-FORGET_BATCH = 500
-
-# A server whose heartbeat is older than this is taken for dead: its clients
-# count as offline.  Servers beat every HEARTBEAT_INTERVAL_S, so this allows
-# several missed beats (a long delivery, a database hiccup) before that.
-HEARTBEAT_INTERVAL_S = 2.0
-HEARTBEAT_STALE_S = 15.0
-# No committed write for this long (three heartbeats missed) and /healthz says
-# the database is unavailable: writes are stuck (a lock held elsewhere, a
-# database that hangs).  Well before HEARTBEAT_STALE_S, when other servers
-# take this one for dead.
-WRITE_STALE_S = 3 * HEARTBEAT_INTERVAL_S
-
-
-class Storage(abc.ABC):
-    """What Niki needs from a database.  All methods are thread-safe."""
-
-    def __init__(self) -> None:
-        # The outcome of this process's writes, for /healthz (see write_health).
-        self.write_health = WriteHealth(WRITE_STALE_S)
-
-    @abc.abstractmethod
-    def create_schema(self) -> None:
-        """Create the database objects if they do not exist (idempotent)."""
-
-    @abc.abstractmethod
-    def new_client(self, server_id: Optional[int] = None,
-                   secret_hash: Optional[bytes] = None) -> Claim:
-        """Create a client, owned by ``server_id``; its first session.
-
-        ``secret_hash``: the hash of its credential's secret (None: a bare-id client).
-        """
-
-    @abc.abstractmethod
-    def claim_client(self, client_id: int, server_id: Optional[int] = None,
-                     accept: Optional[Callable[[Optional[bytes]], bool]] = None) -> Optional[Claim]:
-        """Start a new session of an existing client on ``server_id``.
-
-        None when it is unknown, or when ``accept`` (given the stored secret hash,
-        under the client row's lock) refuses: then nothing about the client changes.
-        """
-
-    @abc.abstractmethod
-    def release_client(self, client_id: int, session: int, server_id: Optional[int],
-                       written: Sequence[int] = (),
-                       acknowledged: Sequence[int] = ()) -> Optional[ServerAddress]:
-        """The client's connection ended: it has no owner, unless a newer session took it,
-        and the session's delivery lease is given back; all in one transaction.
-
-        ``written`` / ``acknowledged``: messages the connection wrote (legacy) or
-        had acknowledged (ACK mode) whose mark had not been committed: marked now,
-        before the lease goes, so that the next session never sends them again.
-        Returns the live server of a newer session that may be waiting for the
-        lease (it should be woken), else None.
-        """
-
-    @abc.abstractmethod
-    def enqueue(self, client_id: int, body: str, duplicate_window: float,
-                ttl: Optional[float] = None, max_pending: Optional[int] = None,
-                find_owner: bool = True) -> Queued:
-        """Store a pending message (or, for a duplicate, an ignored one).
-
-        ``find_owner``: also look up the live owner's wake-up address (routed
-        mode); broadcast mode does not need it and saves the query.
-
-        ``ttl``: seconds after which it is never sent.  Raises UnknownClient when
-        no such client exists, QueueFull when it has ``max_pending`` pending.
-        """
-
-    @abc.abstractmethod
-    def enqueue_many(self, items: Sequence[BatchItem], duplicate_window: float,
-                     ttl: Optional[float] = None, max_pending: Optional[int] = None,
-                     find_owner: bool = True) -> List[Union[Queued, NikiError]]:
-        """Store many messages in one transaction: one result per item, in order.
-
-        An item is ``(client_id, body)`` or ``(client_id, body, ttl)``; an item's ttl
-        of None (or none at all) means ``ttl``.
-
-        Each result is what :meth:`enqueue` would have returned for the item
-        (a Queued; message_id None for a duplicate, also of an earlier item of
-        the batch) or the UnknownClient / QueueFull it would have raised.
-        Messages of one client are stored in the order given.
-        """
-
-    # Delivery never holds a database connection or a lock while it writes to a
-    # socket.  Deliveries of one client are kept from overlapping by its delivery
-    # lease instead: data on the client row naming the session (and server) whose
-    # connection may have sent messages it has not yet marked delivered (legacy:
-    # written, mark not committed; ACK mode: in flight, or acknowledged and not
-    # committed).  Only the holder delivers.  A server's connection keeps it while
-    # busy and gives it back with its last marks when idle or ended
-    # (mark_delivered with release_session, release_client); a lease whose server
-    # is dead is free.  So a message is never sent by two live connections, and a
-    # takeover never repeats what the old connection sent.
-
-    @abc.abstractmethod
-    def read_batch(self, client_id: int, session: int, batch: int,
-                   after_id: int = 0) -> Optional[List[StoredMessage]]:
-        """Up to ``batch`` pending messages, oldest first, ids above ``after_id``, none
-        expired; None when ``session`` is no longer current.  Reads only: for a session
-        that holds the lease, or to see whether there is anything to take it for."""
-
-    @abc.abstractmethod
-    def acquire_delivery(self, client_id: int, session: int, server_id: Optional[int],
-                         batch: int, after_id: int = 0) -> Acquired:
-        """Take (or keep) the client's delivery lease for ``session`` on ``server_id`` and
-        read a batch as :meth:`read_batch` does, in one short transaction."""
-
-    def deliver_pending(self, client_id: int, session: int, write: Writer, batch: int,
-                        after_id: int = 0, mark: bool = True,
-                        server_id: Optional[int] = None) -> Delivery:
-        """One whole delivery step: take the lease and a batch, ``write`` it (no
-        transaction open), then (``mark``) mark what was written and give the lease back."""
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    def mark_delivered(self, client_id: int, message_ids: Sequence[int],
-                       acknowledged: bool = False, release_session: Optional[int] = None) -> int:
-        """Mark messages of ``client_id`` delivered; return how many were waiting.
-
-        ``acknowledged``: an ACK-mode client confirmed them (their receipt says so).
-        ``release_session``: in the same transaction, give back that session's
-        delivery lease (it has nothing unconfirmed left).
-        """
-
-    @abc.abstractmethod
-    def mark_groups(self, written: Sequence[int], acknowledged: Sequence[int]) -> None:
-        """Mark the messages of many clients delivered (``acknowledged``: and acknowledged)
-        in one transaction.  The callers hold each client's delivery lease."""
-
-    @abc.abstractmethod
-    def wakeup_key(self) -> Optional[bytes]:
-        """The key that signs wake-ups carrying messages (None: a database created before
-        there was one, not yet opened by a server)."""
-
-    @abc.abstractmethod
-    def wakeup_state(self, client_ids: Sequence[int]) -> Dict[int, Tuple[int, int]]:
-        """For each existing client: (current session, id of its newest pending message or
-        0), in one read-only query: what a wake-up needs to know before it costs a pass."""
-
-    @abc.abstractmethod
-    def expire_and_purge(self, retention: float, batch: int) -> Tuple[int, int]:
-        """Mark pending messages past their TTL expired; delete at most ``batch`` finished
-        messages older than ``retention`` seconds.  Return (expired, deleted)."""
-
-    def purge(self, retention: float, batch: int, max_batches: Optional[int] = None) -> Tuple[int, int]:
-        """:meth:`expire_and_purge` until a batch comes back short (or ``max_batches`` times),
-        each batch its own short transaction; return (expired, deleted)."""
-        expired = deleted = 0
-        for _ in itertools.count() if max_batches is None else range(max_batches):
-            e, d = self.expire_and_purge(retention, batch)
-            expired, deleted = expired + e, deleted + d
-            if e < batch and d < batch:
-                break
-        return expired, deleted
-
-    @abc.abstractmethod
-    def pending_count(self, client_id: int) -> int:
-        """Messages of ``client_id`` that will still be sent: pending, not past their TTL."""
-
-    @abc.abstractmethod
-    def client_info(self, client_id: int) -> Optional[ClientInfo]:
-        """What the database knows of a client; None when there is no such client."""
-
-    @abc.abstractmethod
-    def message_info(self, message_id: int) -> Optional[MessageInfo]:
-        """A message's status and times; None when there is none (never, or purged)."""
-
-    @abc.abstractmethod
-    def activity(self) -> Activity:
-        """The newest message id and the number of pending messages (two index reads)."""
-
-    @abc.abstractmethod
-    def list_servers(self) -> List[ServerInfo]:
-        """Every registered server, by id."""
-
-    @abc.abstractmethod
-    def register_server(self, host: str, port: int, event_host: str, event_port: int,
-                        pid: int) -> int:
-        """Record a running server; return its id.
-
-        A server that ran before at the same wake-up address (and crashed, or it
-        would have unregistered) is forgotten, and so is its clients' ownership.
-        """
-
-    @abc.abstractmethod
-    def unregister_server(self, server_id: int) -> None:
-        """Forget a server that is shutting down, and its clients' ownership."""
-
-    @abc.abstractmethod
-    def sweep(self, server_id: int) -> SweepResult:
-        """Beat this server's heartbeat and list the clients it owns, in one transaction."""
-
-    @abc.abstractmethod
-    def heartbeat(self, server_id: int) -> bool:
-        """Beat this server's heartbeat; False when its row is gone."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Close every pooled connection."""
-
-    def connections_in_use(self) -> int:
-        """Pooled connections borrowed for a transaction at this moment (for the pool gauge)."""
-        return 0
-
-    def __enter__(self) -> Storage:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def body_hash(body: str) -> bytes:
-    """The duplicate-rule key: exact bytes, whatever the database's collation."""
-    return hashlib.sha256(body.encode("utf-8")).digest()
 
 
 class SqlStorage(Storage):
