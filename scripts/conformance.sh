@@ -47,7 +47,7 @@ PY
 peers=$(seq -s, -f "127.0.0.1:%g" $((port + 1)) $((port + workers)))
 export NIKI_DB="$db" NIKI_PEERS="$peers"
 
-"$py" -m messaging_server -p "$port" >"$tmp/server.log" 2>&1 &
+"$py" -m messaging_server -p "$port" --http-port 0 >"$tmp/server.log" 2>&1 &
 server=$!
 cleanup() {
   kill "$server" 2>/dev/null || true

@@ -64,10 +64,15 @@ class ServerProcess:
     """
 
     def __init__(self, db_url: Optional[str], *args: str, env: Optional[Dict[str, str]] = None,
-                 port: int = 0, event_port: Optional[int] = None, workers: int = 1) -> None:
+                 port: int = 0, event_port: Optional[int] = None, workers: int = 1,
+                 http_follows_port: bool = False) -> None:
         self.db_url = db_url
         self.workers = workers
         self.args = ["--workers", str(workers), *args]
+        if port and not http_follows_port and "--http-port" not in args:
+            # A fixed client port (a restart on the same one) would put the HTTP API on
+            # port + 2, which another test may hold: off, unless the test wants it there.
+            self.args += ["--http-port", "0"]
         self.extra_env = env or {}
         self.requested_port = port
         self.requested_event_port = event_port

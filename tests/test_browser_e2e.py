@@ -87,7 +87,8 @@ def text(driver: webdriver.Chrome, element_id: str) -> str:
 def test_niki_js_receives_acknowledges_and_survives_a_restart(browser, pages: str, sqlite_url: str) -> None:
     port = port_with_free_neighbours()
     args = ("--ws-origins", pages, "--workers", "1")
-    server = ServerProcess(sqlite_url, *args, port=port, event_port=port + 1).start()
+    server = ServerProcess(sqlite_url, *args, port=port, event_port=port + 1,
+                           http_follows_port=True).start()
     try:
         browser.get(f"{pages}/example.html?server=ws://127.0.0.1:{port + 2}/v1/ws&maxBackoff=1")
         wait_until(lambda: text(browser, "status") == "connected", SEEN_WITHIN, "the page to connect")
@@ -100,7 +101,8 @@ def test_niki_js_receives_acknowledges_and_survives_a_restart(browser, pages: st
             wait_until(lambda: text(browser, "status") == "reconnecting", SEEN_WITHIN,
                        "the page to see the server gone")
             assert enq.enqueue(client_id, "queued while the server was down")
-            server = ServerProcess(sqlite_url, *args, port=port, event_port=port + 1).start()
+            server = ServerProcess(sqlite_url, *args, port=port, event_port=port + 1,
+                                   http_follows_port=True).start()
             wait_until(lambda: len(items(browser)) == 2, SEEN_WITHIN, "the backlog after the restart")
             assert text(browser, "client") == str(client_id)  # the credential from localStorage
             assert enq.enqueue(client_id, "after the restart")

@@ -699,7 +699,7 @@ def port_with_free_neighbours() -> int:
 
 def test_on_by_default_at_the_client_port_plus_two_and_off_with_zero(sqlite_url: str) -> None:
     port = port_with_free_neighbours()
-    with ServerProcess(sqlite_url, port=port) as server:
+    with ServerProcess(sqlite_url, port=port, http_follows_port=True) as server:
         assert server.http_port == port + 2, server.log
         assert f"HTTP API on http://127.0.0.1:{port + 2}" in server.log
         assert Api(port + 2).get("/healthz").status == 200
