@@ -19,7 +19,7 @@ import sys
 import time
 
 from messaging_server import Enqueuer
-from messaging_server.client import Client
+from messaging_server.client.sdk import Client
 
 LISTENING = re.compile(r"port (\d+) \(clients, TCP\)")
 

@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 import pymysql  # noqa: E402
 
 from messaging_server import Enqueuer  # noqa: E402
-from messaging_server.client import Client  # noqa: E402
+from messaging_server.client.sdk import Client  # noqa: E402
 from messaging_server.storage import open_storage  # noqa: E402
 from tests.galera_cluster import GaleraCluster, galera_missing  # noqa: E402
 from tests.helpers import ServerProcess  # noqa: E402

@@ -1,7 +1,7 @@
 """The Niki half of the suite: a fresh server process, raw-socket clients, B1-B4.
 
 Clients are raw non-blocking sockets read by one selector thread (:class:`LineHub`),
-not :class:`messaging_server.client.Client` objects, so that 10,000 of them fit in
+not :class:`messaging_server.client.sdk.Client` objects, so that 10,000 of them fit in
 one process and the reader costs little CPU next to the server.
 """
 

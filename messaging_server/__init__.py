@@ -8,8 +8,7 @@ connection to a server receive them at once, or as soon as they reconnect.
     True
 """
 
-from .enqueue import Enqueuer, enqueue, enqueue_many
-from .errors import (
+from messaging_server.errors import (
     AccessDenied,
     BodyRejected,
     ConfigurationError,
@@ -20,8 +19,9 @@ from .errors import (
     StorageUnavailable,
     UnknownClient,
 )
-from .http_enqueuer import HttpEnqueuer
-from .version import __version__
+from messaging_server.producer.enqueuer import Enqueuer, enqueue, enqueue_many
+from messaging_server.producer.http import HttpEnqueuer
+from messaging_server.version import __version__
 
 __all__ = [
     "AccessDenied",

@@ -23,9 +23,7 @@ import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from .errors import NikiError
-from .logs import LOGGER, configure_logging
-from .settings import (
+from messaging_server.config.settings import (
     DEFAULT_DB,
     DEFAULT_DB_PATH,
     ServerSettings,
@@ -34,8 +32,16 @@ from .settings import (
     describe_effective,
     effective_settings,
 )
-from .storage import describe_url, open_storage
-from .workers import WORKER_COMMAND, Supervisor, die_with_supervisor, plan_ports, report_ready
+from messaging_server.errors import NikiError
+from messaging_server.server.logs import LOGGER, configure_logging
+from messaging_server.server.workers import (
+    WORKER_COMMAND,
+    Supervisor,
+    die_with_supervisor,
+    plan_ports,
+    report_ready,
+)
+from messaging_server.storage import describe_url, open_storage
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_SETTINGS = 0, 1, 2
 ADMIN_COMMAND = "admin"
@@ -67,8 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # value from the file is one the environment left unset or empty, so it goes in as is.
     os.environ.update(effective.enqueue_environ())
     fail = _reporter(settings.log_format)
-    from .server import run
-    from .tls import server_context
+    from messaging_server.server.core import run
+    from messaging_server.server.tls import server_context
 
     if settings.tls_cert:  # unusable files are found before anything is created
         try:
@@ -155,7 +161,7 @@ def _reporter(log_format: str) -> Callable[[int, str], int]:
 
 def _run_admin(argv: List[str]) -> int:
     try:
-        from .admin import main as admin_main
+        from messaging_server.tools.admin import main as admin_main
     except ModuleNotFoundError as exc:
         if exc.name != f"{__package__}.admin":
             raise

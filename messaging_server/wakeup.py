@@ -38,8 +38,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .errors import ConfigurationError, port_error
-from .protocol import parse_client_id
+from messaging_server.errors import ConfigurationError, port_error
+from messaging_server.protocol.lines import parse_client_id
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ case "$kind" in
 esac
 # The server runs with its default --workers: worker i listens for wake-ups on port + 1 + i,
 # and broadcast mode (NIKI_PEERS) must name every one of them.
-workers=$("$py" -c 'import sys; from messaging_server.settings import default_workers; print(default_workers(sys.argv[1]))' "$db")
+workers=$("$py" -c 'import sys; from messaging_server.config.settings import default_workers; print(default_workers(sys.argv[1]))' "$db")
 port=$("$py" - "$workers" <<'PY'
 import socket, sys
 workers = int(sys.argv[1])

@@ -42,7 +42,7 @@ import pymysql
 import pytest
 
 from messaging_server import Enqueuer, StorageUnavailable
-from messaging_server.client import Client
+from messaging_server.client.sdk import Client
 from tests.helpers import (
     CREDENTIAL,
     RawClient,

@@ -8,8 +8,8 @@ from typing import Iterator
 
 import pytest
 
-from messaging_server import activity, metrics
-from messaging_server.activity import ActivityMonitor
+from messaging_server.server import activity, metrics
+from messaging_server.server.activity import ActivityMonitor
 from messaging_server.storage import Storage
 from tests.helpers import wait_until
 

@@ -54,7 +54,7 @@ def admin(*args: str, db: Optional[str] = None, env: Optional[Dict[str, str]] = 
     environ = clean_env(env)
     if db is not None:
         environ["NIKI_DB"] = db
-    proc = subprocess.run([sys.executable, "-m", "messaging_server.admin", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "messaging_server.tools.admin", *args], capture_output=True,
                           env=environ, timeout=60)
     return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"),
                   proc.stderr.decode("utf-8", "replace"))
@@ -63,7 +63,8 @@ def admin(*args: str, db: Optional[str] = None, env: Optional[Dict[str, str]] = 
 def enqueue_json_lines(db_url: str, items: List[Tuple[str, str]]) -> List[int]:
     """Queue ``(credential, body)`` pairs with ``niki-enqueue --json --file -``; their message ids."""
     stdin = "".join(json.dumps({"client_id": c, "body": b}) + "\n" for c, b in items).encode()
-    proc = subprocess.run([sys.executable, "-m", "messaging_server.cli", "--json", "--file", "-"],
+    proc = subprocess.run([sys.executable, "-m", "messaging_server.tools.niki_enqueue", "--json",
+                           "--file", "-"],
                           input=stdin, capture_output=True, env=clean_env({"NIKI_DB": db_url}), timeout=60)
     assert proc.returncode == 0, proc.stderr
     objects = [json.loads(line) for line in proc.stdout.decode().splitlines()]

@@ -136,7 +136,7 @@ class open_client:
         self.server = server
 
     def __enter__(self) -> str:
-        from messaging_server.client import Client
+        from messaging_server.client.sdk import Client
 
         self.client = Client("127.0.0.1", self.server.port)
         return self.client.connect()

@@ -20,9 +20,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
-from messaging_server.client import Client
-from messaging_server.enqueue import MAX_BATCH
-from messaging_server.settings import DEFAULT_PORT, MAX_BODY_BYTES
+from messaging_server.client.sdk import Client
+from messaging_server.config.settings import DEFAULT_PORT, MAX_BODY_BYTES
+from messaging_server.producer.enqueuer import MAX_BATCH
 from messaging_server.storage import Storage, open_storage
 from tests.helpers import (
     REFUSED_BODY,
@@ -75,7 +75,7 @@ def run_cli(*args: str, db: Optional[str] = None, peers: Optional[str] = None,
         env["NIKI_DB"] = db
     if peers is not None:
         env["NIKI_PEERS"] = peers
-    cmd = list(command or [sys.executable, "-m", "messaging_server.cli"]) + list(args)
+    cmd = list(command or [sys.executable, "-m", "messaging_server.tools.niki_enqueue"]) + list(args)
     proc = subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True, env=env,
                           cwd=cwd, timeout=60)
     return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"),
@@ -741,7 +741,8 @@ def test_file_is_stored_in_batches(any_db, wakeups):
 def test_file_database_goes_away_mid_run(any_db):
     url, store = any_db
     client = store.new_client().client_id
-    proc = subprocess.Popen([sys.executable, "-m", "messaging_server.cli", "--json", "--file", "-",
+    proc = subprocess.Popen([sys.executable, "-m", "messaging_server.tools.niki_enqueue", "--json",
+                             "--file", "-",
                              str(client)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=dict(clean_environment(), NIKI_DB=url))
     try:
@@ -798,7 +799,8 @@ def on_a_terminal(args: Sequence[str], env: Dict[str, str]) -> Tuple[int, bytes]
     """Run niki-enqueue with stderr on a pseudo-terminal of 80 columns; its status and what it showed."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "messaging_server.cli", *args], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "messaging_server.tools.niki_enqueue", *args],
+                            stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=slave, env=env)
     os.close(slave)
     shown = b""

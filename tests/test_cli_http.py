@@ -8,14 +8,8 @@ from typing import Iterator
 
 import pytest
 
-from messaging_server import (
-    AccessDenied,
-    BodyRejected,
-    HttpEnqueuer,
-    StorageUnavailable,
-    UnknownClient,
-)
-from messaging_server.client import Client
+from messaging_server import AccessDenied, BodyRejected, HttpEnqueuer, StorageUnavailable, UnknownClient
+from messaging_server.client.sdk import Client
 from tests.helpers import ServerProcess, numeric_id
 from tests.private_mariadb import free_port
 from tests.test_cli import bodies, run_cli, summary

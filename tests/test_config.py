@@ -23,16 +23,16 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from messaging_server import settings
-from messaging_server.errors import ConfigurationError
-from messaging_server.logs import JsonFormatter, formatter, iso_time
-from messaging_server.settings import (
+from messaging_server.config import settings
+from messaging_server.config.settings import (
     CONFIG_OPTIONS,
     ServerSettings,
     config_environ,
     effective_settings,
     server_settings,
 )
+from messaging_server.errors import ConfigurationError
+from messaging_server.server.logs import JsonFormatter, formatter, iso_time
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "niki.example.ini"
 ISO_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -315,9 +315,9 @@ def test_admin_is_dispatched(monkeypatch):
     from messaging_server import __main__ as entry
 
     calls: List[List[str]] = []
-    admin = types.ModuleType("messaging_server.admin")
+    admin = types.ModuleType("messaging_server.tools.admin")
     admin.main = lambda argv=None: calls.append(list(argv)) or 7  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "messaging_server.admin", admin)
+    monkeypatch.setitem(sys.modules, "messaging_server.tools.admin", admin)
     assert entry.main(["admin", "client", "5", "--db", "sqlite:///x.db"]) == 7
     assert calls == [["client", "5", "--db", "sqlite:///x.db"]]
 
@@ -325,7 +325,7 @@ def test_admin_is_dispatched(monkeypatch):
 # --- log formats -------------------------------------------------------------------------------------------
 
 def record(message: str, *args: object, exc_info: object = None) -> logging.LogRecord:
-    return logging.LogRecord("messaging_server.delivery", logging.WARNING, __file__, 1, message,
+    return logging.LogRecord("messaging_server.server.delivery", logging.WARNING, __file__, 1, message,
                              args, exc_info)
 
 
@@ -339,7 +339,7 @@ def test_json_formatter():
     entry = json.loads(line)
     assert set(entry) == {"time", "level", "logger", "message", "exception"}
     assert entry["level"] == "WARNING"
-    assert entry["logger"] == "messaging_server.delivery"
+    assert entry["logger"] == "messaging_server.server.delivery"
     assert entry["message"] == "client 5: two\nlines ✓"
     assert "RuntimeError: disk on fire" in entry["exception"]
     assert ISO_MS_UTC.match(entry["time"])
@@ -362,7 +362,7 @@ def test_plain_format_is_unchanged():
 
 def test_json_mode_logs_warnings_and_thread_crashes_as_json(tmp_path):
     code = ("import threading, warnings\n"
-            "from messaging_server.logs import configure_logging\n"
+            "from messaging_server.server.logs import configure_logging\n"
             "configure_logging(False, 'json')\n"
             "warnings.warn('old knob')\n"
             "thread = threading.Thread(target=lambda: 1 / 0, name='worker')\n"

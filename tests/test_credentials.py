@@ -1,4 +1,4 @@
-"""messaging_server.credentials on its own: parsing, the accept rule, secrets and their hash.
+"""messaging_server.protocol.credentials on its own: parsing, the accept rule, secrets and their hash.
 
 Pure functions, no I/O: every rule the server applies to an id line is pinned
 here once, so the end-to-end tests only need to show that the server uses them.
@@ -14,7 +14,7 @@ from typing import Optional
 
 import pytest
 
-from messaging_server.credentials import (
+from messaging_server.protocol.credentials import (
     MAX_SECRET_CHARS,
     SECRET_BYTES,
     Credential,
@@ -24,7 +24,7 @@ from messaging_server.credentials import (
     parse_credential,
     redact,
 )
-from messaging_server.protocol import MAX_CLIENT_ID
+from messaging_server.protocol.lines import MAX_CLIENT_ID
 
 SECRET_RE = re.compile(r"[A-Za-z0-9_-]{24}")
 A_SECRET = "MdufLjyIAtCe6pLYshv_KtXR"

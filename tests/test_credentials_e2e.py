@@ -33,7 +33,7 @@ import pytest
 
 import messaging_server
 from messaging_server import Enqueuer
-from messaging_server.credentials import redact
+from messaging_server.protocol.credentials import redact
 from tests.helpers import CREDENTIAL, RawClient, ServerGroup, ServerProcess, numeric_id, query, wait_until
 
 SILENCE = 0.3  # after a marker: long enough for a stray delivery to show up on loopback
@@ -113,7 +113,7 @@ def run_niki_enqueue(db_url: str, *args: str, stdin: bytes = b"") -> subprocess.
     """``niki-enqueue`` as a subprocess, routed mode (no NIKI_PEERS)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIKI_")}
     env["NIKI_DB"] = db_url
-    return subprocess.run([sys.executable, "-m", "messaging_server.cli", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "messaging_server.tools.niki_enqueue", *args], input=stdin,
                           capture_output=True, env=env, timeout=60)
 
 
@@ -433,7 +433,7 @@ def test_sql_in_id_lines_and_bodies_is_only_data(db_url: str, launch: Launch,
     for body in INJECTION_BODIES[:4]:
         expected.append(f"{body} [enqueue()]")
         assert messaging_server.enqueue(1, expected[-1], db=db_url) is True
-    stack.callback(importlib.import_module("messaging_server.enqueue")._close_shared)
+    stack.callback(importlib.import_module("messaging_server.producer.enqueuer")._close_shared)
     expected.append(f"{INJECTION_BODIES[0]} [argv]")
     result = run_niki_enqueue(db_url, cred, expected[-1])
     assert result.returncode == 0, result.stderr

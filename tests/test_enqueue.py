@@ -10,8 +10,9 @@ from typing import Iterator, List, Optional, Tuple
 import pytest
 
 import messaging_server
-from messaging_server import Enqueuer, enqueue, settings
-from messaging_server.enqueue import check_body, client_id_of
+from messaging_server import Enqueuer, enqueue
+from messaging_server.config import settings
+from messaging_server.config.settings import MAX_BODY_BYTES
 from messaging_server.errors import (
     BodyRejected,
     ConfigurationError,
@@ -20,14 +21,14 @@ from messaging_server.errors import (
     StorageUnavailable,
     UnknownClient,
 )
-from messaging_server.protocol import MAX_CLIENT_ID
-from messaging_server.settings import MAX_BODY_BYTES
+from messaging_server.producer.enqueuer import check_body, client_id_of
+from messaging_server.protocol.lines import MAX_CLIENT_ID
 from messaging_server.storage import Storage, open_storage
 from messaging_server.wakeup import WakeupListener
 from tests.helpers import DatagramCounter, query
 
-# `messaging_server.enqueue` the attribute is the function; this is the module.
-enqueue_module = importlib.import_module("messaging_server.enqueue")
+# The module itself (`messaging_server.enqueue` is the function).
+enqueue_module = importlib.import_module("messaging_server.producer.enqueuer")
 
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import pytest
 
 from messaging_server import Enqueuer, enqueue_many
-from messaging_server.enqueue import MAX_BATCH, MAX_TTL_S, MIN_TTL_S
+from messaging_server.config.settings import DUPLICATE_WINDOW_S, MAX_BODY_BYTES
 from messaging_server.errors import (
     BodyRejected,
     NikiError,
@@ -24,7 +24,7 @@ from messaging_server.errors import (
     StorageUnavailable,
     UnknownClient,
 )
-from messaging_server.settings import DUPLICATE_WINDOW_S, MAX_BODY_BYTES
+from messaging_server.producer.enqueuer import MAX_BATCH, MAX_TTL_S, MIN_TTL_S
 from messaging_server.storage import Storage
 from messaging_server.storage.interface import body_hash
 from messaging_server.storage.records import Queued
@@ -41,8 +41,8 @@ from tests.helpers import (
     wait_until,
 )
 
-# `messaging_server.enqueue` the attribute is the function; this is the module.
-enqueue_module = importlib.import_module("messaging_server.enqueue")
+# `messaging_server.producer.enqueuer` the attribute is the function; this is the module.
+enqueue_module = importlib.import_module("messaging_server.producer.enqueuer")
 
 WINDOW = DUPLICATE_WINDOW_S
 # 1-, 2-, 3- and 4-byte UTF-8 in one body: a driver or collation that mangles any of them shows.

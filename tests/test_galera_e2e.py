@@ -32,8 +32,8 @@ from typing import Dict, Iterator, List
 import pytest
 
 from messaging_server import Enqueuer
-from messaging_server.client import Client
-from messaging_server.enqueue import client_id_of
+from messaging_server.client.sdk import Client
+from messaging_server.producer.enqueuer import client_id_of
 from tests.galera_cluster import GaleraCluster, galera_missing
 from tests.helpers import (
     ServerGroup,

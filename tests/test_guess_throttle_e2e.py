@@ -23,7 +23,7 @@ from typing import Counter, Iterator, List
 import pytest
 
 from messaging_server import Enqueuer
-from messaging_server.throttle import (
+from messaging_server.server.throttle import (
     FAILED_IDENTIFICATIONS_PER_MINUTE,
     LOG_LINES_PER_ADDRESS,
     NEW_CLIENTS_PER_MINUTE,

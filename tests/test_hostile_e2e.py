@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from messaging_server import Enqueuer
-from messaging_server.credentials import redact
+from messaging_server.protocol.credentials import redact
 from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, recv_before, wait_until
 
 MiB = 1024 * 1024

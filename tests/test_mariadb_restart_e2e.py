@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Set, Tuple
 import pytest
 
 from messaging_server import Enqueuer, StorageUnavailable
-from messaging_server.client import Client
+from messaging_server.client.sdk import Client
 from tests.helpers import ServerProcess, query, wait_until
 from tests.private_mariadb import PrivateMariaDB
 

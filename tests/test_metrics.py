@@ -26,11 +26,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import messaging_server
-from messaging_server import metrics
-from messaging_server.connection import ClientConnection
-from messaging_server.delivery import DeliveryThread
+from messaging_server.server import metrics
+from messaging_server.server.connection import ClientConnection
+from messaging_server.server.delivery import DeliveryThread
+from messaging_server.server.sweeper import Purger, Sweeper
 from messaging_server.storage import Storage, StoredMessage
-from messaging_server.sweeper import Purger, Sweeper
 from messaging_server.wakeup import WakeupListener
 from tests.helpers import wait_until
 

@@ -21,7 +21,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
-from messaging_server.http_api import ROUTES
+from messaging_server.server.http.api import ROUTES
 from tests.conftest import fresh_mysql_url
 from tests.helpers import ServerProcess
 

@@ -6,8 +6,8 @@ from typing import List
 
 import pytest
 
-from messaging_server import protocol
-from messaging_server.protocol import (
+from messaging_server.protocol import lines as protocol
+from messaging_server.protocol.lines import (
     MAX_CLIENT_ID,
     MAX_CLIENT_LINE,
     MAX_SERVER_LINE,

@@ -12,7 +12,7 @@ from typing import List, Sequence, Tuple, Union
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messaging_server.protocol import (
+from messaging_server.protocol.lines import (
     MAX_CLIENT_ID,
     MAX_CLIENT_LINE,
     Ack,

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import pytest
 
 from messaging_server import Enqueuer, UnknownClient
-from messaging_server.client import Client
+from messaging_server.client.sdk import Client
 from messaging_server.storage import open_storage
 from tests.helpers import CREDENTIAL, RawClient, ServerProcess, numeric_id, wait_until
 

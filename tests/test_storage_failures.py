@@ -55,7 +55,7 @@ def server(db: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def enqueue(db: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return run(["-m", "messaging_server.cli", "--db", db, "--peers", "", *args], **kwargs)
+    return run(["-m", "messaging_server.tools.niki_enqueue", "--db", db, "--peers", "", *args], **kwargs)
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:

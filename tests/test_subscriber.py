@@ -23,10 +23,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from messaging_server.backoff import ExponentialBackoff
-from messaging_server.credential_file import CredentialFile, CredentialFileError, default_credential_path
-from messaging_server.errors import ConfigurationError
-from messaging_server.protocol import Message
-from messaging_server.subscriber import (
+from messaging_server.client.credential_file import (
+    CredentialFile,
+    CredentialFileError,
+    default_credential_path,
+)
+from messaging_server.client.subscriber import (
     OutputClosed,
     OutputWriter,
     RecentIds,
@@ -35,6 +37,8 @@ from messaging_server.subscriber import (
     parse_address,
     utc_now,
 )
+from messaging_server.errors import ConfigurationError
+from messaging_server.protocol.lines import Message
 
 CREDENTIAL = "12.AbCdEfGhIjKlMnOpQrStUv_-"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
@@ -303,7 +307,7 @@ def test_after_settle_signals_are_only_noted(stop_signals: StopSignals) -> None:
 # --- the command line, as a process ---
 
 def run_client(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "messaging_server.subscriber", *args],
+    return subprocess.run([sys.executable, "-m", "messaging_server.client.subscriber", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -47,11 +47,12 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in Python 3.
 
 
 class SubscriberProcess:
-    """``python -m messaging_server.subscriber`` with its output lines collected as they come."""
+    """``python -m messaging_server.client.subscriber`` with its output lines collected as they come."""
 
     def __init__(self, address: str, *args: str, credential_file: Optional[Path] = None,
                  env: Optional[Dict[str, str]] = None, read_stdout: bool = True) -> None:
-        cmd = [sys.executable, "-m", "messaging_server.subscriber", address, "--max-backoff", "0.5", *args]
+        cmd = [sys.executable, "-m", "messaging_server.client.subscriber", address,
+               "--max-backoff", "0.5", *args]
         if credential_file is not None:
             cmd += ["--credential-file", str(credential_file)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -440,8 +441,8 @@ def test_one_credential_file_one_subscriber_and_a_name_makes_another_client(db_u
 
 
 def test_every_entry_point_knows_its_version() -> None:
-    for module in ("messaging_server", "messaging_server.cli", "messaging_server.subscriber",
-                   "messaging_server.admin"):
+    for module in ("messaging_server", "messaging_server.tools.niki_enqueue",
+                   "messaging_server.client.subscriber", "messaging_server.tools.admin"):
         done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
                               text=True, timeout=30)
         assert done.returncode == 0 and done.stdout.strip().endswith(messaging_server.__version__), \

@@ -7,7 +7,7 @@ from typing import List, Tuple
 
 import pytest
 
-from messaging_server.throttle import (
+from messaging_server.server.throttle import (
     DEFAULT_EXEMPT,
     LOG_INTERVAL_S,
     LOG_LINES_PER_ADDRESS,

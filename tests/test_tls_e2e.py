@@ -30,7 +30,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import pytest
 
 import messaging_server
-from messaging_server.client import Client
+from messaging_server.client.sdk import Client
 from tests.helpers import RawClient, ServerProcess, query, recv_before, wait_until
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -522,7 +522,7 @@ def test_niki_client_without_tls_on_a_tls_port_is_told_to_use_it(server: ServerP
                                                                   tmp_path: Path) -> None:
     """A TLS server waits for a ClientHello and never says GET_CLIENT_ID to plain text:
     niki-client gives up at its --timeout with status 1 and suggests --tls."""
-    done = subprocess.run([sys.executable, "-m", "messaging_server.subscriber",
+    done = subprocess.run([sys.executable, "-m", "messaging_server.client.subscriber",
                            f"127.0.0.1:{server.port}", "--timeout", "2",
                            "--credential-file", str(tmp_path / "credential")],
                           capture_output=True, text=True, timeout=30)

@@ -10,7 +10,7 @@ from typing import Iterator, List, Set
 import pytest
 
 from messaging_server.errors import ConfigurationError
-from messaging_server.protocol import MAX_CLIENT_ID
+from messaging_server.protocol.lines import MAX_CLIENT_ID
 from messaging_server.wakeup import (
     CARRY_MAGIC,
     MAGIC,

@@ -10,7 +10,7 @@ from typing import Optional
 import pytest
 
 from messaging_server import Enqueuer
-from messaging_server.client import Client
+from messaging_server.client.sdk import Client
 from tests.helpers import RawClient, ServerProcess, wait_until
 from tests.ws_client import WsClient, WsRefused
 

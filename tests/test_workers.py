@@ -9,9 +9,9 @@ import socket
 
 import pytest
 
-from messaging_server.logs import formatter
-from messaging_server.settings import ServerSettings, default_workers, server_settings
-from messaging_server.workers import plan_ports
+from messaging_server.config.settings import ServerSettings, default_workers, server_settings
+from messaging_server.server.logs import formatter
+from messaging_server.server.workers import plan_ports
 
 
 def test_default_is_one_per_core() -> None:

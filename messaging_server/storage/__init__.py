@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
-from ..errors import ConfigurationError
-from .interface import Storage
-from .records import Delivery, Queued, StoredMessage
+from messaging_server.errors import ConfigurationError
+from messaging_server.storage.interface import Storage
+from messaging_server.storage.records import Delivery, Queued, StoredMessage
 
 __all__ = ["Delivery", "Queued", "Storage", "StoredMessage", "describe_url", "open_storage"]
 
@@ -35,7 +35,7 @@ def open_storage(url: str, pool_size: int = DEFAULT_POOL_SIZE, create: bool = Fa
         path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
         if not path:
             raise ConfigurationError(f"{url!r}: expected sqlite:///path/to/file.sqlite3")
-        from .sqlite import SqliteStorage
+        from messaging_server.storage.sqlite import SqliteStorage
 
         return SqliteStorage(unquote(path), pool_size=pool_size, create=create)
     if scheme in ("mysql", "mysql+pymysql", "mariadb"):
@@ -43,8 +43,8 @@ def open_storage(url: str, pool_size: int = DEFAULT_POOL_SIZE, create: bool = Fa
         hostlist = parts.netloc.rpartition("@")[2]
         if not database or not hostlist:
             raise ConfigurationError(f"{describe_url(url)!r}: expected mysql://user:password@host:port/dbname")
-        from .hosts import parse_hosts
-        from .mysql import MysqlStorage
+        from messaging_server.storage.hosts import parse_hosts
+        from messaging_server.storage.mysql import MysqlStorage
 
         return MysqlStorage(
             hosts=parse_hosts(hostlist, describe_url(url)),

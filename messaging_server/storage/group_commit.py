@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, ContextManager, Generic, List, Optional, TypeVar
 
-from .sql import Tx
+from messaging_server.storage.sql import Tx
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ import logging
 import threading
 from typing import List, Sequence, Tuple
 
-from ..errors import ConfigurationError
+from messaging_server.errors import ConfigurationError
 
 log = logging.getLogger("messaging_server.storage")
 

@@ -11,8 +11,8 @@ import hashlib
 import itertools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from ..errors import NikiError
-from .records import (
+from messaging_server.errors import NikiError
+from messaging_server.storage.records import (
     Acquired,
     Activity,
     BatchItem,
@@ -27,7 +27,7 @@ from .records import (
     SweepResult,
     Writer,
 )
-from .write_health import WriteHealth
+from messaging_server.storage.write_health import WriteHealth
 
 # How long a new session waits for an older one to give the delivery lease back
 # before it takes it anyway (the older one's server crashed but is not yet taken

@@ -41,12 +41,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import pymysql
 import pymysql.constants
 
-from ..errors import QueueFull, StorageError, StorageUnavailable, UnknownClient
-from .hosts import Address, HostList, format_address
-from .interface import HEARTBEAT_STALE_S, body_hash
-from .pool import ConnectionPool
-from .records import Queued, ServerAddress
-from .sql import SqlStorage, Tx, split_sql_script
+from messaging_server.errors import QueueFull, StorageError, StorageUnavailable, UnknownClient
+from messaging_server.storage.hosts import Address, HostList, format_address
+from messaging_server.storage.interface import HEARTBEAT_STALE_S, body_hash
+from messaging_server.storage.pool import ConnectionPool
+from messaging_server.storage.records import Queued, ServerAddress
+from messaging_server.storage.sql import SqlStorage, Tx, split_sql_script
 
 log = logging.getLogger(__name__)
 

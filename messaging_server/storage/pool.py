@@ -14,7 +14,7 @@ import contextlib
 import threading
 from typing import Callable, Generic, Iterator, List, TypeVar
 
-from ..errors import StorageUnavailable
+from messaging_server.errors import StorageUnavailable
 
 C = TypeVar("C")
 

@@ -53,15 +53,22 @@ from typing import (
     Union,
 )
 
-from ..errors import NikiError, QueueFull, StorageError, StorageFault, StorageUnavailable, UnknownClient
-from .interface import (
+from messaging_server.errors import (
+    NikiError,
+    QueueFull,
+    StorageError,
+    StorageFault,
+    StorageUnavailable,
+    UnknownClient,
+)
+from messaging_server.storage.interface import (
     FORGET_BATCH,
     HEARTBEAT_STALE_S,
     LEASE_HANDOVER_S,
     Storage,
     body_hash,
 )
-from .records import (
+from messaging_server.storage.records import (
     ACKNOWLEDGED,
     DELIVERED,
     EXPIRED,
@@ -85,7 +92,7 @@ from .records import (
 )
 
 if TYPE_CHECKING:
-    from .group_commit import GroupCommit
+    from messaging_server.storage.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from importlib import resources
 from typing import Dict, Iterator, List
 from urllib.request import pathname2url
 
-from ..errors import StorageUnavailable
-from .group_commit import GroupCommit
-from .pool import ConnectionPool
-from .sql import SqlStorage, Tx, split_sql_script
+from messaging_server.errors import StorageUnavailable
+from messaging_server.storage.group_commit import GroupCommit
+from messaging_server.storage.pool import ConnectionPool
+from messaging_server.storage.sql import SqlStorage, Tx, split_sql_script
 
 # How long a writer waits for another process's write lock before giving up.
 # Longer than the server's socket write timeout, which bounds how long a

@@ -16,9 +16,7 @@ import socket
 import threading
 from typing import Iterable, List, Tuple
 
-from . import metrics
-from .connection import ClientConnection
-from .protocol import (
+from messaging_server.protocol.lines import (
     Ack,
     BadAck,
     ConnectionClosed,
@@ -28,6 +26,8 @@ from .protocol import (
     Ping,
     ServerEvent,
 )
+from messaging_server.server import metrics
+from messaging_server.server.connection import ClientConnection
 
 log = logging.getLogger(__name__)
 

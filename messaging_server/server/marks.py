@@ -23,9 +23,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Sequence
 
-from . import metrics
-from .errors import StorageError
-from .storage import Storage
+from messaging_server.errors import StorageError
+from messaging_server.server import metrics
+from messaging_server.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -47,10 +47,8 @@ from typing import (
     Union,
 )
 
-from . import settings
-from .credentials import redact
-from .enqueue import MAX_BATCH, Enqueuer, Submitted, check_body, check_ttl, client_id_of
-from .errors import (
+from messaging_server.config import settings
+from messaging_server.errors import (
     BodyRejected,
     ConfigurationError,
     NikiError,
@@ -59,8 +57,17 @@ from .errors import (
     StorageFault,
     UnknownClient,
 )
-from .http_enqueuer import MAX_HTTP_BATCH, HttpEnqueuer
-from .version import __version__
+from messaging_server.producer.enqueuer import (
+    MAX_BATCH,
+    Enqueuer,
+    Submitted,
+    check_body,
+    check_ttl,
+    client_id_of,
+)
+from messaging_server.producer.http import MAX_HTTP_BATCH, HttpEnqueuer
+from messaging_server.protocol.credentials import redact
+from messaging_server.version import __version__
 
 EXIT_QUEUED, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4
 # Where messages go: the database itself, or a server's HTTP API (--url).

@@ -6,11 +6,11 @@ Threads and who owns what:
 * One handler thread per connection (:class:`ClientHandler`, a daemon thread)
   does the handshake, registers the client, delivers its pending messages,
   then waits until the connection ends.  It owns the socket.
-* One command-listener thread (:class:`~messaging_server.commands.CommandListener`)
+* One command-listener thread (:class:`~messaging_server.server.commands.CommandListener`)
   reads the commands of every identified client.
-* One delivery thread (:class:`~messaging_server.delivery.DeliveryThread`)
+* One delivery thread (:class:`~messaging_server.server.delivery.DeliveryThread`)
   listens for UDP wake-ups and delivers to the clients they name.
-* One sweeper thread (:class:`~messaging_server.sweeper.Sweeper`), every
+* One sweeper thread (:class:`~messaging_server.server.sweeper.Sweeper`), every
   sweep interval, delivers what no wake-up announced and closes connections
   taken over by another server; one heartbeat thread keeps the server's
   ``servers`` row fresh.
@@ -36,13 +36,22 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import metrics
-from .activity import ActivityMonitor
-from .admission import Admission, connection_cap
-from .commands import CommandListener, handle_events
-from .connection import ClientConnection, WorkItem
-from .credentials import Credential, accepts, hash_secret, new_secret, redact
-from .delivery import (
+from messaging_server.config.settings import PURGE_BATCH, ServerSettings
+from messaging_server.errors import StorageUnavailable, port_error
+from messaging_server.protocol.credentials import Credential, accepts, hash_secret, new_secret, redact
+from messaging_server.protocol.lines import (
+    ConnectionClosed,
+    Identify,
+    LineTooLong,
+    ServerEvent,
+    ServerProtocol,
+)
+from messaging_server.server import metrics
+from messaging_server.server.activity import ActivityMonitor
+from messaging_server.server.admission import Admission, connection_cap
+from messaging_server.server.commands import CommandListener, handle_events
+from messaging_server.server.connection import ClientConnection, WorkItem
+from messaging_server.server.delivery import (
     DeliveryThread,
     acknowledge,
     check_acks,
@@ -50,15 +59,12 @@ from .delivery import (
     give_back_lease,
     write_carried,
 )
-from .errors import StorageUnavailable, port_error
-from .marks import MarkWriter
-from .protocol import ConnectionClosed, Identify, LineTooLong, ServerEvent, ServerProtocol
-from .settings import PURGE_BATCH, ServerSettings
-from .storage import Storage
-from .sweeper import Heartbeat, Purger, Sweeper
-from .throttle import IdentifyThrottle, Throttled
-from .tls import server_context
-from .wakeup import WakeupListener, WakeupSender
+from messaging_server.server.marks import MarkWriter
+from messaging_server.server.sweeper import Heartbeat, Purger, Sweeper
+from messaging_server.server.throttle import IdentifyThrottle, Throttled
+from messaging_server.server.tls import server_context
+from messaging_server.storage import Storage
+from messaging_server.wakeup import WakeupListener, WakeupSender
 
 log = logging.getLogger("messaging_server")
 
@@ -663,12 +669,12 @@ def run(settings: ServerSettings, storage: Storage, reuse_port: bool = False,
     when it is registered and listening.
 
     Unless ``--http-port 0``, the HTTP API runs beside the client port
-    (see :mod:`messaging_server.http_api`); it is bound before anything is
+    (see :mod:`messaging_server.server.http.api`); it is bound before anything is
     started or registered, and stopped first, before the connections close.
     (An API reachable from other machines without a token is refused with
     the other settings: see settings.py.)
     """
-    from .http_api import in_process_wake, open_http_api
+    from messaging_server.server.http.api import in_process_wake, open_http_api
 
     # Every thread started from here on, one per client among them, reserves
     # this much address space for its stack instead of the default 8 MiB.

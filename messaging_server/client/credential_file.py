@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
-from .credentials import parse_credential
-from .errors import NikiError
-from .protocol import MAX_CLIENT_ID
+from messaging_server.errors import NikiError
+from messaging_server.protocol.credentials import parse_credential
+from messaging_server.protocol.lines import MAX_CLIENT_ID
 
 CREDENTIAL_DIR_MODE = 0o700
 CREDENTIAL_FILE_MODE = 0o600

@@ -18,12 +18,12 @@ import math
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from . import settings
-from .enqueue import client_id_of
-from .errors import ConfigurationError, NikiError, UnknownClient
-from .storage import Storage, open_storage
-from .storage.records import ClientInfo, MessageInfo, ServerInfo
-from .version import __version__
+from messaging_server.config import settings
+from messaging_server.errors import ConfigurationError, NikiError, UnknownClient
+from messaging_server.producer.enqueuer import client_id_of
+from messaging_server.storage import Storage, open_storage
+from messaging_server.storage.records import ClientInfo, MessageInfo, ServerInfo
+from messaging_server.version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # An operator's command runs one query at a time.

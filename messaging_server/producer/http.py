@@ -1,6 +1,6 @@
 """Queue messages through a server's HTTP API: no database credentials, no UDP.
 
-:class:`HttpEnqueuer` has the calls of :class:`~messaging_server.enqueue.Enqueuer`
+:class:`HttpEnqueuer` has the calls of :class:`~messaging_server.producer.enqueuer.Enqueuer`
 (``enqueue``, ``submit``, ``enqueue_many``, ``submit_many``) with the same results and
 errors, so that ``niki-enqueue --url http://push1:8002`` (or ``NIKI_URL``) and an
 application can publish as ``mosquitto_pub`` or ``curl`` would, by talking to a server.
@@ -22,9 +22,8 @@ import threading
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
-from . import settings
-from .enqueue import ClientId, Item, Submitted, check_body, check_ttl, client_id_of, unpack_item
-from .errors import (
+from messaging_server.config import settings
+from messaging_server.errors import (
     AccessDenied,
     BodyRejected,
     ConfigurationError,
@@ -33,6 +32,15 @@ from .errors import (
     StorageFault,
     StorageUnavailable,
     UnknownClient,
+)
+from messaging_server.producer.enqueuer import (
+    ClientId,
+    Item,
+    Submitted,
+    check_body,
+    check_ttl,
+    client_id_of,
+    unpack_item,
 )
 
 # Messages per request: the API's own limit (http_api.MAX_HTTP_BATCH).

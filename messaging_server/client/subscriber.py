@@ -44,14 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Iterator, Optional, Sequence, TextIO, Tuple
 
-from .backoff import DEFAULT_BASE, DEFAULT_CAP, ExponentialBackoff
-from .client import Client, ClientError
-from .credential_file import CredentialFile, default_credential_path
-from .credentials import parse_credential, redact
-from .errors import ConfigurationError, NikiError
-from .protocol import MAX_CLIENT_ID, PING, PONG, Message
-from .settings import DEFAULT_PORT, non_negative_float, positive_float, positive_int
-from .version import __version__
+from messaging_server.backoff import DEFAULT_BASE, DEFAULT_CAP, ExponentialBackoff
+from messaging_server.client.credential_file import CredentialFile, default_credential_path
+from messaging_server.client.sdk import Client, ClientError
+from messaging_server.config.settings import DEFAULT_PORT, non_negative_float, positive_float, positive_int
+from messaging_server.errors import ConfigurationError, NikiError
+from messaging_server.protocol.credentials import parse_credential, redact
+from messaging_server.protocol.lines import MAX_CLIENT_ID, PING, PONG, Message
+from messaging_server.version import __version__
 
 PROG = "niki-client"
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2

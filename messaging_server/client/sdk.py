@@ -10,7 +10,7 @@ acknowledged when the application asks for the next one (or disconnects), so
 a message the application did not finish with comes again on the next
 connection.  ``auto_ack=False`` leaves it to :meth:`Client.ack`.
 
-The line protocol itself lives in :mod:`messaging_server.protocol`; this
+The line protocol itself lives in :mod:`messaging_server.protocol.lines`; this
 module only moves bytes between it and a socket.
 """
 
@@ -23,8 +23,8 @@ import ssl
 import time
 from typing import Deque, Iterator, List, Optional, Union
 
-from .errors import NikiError
-from .protocol import (
+from messaging_server.errors import NikiError
+from messaging_server.protocol.lines import (
     ClientEvent,
     ClientProtocol,
     ConnectionClosed,

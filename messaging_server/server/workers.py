@@ -55,9 +55,9 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-from .backoff import ExponentialBackoff
-from .errors import NikiError, port_error
-from .settings import ServerSettings
+from messaging_server.backoff import ExponentialBackoff
+from messaging_server.config.settings import ServerSettings
+from messaging_server.errors import NikiError, port_error
 
 log = logging.getLogger("messaging_server")
 
@@ -295,7 +295,7 @@ class Supervisor:
 
     def _forget(self, server_id: int) -> None:
         """Delete a dead worker's servers row, freeing its clients and their leases."""
-        from .storage import open_storage
+        from messaging_server.storage import open_storage
 
         try:
             storage = open_storage(self.settings.db, pool_size=1)

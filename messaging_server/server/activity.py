@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional
 
-from .errors import StorageError
-from .metrics import REGISTRY
-from .storage import Storage
+from messaging_server.errors import StorageError
+from messaging_server.server.metrics import REGISTRY
+from messaging_server.storage import Storage
 
 log = logging.getLogger("messaging_server")
 

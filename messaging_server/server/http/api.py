@@ -8,15 +8,15 @@ The routes, statuses and bodies are in docs/HTTP_API.md and docs/openapi.yaml.
 It is the standard library's ``ThreadingHTTPServer`` on its own port
 (``--http-port``: the client port + 2 by default, 0 for none), one daemon thread
 per connection.  It
-queues through an :class:`~messaging_server.enqueue.Enqueuer` built on the
+queues through an :class:`~messaging_server.producer.enqueuer.Enqueuer` built on the
 server's own storage, so the rules are exactly ``enqueue``'s, and a client
 connected to this very server is asked for a delivery pass directly, with no
 datagram; other owners are woken as ``enqueue`` wakes them.
 
 Everything a stranger can make it hold is bounded, by the transport
-(:mod:`messaging_server.http_server`: connections, request head and body, time)
+(:mod:`messaging_server.server.http.transport`: connections, request head and body, time)
 and here (MAX_HTTP_BATCH messages per batch).
-Who may call it is :mod:`messaging_server.http_auth`'s business.
+Who may call it is :mod:`messaging_server.server.http.auth`'s business.
 """
 
 from __future__ import annotations
@@ -30,17 +30,24 @@ from importlib import resources
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
-from . import metrics, websocket
-from .connection import ClientConnection
-from .credentials import redact
-from .enqueue import Enqueuer, Submitted, WakeHere, check_body, check_ttl, client_id_of
-from .errors import BodyRejected, NikiError, QueueFull, StorageUnavailable, UnknownClient
-from .http_auth import BearerToken, cross_site, loopback_host_header
-from .http_server import MAX_REQUEST_BYTES, BoundedHTTPServer, BoundedRequestHandler
-from .settings import ServerSettings
-from .storage import Storage
-from .storage.records import ServerAddress
-from .version import __version__
+from messaging_server.config.settings import ServerSettings
+from messaging_server.errors import BodyRejected, NikiError, QueueFull, StorageUnavailable, UnknownClient
+from messaging_server.producer.enqueuer import (
+    Enqueuer,
+    Submitted,
+    WakeHere,
+    check_body,
+    check_ttl,
+    client_id_of,
+)
+from messaging_server.protocol.credentials import redact
+from messaging_server.server import metrics, websocket
+from messaging_server.server.connection import ClientConnection
+from messaging_server.server.http.auth import BearerToken, cross_site, loopback_host_header
+from messaging_server.server.http.transport import MAX_REQUEST_BYTES, BoundedHTTPServer, BoundedRequestHandler
+from messaging_server.storage import Storage
+from messaging_server.storage.records import ServerAddress
+from messaging_server.version import __version__
 
 log = logging.getLogger("messaging_server.http")
 

@@ -34,12 +34,12 @@ import logging
 import threading
 from typing import Callable, Dict, List, Optional, Sequence, Set
 
-from . import metrics
-from .connection import ClientConnection
-from .errors import StorageUnavailable
-from .marks import MarkWriter
-from .storage import Storage, StoredMessage
-from .wakeup import Carried, WakeupListener
+from messaging_server.errors import StorageUnavailable
+from messaging_server.server import metrics
+from messaging_server.server.connection import ClientConnection
+from messaging_server.server.marks import MarkWriter
+from messaging_server.storage import Storage, StoredMessage
+from messaging_server.wakeup import Carried, WakeupListener
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from typing import Optional
 
-from .errors import ConfigurationError
+from messaging_server.errors import ConfigurationError
 
 
 def server_context(cert_file: str, key_file: Optional[str] = None) -> ssl.SSLContext:

@@ -14,13 +14,13 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
-from . import settings
-from .credentials import parse_credential, redact
-from .errors import BodyRejected, ConfigurationError, NikiError, UnknownClient
-from .protocol import MAX_CLIENT_ID
-from .storage import Queued, Storage, open_storage
-from .storage.records import ServerAddress
-from .wakeup import Address, Carried, WakeupSender, encode_carried, parse_peers
+from messaging_server.config import settings
+from messaging_server.errors import BodyRejected, ConfigurationError, NikiError, UnknownClient
+from messaging_server.protocol.credentials import parse_credential, redact
+from messaging_server.protocol.lines import MAX_CLIENT_ID
+from messaging_server.storage import Queued, Storage, open_storage
+from messaging_server.storage.records import ServerAddress
+from messaging_server.wakeup import Address, Carried, WakeupSender, encode_carried, parse_peers
 
 ClientId = Union[int, str]
 # The longest time to live: past it a ttl is surely a mistake (and dates

@@ -46,9 +46,9 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .protocol import MAX_CLIENT_LINE
+from messaging_server.protocol.lines import MAX_CLIENT_LINE
 
-log = logging.getLogger("messaging_server.websocket")
+log = logging.getLogger("messaging_server.server.websocket")
 
 PATH = "/v1/ws"
 # A message carries one line: at most the text of a client line (the protocol's limit

@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Set, Tuple, Union, cast
 
-from . import metrics
-from .protocol import ServerProtocol
-from .storage import StoredMessage
-from .wakeup import Carried
+from messaging_server.protocol.lines import ServerProtocol
+from messaging_server.server import metrics
+from messaging_server.storage import StoredMessage
+from messaging_server.wakeup import Carried
 
 log = logging.getLogger(__name__)
 

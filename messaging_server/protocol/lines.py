@@ -4,7 +4,7 @@ Nothing here touches a socket, a database or a clock (the model is h11).  The
 server feeds what it reads from a client into :class:`ServerProtocol` and
 acts on the events it gets back; it turns what it wants to say into bytes with
 the ``ServerProtocol`` methods.  :class:`ClientProtocol` is the mirror image
-used by :mod:`messaging_server.client`.
+used by :mod:`messaging_server.client.sdk`.
 
 The conversation (see docs/PROTOCOL.md)::
 
@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
-from .credentials import parse_credential
+from messaging_server.protocol.credentials import parse_credential
 
 # Longest line a client may send, terminator included.  Client lines are an id
 # or a command: a few dozen bytes.  1 KiB leaves room for future capability

@@ -18,11 +18,11 @@ import threading
 import time
 from typing import Callable, List, Tuple
 
-from . import metrics
-from .connection import ClientConnection
-from .errors import StorageUnavailable
-from .storage import Storage
-from .storage.interface import HEARTBEAT_INTERVAL_S
+from messaging_server.errors import StorageUnavailable
+from messaging_server.server import metrics
+from messaging_server.server.connection import ClientConnection
+from messaging_server.storage import Storage
+from messaging_server.storage.interface import HEARTBEAT_INTERVAL_S
 
 log = logging.getLogger(__name__)
 

@@ -330,7 +330,7 @@ class _ServerCollector:
             yield CounterMetricFamily(name, text)
 
     def collect(self) -> Iterator[Metric]:
-        from .version import __version__
+        from messaging_server.version import __version__
 
         info = GaugeMetricFamily(*_INFO, labels=["version"])
         info.add_metric([__version__], 1)

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
-from .errors import ConfigurationError
+from messaging_server.errors import ConfigurationError
 
 SECTION = "niki"
 # configparser treats a section of this name as defaults for every other one;

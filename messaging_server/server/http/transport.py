@@ -23,7 +23,7 @@ end.  Here:
 - a kept-alive connection idle for KEEPALIVE_IDLE_S after an answer is closed;
 - answers are written within ``write_timeout``.
 
-What the requests mean is :mod:`messaging_server.http_api`'s business.
+What the requests mean is :mod:`messaging_server.server.http.api`'s business.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from http.client import HTTPException
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Type, cast
 
-from .errors import port_error
+from messaging_server.errors import port_error
 
 log = logging.getLogger("messaging_server.http")
 

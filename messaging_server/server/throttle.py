@@ -31,23 +31,19 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple
 
-from .errors import NikiError
+from messaging_server.config.addresses import (
+    DEFAULT_EXEMPT,
+    FAILED_IDENTIFICATIONS_PER_MINUTE,
+    NEW_CLIENTS_PER_MINUTE,
+    Network,
+    parse_exempt,
+)
+from messaging_server.errors import NikiError
 
 log = logging.getLogger("messaging_server")
 
-# Failed identifications one address may make at once, and again per minute.
-# A legitimate client fails only when its row is gone (a database restored from
-# an older backup, a switch away from --legacy-ids): once, then it keeps the new
-# credential.  30 at once and one per 2 s lets a NAT full of such phones through
-# within minutes, while a guesser gets 43,200 a day instead of 579 a second.
-FAILED_IDENTIFICATIONS_PER_MINUTE = 30
-# New clients (NONE and failed identifications) one address may cause at once,
-# and again per minute.  Fresh installs behind one carrier NAT address come a
-# few a minute; 120 at once covers a room of phones installing together, and
-# 2 a second afterwards bounds the rows a stranger adds to 172,800 a day.
-NEW_CLIENTS_PER_MINUTE = 120
 REFILL_PERIOD_S = 60.0
 # Addresses remembered at once: a stranger with many addresses must not grow
 # the table without bound.  About 450 bytes each (4.5 MB in all); the least
@@ -55,10 +51,6 @@ REFILL_PERIOD_S = 60.0
 MAX_TRACKED_ADDRESSES = 10_000
 # One host on IPv6 usually has a whole /64 to pick addresses from.
 IPV6_PREFIX = 64
-# Never throttled: a local TLS terminator or proxy, and the machine's own tools,
-# connect from here.  127.0.0.2 and the like are not exempt (tests use them).
-DEFAULT_EXEMPT = "127.0.0.1,::1"
-NO_EXEMPT = "none"
 # Warnings about one address's failed or refused identifications, per interval;
 # beyond that they are counted and summed up in one line per interval.
 LOG_LINES_PER_ADDRESS = 3
@@ -66,7 +58,6 @@ LOG_LINES_PER_ADDRESS = 3
 MAX_LOG_LINES_PER_INTERVAL = 60
 LOG_INTERVAL_S = 60.0
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Clock = Callable[[], float]
 
 
@@ -76,22 +67,6 @@ class Throttled(NikiError):
     def __init__(self, what: str, retry_after: float) -> None:
         self.retry_after = max(1, math.ceil(retry_after))
         super().__init__(f"too many {what} from your address, try again in {self.retry_after} s")
-
-
-def parse_exempt(text: str) -> Tuple[Network, ...]:
-    """``127.0.0.1,::1,10.0.0.0/8`` (addresses or networks) or ``none``; ValueError if bad."""
-    if text.strip().lower() == NO_EXEMPT:
-        return ()
-    networks = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(part, strict=False))
-        except ValueError:
-            raise ValueError(f"{part!r} is not an IP address or network") from None
-    return tuple(networks)
 
 
 # Remote addresses whose key is remembered: parsing an address and testing it against

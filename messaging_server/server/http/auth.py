@@ -20,49 +20,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
-import socket
 from typing import Optional
 
-from .errors import ConfigurationError
+from messaging_server.config.addresses import literal_loopback
 
 SCHEME = "Bearer"
-# The names that mean "this machine" without asking a resolver.
-LOOPBACK_NAMES = ("localhost", "localhost.", "ip6-localhost")
-
-
-def is_loopback(host: str) -> bool:
-    """True when ``host`` (an address or a name) reaches only this machine.
-
-    A name counts only if every address it resolves to is loopback; an empty
-    host, a wildcard (``0.0.0.0``, ``::``) or a name that does not resolve never does.
-    """
-    host = host.strip().strip("[]")
-    if not host:
-        return False
-    literal = _literal_loopback(host)
-    if literal is not None:
-        return literal
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    addresses = {str(info[4][0]) for info in infos}
-    return bool(addresses) and all(
-        ipaddress.ip_address(address.split("%", 1)[0]).is_loopback for address in addresses)
-
-
-def check_exposure(http_host: str, api_token: str) -> None:
-    """ConfigurationError when the API would be reachable from elsewhere without a token."""
-    if api_token or is_loopback(http_host):
-        return
-    shown = http_host or "all interfaces"
-    raise ConfigurationError(
-        f"the HTTP API would listen on {shown}, which is not a loopback address, without "
-        "an API token: anyone who reaches it could queue messages for every client. Set "
-        "--api-token (NIKI_API_TOKEN), or keep --http-host on 127.0.0.1 or ::1")
-
-
 class BearerToken:
     """Checks ``Authorization: Bearer <token>`` headers against the configured token."""
 
@@ -111,7 +73,7 @@ def loopback_host_header(host_header: Optional[str]) -> bool:
         host = host[1:].partition("]")[0]
     elif host.count(":") == 1:  # 127.0.0.1:8080, localhost:8080
         host = host.partition(":")[0]
-    return bool(_literal_loopback(host))
+    return bool(literal_loopback(host))
 
 
 def cross_site(origin: Optional[str], host_header: Optional[str],
@@ -128,14 +90,3 @@ def cross_site(origin: Optional[str], host_header: Optional[str],
         return False
     own = (host_header or "").strip().lower()
     return origin.strip().lower() not in (f"http://{own}", f"https://{own}")
-
-
-def _literal_loopback(host: str) -> Optional[bool]:
-    """Whether ``host`` is a loopback name or address as written; None when it is some
-    other name (only a resolver could tell)."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return None

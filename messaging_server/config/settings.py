@@ -17,17 +17,17 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-from .config_file import read_config, render
-from .errors import ConfigurationError
-from .http_auth import check_exposure
-from .throttle import (
+from messaging_server.config.addresses import (
     DEFAULT_EXEMPT,
     FAILED_IDENTIFICATIONS_PER_MINUTE,
     NEW_CLIENTS_PER_MINUTE,
+    check_exposure,
     parse_exempt,
 )
-from .version import __version__
-from .wakeup import Address, parse_peers
+from messaging_server.config.file import read_config, render
+from messaging_server.errors import ConfigurationError
+from messaging_server.version import __version__
+from messaging_server.wakeup import Address, parse_peers
 
 DEFAULT_PORT = 8000
 
@@ -527,7 +527,7 @@ def config_environ(path: Optional[str],
 
 def describe_effective(effective: EffectiveSettings) -> str:
     """--print-config: the settings as a config file, each with its source; secrets masked."""
-    from .storage import describe_url
+    from messaging_server.storage import describe_url
 
     def shown(key: str, value: object) -> str:
         if key == "db":

@@ -1,0 +1,1 @@
+"""The settings: options, environment, the configuration file."""

@@ -1,0 +1,1 @@
+"""The server daemon: connections, delivery, the helper threads, the HTTP API."""

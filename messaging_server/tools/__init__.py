@@ -1,0 +1,1 @@
+"""The operators' tools: ``niki-enqueue`` and ``niki-admin``."""
