@@ -1,4 +1,4 @@
-"""The identify throttle alone (messaging_server/throttle.py), on an injected clock."""
+"""The identify throttle alone (messaging_server/server/throttle.py), on an injected clock."""
 
 from __future__ import annotations
 

@@ -672,7 +672,7 @@ def run(settings: ServerSettings, storage: Storage, reuse_port: bool = False,
     (see :mod:`messaging_server.server.http.api`); it is bound before anything is
     started or registered, and stopped first, before the connections close.
     (An API reachable from other machines without a token is refused with
-    the other settings: see settings.py.)
+    the other settings: see config/settings.py.)
     """
     from messaging_server.server.http.api import in_process_wake, open_http_api
 

@@ -81,7 +81,7 @@ def configure_logging(verbose: bool, log_format: str = "plain",
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(formatter(log_format, tag))
     # No format shows the thread, and looking it up from a connection's handler (a bare
-    # _thread thread, see server.py) would leave a dummy Thread object behind each time.
+    # _thread thread, see core.py) would leave a dummy Thread object behind each time.
     logging.logThreads = False
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler],
                         force=True)
