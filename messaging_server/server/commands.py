@@ -75,6 +75,8 @@ class CommandListener(threading.Thread):
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        # Never blocks a handler: a full buffer already holds wake-ups (see _wake).
+        self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._incoming: List[ClientConnection] = []
         self._lock = threading.Lock()
