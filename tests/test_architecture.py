@@ -15,6 +15,8 @@ and niki-client), ``tools`` (niki-enqueue, niki-admin) and ``config``.  The dire
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Set
 
@@ -105,3 +107,17 @@ def test_the_check_sees_imports() -> None:
     """The checker itself: the server does reach the protocol and the storage."""
     assert {"messaging_server.protocol.lines", "messaging_server.storage"} <= \
         reach("messaging_server.server.core")
+
+
+def test_an_application_loads_none_of_the_servers_libraries() -> None:
+    """Importing the public API (and the client SDK) loads neither the server's libraries
+    (prometheus-client, wsproto) nor the tools' (tqdm), nor a database driver before a
+    database is opened."""
+    probe = ("import sys, messaging_server\n"
+             "from messaging_server import enqueue, Enqueuer, HttpEnqueuer\n"
+             "from messaging_server.client import Client\n"
+             "print(sorted(m for m in ('prometheus_client', 'tqdm', 'wsproto', 'pymysql')"
+             " if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -31,10 +31,13 @@ from messaging_server.protocol.lines import (
 )
 
 
-def identified() -> ServerProtocol:
+def identified(assign: bool = True) -> ServerProtocol:
+    """A connection whose client sent its id (and, with ``assign``, got SET_CLIENT_ID)."""
     conn = ServerProtocol()
     assert conn.receive_data(b"NONE\n") == [Identify(None, "NONE")]
     assert conn.state is State.IDENTIFIED
+    if assign:
+        conn.set_client_id(1)
     return conn
 
 
@@ -44,6 +47,7 @@ def ack_mode(line: bytes = b"NONE ACK\n") -> ServerProtocol:
     [event] = conn.receive_data(line)
     assert isinstance(event, Identify)
     assert conn.ack_mode is True
+    conn.set_client_id(1)
     return conn
 
 
@@ -360,17 +364,17 @@ def test_custom_limit():
 
 
 def test_output_formatting():
-    assert ServerProtocol.set_client_id(42) == b"SET_CLIENT_ID: 42\n"
-    assert ServerProtocol.set_client_id("42") == b"SET_CLIENT_ID: 42\n"
-    # message() is an instance method: its format depends on the connection's mode.
-    legacy = ServerProtocol()
+    assert identified(assign=False).set_client_id(42) == b"SET_CLIENT_ID: 42\n"
+    assert identified(assign=False).set_client_id("42") == b"SET_CLIENT_ID: 42\n"
+    # message() depends on the connection's mode.
+    legacy = identified()
     assert legacy.message("hello world") == b"MESSAGE: hello world\n"
     assert legacy.message("h\u00e9 \U0001f600") == "MESSAGE: h\u00e9 \U0001f600\n".encode()
     # Outside ACK mode the id, if given, is not sent.
     assert legacy.message("hello", 7) == b"MESSAGE: hello\n"
-    assert ServerProtocol.invalid_command("foo bar") == b"Invalid command: foo bar\n"
-    assert ServerProtocol.invalid_command("") == b"Invalid command: \n"
-    assert ServerProtocol.error("server is shutting down") == b"ERROR: server is shutting down\n"
+    assert legacy.invalid_command("foo bar") == b"Invalid command: foo bar\n"
+    assert legacy.invalid_command("") == b"Invalid command: \n"
+    assert ServerProtocol().error("server is shutting down") == b"ERROR: server is shutting down\n"
     conn = identified()
     assert conn.message("x") == b"MESSAGE: x\n"
 
@@ -378,7 +382,7 @@ def test_output_formatting():
 @pytest.mark.parametrize("body", ["a\nb", "a\rb", "\n", "trailing\r\n"])
 def test_message_with_line_break_raises(body):
     with pytest.raises(ValueError):
-        ServerProtocol().message(body)
+        identified().message(body)
     with pytest.raises(ValueError):
         ack_mode().message(body, 1)
     with pytest.raises(ValueError):
@@ -388,8 +392,9 @@ def test_message_with_line_break_raises(body):
 def test_server_output_parsed_by_client():
     client = ClientProtocol()
     server = ServerProtocol()
-    data = (server.greeting() + ServerProtocol.set_client_id(17)
-            + server.message("one") + ServerProtocol.invalid_command("x"))
+    greeting = server.greeting()
+    server.receive_data(b"17\n")
+    data = greeting + server.set_client_id(17) + server.message("one") + server.invalid_command("x")
     assert client.receive_data(data) == [IdRequested(), IdAssigned("17"), Message("one"),
                                          Notice("Invalid command: x")]
 
@@ -542,6 +547,7 @@ def test_ack_capability_is_case_insensitive(line, client_id, capabilities):
     expected = Identify(client_id, line, capabilities=capabilities)
     assert conn.receive_data(line.encode() + b"\r\n") == [expected]
     assert conn.ack_mode is True
+    conn.set_client_id(client_id or 1)
     assert conn.message("hi", 5) == b"MESSAGE 5: hi\n"
 
 
@@ -552,6 +558,7 @@ def test_no_ack_capability(line):
     [event] = conn.receive_data(line.encode() + b"\n")
     assert isinstance(event, Identify)
     assert conn.ack_mode is False
+    conn.set_client_id(1)
     assert conn.message("hi", 5) == b"MESSAGE: hi\n"
 
 
@@ -661,7 +668,7 @@ def test_client_malformed_ack_mode_lines_are_notices(line):
 def test_legacy_body_that_looks_like_an_ack_message_is_not_misparsed():
     client = ClientProtocol()
     assert client.receive_data(b"MESSAGE: MESSAGE 7: x\n") == [Message("MESSAGE 7: x")]
-    assert client.receive_data(ServerProtocol().message("MESSAGE 7: x")) == [Message("MESSAGE 7: x", None)]
+    assert client.receive_data(identified().message("MESSAGE 7: x")) == [Message("MESSAGE 7: x", None)]
     assert client.receive_data(b"MESSAGE: 7: x\n") == [Message("7: x")]
 
 
@@ -684,3 +691,43 @@ def test_ack_mode_round_trip_through_both_sides():
     data = server.set_client_id(9) + server.message("one", 100) + server.message("MESSAGE 5: two", 101)
     assert client.receive_data(data) == [IdAssigned("9"), Message("one", 100), Message("MESSAGE 5: two", 101)]
     assert server.receive_data(client.ack(100) + client.ack(101)) == [Ack(100), Ack(101)]
+
+
+# --- what the server sends goes through the state machine too -----------------------------------
+
+
+def test_outgoing_lines_out_of_order_are_refused():
+    fresh = ServerProtocol()
+    with pytest.raises(ProtocolError):
+        fresh.set_client_id(1)  # before the client's id
+    with pytest.raises(ProtocolError):
+        fresh.pong()  # a reply before any command could have come
+    assert fresh.error("server busy") == b"ERROR: server busy\n"  # a refusal, any time
+    fresh.greeting()
+    with pytest.raises(ProtocolError):
+        fresh.greeting()  # once
+    conn = identified(assign=False)
+    assert conn.pong() == b"PONG\n"  # a command in the same packet as the id: answered
+    with pytest.raises(ProtocolError):
+        conn.message("too early")  # before SET_CLIENT_ID
+    conn.set_client_id(1)
+    with pytest.raises(ProtocolError):
+        conn.set_client_id(1)  # twice
+    assert conn.message("now") == b"MESSAGE: now\n"
+
+
+def test_the_ack_window_is_the_protocols():
+    conn = ServerProtocol(max_inflight=3)
+    conn.receive_data(b"NONE ACK\n")
+    conn.set_client_id(1)
+    assert conn.room(10) == 3 and not conn.awaiting_acks
+    conn.written([7, 8])
+    assert conn.room(10) == 1 and conn.awaiting_acks
+    conn.written([9])
+    assert conn.room(10) == 0  # paused until ACKs come
+    assert conn.acknowledged([8, 99, 8]) == [8]  # 99 was never sent; 8 counts once
+    assert conn.room(10) == 1
+    assert conn.acknowledged([7, 9]) == [7, 9] and not conn.awaiting_acks
+    legacy = identified()
+    legacy.written([1, 2])  # legacy: nothing waits for an ACK
+    assert legacy.room(10) == 10 and not legacy.awaiting_acks

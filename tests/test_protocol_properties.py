@@ -70,6 +70,7 @@ def server_after_id(id_line: bytes) -> ServerProtocol:
     conn = ServerProtocol()
     [event] = conn.receive_data(id_line)
     assert isinstance(event, Identify)
+    conn.set_client_id(1)
     return conn
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Set, Tuple, Union
 
 from messaging_server.protocol.credentials import parse_credential
 
@@ -211,11 +211,27 @@ def check_body(body: str) -> None:
 
 
 class ServerProtocol:
-    """The server's side of one client connection."""
+    """The server's side of one client connection: every line received and every line
+    sent goes through it, and it holds the connection's protocol state.
 
-    def __init__(self, max_line: int = MAX_CLIENT_LINE) -> None:
+    What is received is parsed into events (``receive_data``).  What is sent is formatted
+    here and refused (ProtocolError) out of order: no greeting twice, no SET_CLIENT_ID
+    before the client's id or twice, no MESSAGE before SET_CLIENT_ID, no command reply
+    before the id.  In ACK mode it keeps the window of messages written and not yet
+    acknowledged (at most ``max_inflight``): ``room`` says how many more may be written,
+    ``written`` adds to it, ``acknowledged`` takes the client's ACKs out of it and says
+    which were in it (an ACK for anything else is the caller's to refuse).  The sending
+    side is used by one thread (the connection's handler); ``receive_data`` may run on
+    another (the command listener) and touches only the receiving state.
+    """
+
+    def __init__(self, max_line: int = MAX_CLIENT_LINE, max_inflight: int = 100) -> None:
         self.state = State.AWAITING_ID
         self.ack_mode = False  # the client said ACK after its id
+        self.assigned = False  # SET_CLIENT_ID sent: messages may follow
+        self.max_inflight = max_inflight
+        self._greeted = False
+        self._inflight: Set[int] = set()  # ACK mode: written, not yet acknowledged
         self._lines = LineBuffer(max_line)
 
     def receive_data(self, data: bytes) -> List[ServerEvent]:
@@ -253,35 +269,70 @@ class ServerProtocol:
             return BadAck(line) if message_id is None else Ack(message_id)
         return InvalidCommand(line)
 
+    # --- the ACK window ---
+
+    @property
+    def awaiting_acks(self) -> bool:
+        """Messages were written that the client has not acknowledged yet."""
+        return bool(self._inflight)
+
+    def room(self, wanted: int) -> int:
+        """How many of ``wanted`` messages may be written now: all but in ACK mode, where
+        the window's free places bound them (0: paused until ACKs come)."""
+        return min(wanted, self.max_inflight - len(self._inflight)) if self.ack_mode else wanted
+
+    def written(self, message_ids: Iterable[int]) -> None:
+        """These messages reached the socket whole: in ACK mode they wait for their ACK."""
+        if self.ack_mode:
+            self._inflight.update(message_ids)
+
+    def acknowledged(self, message_ids: Iterable[int]) -> List[int]:
+        """The client's ACKs: those of messages in the window, taken out of it."""
+        known = []
+        for message_id in message_ids:
+            if message_id in self._inflight:
+                self._inflight.discard(message_id)
+                known.append(message_id)
+        return known
+
     # --- what the server says ---
 
     def greeting(self) -> bytes:
-        if self.state is not State.AWAITING_ID:
+        if self.state is not State.AWAITING_ID or self._greeted:
             raise ProtocolError(f"greeting in state {self.state.value}")
+        self._greeted = True
         return _line(GREETING)
 
-    @staticmethod
-    def set_client_id(client_id: Union[int, str]) -> bytes:
+    def set_client_id(self, client_id: Union[int, str]) -> bytes:
+        if self.state is State.AWAITING_ID or self.assigned:
+            raise ProtocolError("SET_CLIENT_ID before the client's id, or twice")
+        self.assigned = True
         return _line(f"{SET_CLIENT_ID_PREFIX}{client_id}")
 
     def message(self, body: str, message_id: int = 0) -> bytes:
         """A MESSAGE line; in ACK mode it carries ``message_id`` for the client to ACK."""
+        if not self.assigned:
+            raise ProtocolError("MESSAGE before SET_CLIENT_ID")
         check_body(body)
         if self.ack_mode:
             return _line(f"MESSAGE {message_id}: {body}")
         return _line(MESSAGE_PREFIX + body)
 
-    @staticmethod
-    def pong() -> bytes:
+    def pong(self) -> bytes:
+        self._after_id("PONG")
         return _line(PONG)
 
-    @staticmethod
-    def invalid_command(line: str) -> bytes:
+    def invalid_command(self, line: str) -> bytes:
+        self._after_id("Invalid command")
         return _line(INVALID_COMMAND_PREFIX + line)
 
-    @staticmethod
-    def error(text: str) -> bytes:
+    def error(self, text: str) -> bytes:
+        """An ERROR line: in any state (a refusal may come before anything else)."""
         return _line(ERROR_PREFIX + text)
+
+    def _after_id(self, what: str) -> None:
+        if self.state is State.AWAITING_ID:
+            raise ProtocolError(f"{what} before the client's id: it answers a command")
 
 
 def _identify(line: str) -> Identify:

@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Set, Tuple, Union, cast
+from typing import List, Optional, Sequence, Tuple, Union, cast
 
 from messaging_server.protocol.lines import ServerProtocol
 from messaging_server.server import metrics
@@ -89,7 +89,7 @@ class ClientConnection:
         self._io_lock = threading.Lock()
         self.peer = peer
         self.write_timeout = write_timeout
-        self.protocol = ServerProtocol()
+        self.protocol = ServerProtocol(max_inflight=max_inflight)
         self.client_id: Optional[int] = None
         self.credential = ""  # what SET_CLIENT_ID told the client to present next time
         self.new_client = False  # created by this connection's handshake
@@ -108,11 +108,10 @@ class ClientConnection:
         self._cond = threading.Condition()
         # Delivery bookkeeping, touched only by the handler thread.
         self.last_sent_id = 0  # every pending message up to here was written to this socket
-        self.inflight: Set[int] = set()  # ACK mode: written, not yet acknowledged
         # This session holds the client's delivery lease (see storage.Storage): it has
         # sent messages it has not yet recorded as delivered, or is sending some.
+        # (The ACK window is the protocol's: self.protocol.)
         self.holds_lease = False
-        self.max_inflight = max_inflight
 
     def __repr__(self) -> str:
         return f"<connection client={self.client_id} peer={self.peer}>"

@@ -272,7 +272,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
             # sleeps until there is something to do: thousands of idle clients
             # cost no wake-ups.  The timeout is only a safety net, or the moment
             # an idle connection gives its client's delivery lease back.
-            keeping = conn.holds_lease and not conn.inflight
+            keeping = conn.holds_lease and not conn.protocol.awaiting_acks
             work = conn.take_work(timeout=settings.lease_idle if keeping else IDLE_WAIT_S)
             if keeping and not work and not conn.closed:
                 give_back_lease(storage, conn, marks)
@@ -459,7 +459,7 @@ class NikiServer(socketserver.ThreadingTCPServer):
         if self.tls_context is None:
             with contextlib.suppress(OSError):
                 request.setblocking(False)
-                request.send(ServerProtocol.error(refusal))
+                request.send(ServerProtocol().error(refusal))
         return False
 
     def process_request(self, request: socket.socket, client_address: Tuple) -> None:  # type: ignore[override]

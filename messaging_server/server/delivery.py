@@ -53,17 +53,16 @@ def deliver(storage: Storage, conn: ClientConnection, batch: int, server_id: Opt
 
     Runs on the connection's handler thread only.  Legacy connections: what is
     written is handed to ``marks`` to be marked delivered.  ACK connections:
-    nothing is marked here; at most ``conn.max_inflight`` messages wait for their
-    ACK, and delivery pauses at that limit until acks free room.
+    nothing is marked here; the protocol's ACK window bounds the messages that wait
+    for their ACK, and delivery pauses when it is full until acks free room.
     """
     if conn.client_id is None:
         return 0
     metrics.DELIVERY_PASSES.inc()
     client_id, session = conn.client_id, conn.session
-    ack_mode = conn.protocol.ack_mode
     total = 0
     while not conn.closed and not conn.leaving:
-        room = min(batch, conn.max_inflight - len(conn.inflight)) if ack_mode else batch
+        room = conn.protocol.room(batch)
         if room <= 0:
             break  # paused: acks will ask for the next pass
         try:
@@ -101,7 +100,7 @@ def write_carried(conn: ClientConnection, carried: Sequence[Carried], marks: Mar
     one was written or had been, False when a pass must read the database for the rest."""
     ready: List[StoredMessage] = []
     last = conn.last_sent_id
-    room = conn.max_inflight - len(conn.inflight) if conn.protocol.ack_mode else len(carried)
+    room = conn.protocol.room(len(carried))
     complete = True
     for message in sorted(carried, key=lambda m: m.message_id):
         if message.message_id <= last:
@@ -124,7 +123,7 @@ def give_back_lease(storage: Storage, conn: ClientConnection, marks: MarkWriter)
     """Commit the connection's marks not yet committed and give the client's delivery lease
     back, in one transaction (handler thread; nothing may be in flight).  If the database
     is away, the marks go back to the writer and the lease stays."""
-    assert conn.client_id is not None and not conn.inflight
+    assert conn.client_id is not None and not conn.protocol.awaiting_acks
     waiting = marks.withdraw(conn)
     try:
         if waiting.acknowledged:
@@ -155,7 +154,7 @@ def _write(conn: ClientConnection, messages: Sequence[StoredMessage], marks: Mar
         metrics.observe_latency(m.created_at for m in messages[:count])
         conn.last_sent_id = max(conn.last_sent_id, written[-1])
         if conn.protocol.ack_mode:
-            conn.inflight.update(written)
+            conn.protocol.written(written)
             metrics.MESSAGES_DELIVERED.inc(len(written))
         else:
             marks.add(conn, conn.client_id or 0, written)
@@ -165,9 +164,7 @@ def _write(conn: ClientConnection, messages: Sequence[StoredMessage], marks: Mar
 def check_acks(conn: ClientConnection, message_ids: Sequence[int]) -> List[int]:
     """Of the client's ACKs, those of messages in flight on this connection (taken out of
     flight); unknown ones are the caller's to answer."""
-    known = [m for m in message_ids if m in conn.inflight]
-    conn.inflight.difference_update(known)
-    return known
+    return conn.protocol.acknowledged(message_ids)
 
 
 def acknowledge(marks: MarkWriter, conn: ClientConnection, known: Sequence[int]) -> None:
