@@ -18,8 +18,7 @@ in the database (:meth:`Storage.wakeup_key`), which only those who may read
 every message anyway can learn.  A datagram with a wrong tag is dropped
 after one HMAC over at most MAX_DATAGRAM bytes.
 
-The codec (:func:`encode`, :func:`decode`, :func:`encode_carried`,
-:func:`decode_carried`) is pure.  :class:`WakeupSender` is what ``enqueue``
+The codec is pure and lives in ``protocol/wakeups.py``.  :class:`WakeupSender` is what ``enqueue``
 (and a server taking a client over) uses; :class:`WakeupListener` is what a
 server's delivery thread reads, coalescing every datagram waiting in the
 socket into one set of ids, plus the carried messages in arrival order, so
@@ -29,8 +28,6 @@ that a burst of wake-ups for one client costs one delivery pass.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
 import socket
 import threading
@@ -38,113 +35,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from messaging_server.errors import ConfigurationError, port_error
-from messaging_server.protocol.lines import parse_client_id
+from messaging_server.config.addresses import Address
+from messaging_server.errors import port_error
+from messaging_server.protocol.wakeups import (
+    CARRY_MAGIC,
+    MAX_DATAGRAM,
+    Carried,
+    decode,
+    decode_carried,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"NIKI1 "
-CARRY_MAGIC = b"NIKI2 "
-TAG_HEX = 32  # the HMAC's first 16 bytes, in hex
-# Keep every datagram under the smallest common path MTU so it is never
-# fragmented (a lost fragment loses the whole datagram).
-MAX_DATAGRAM = 1200
-
 # How long a resolved peer address is reused before it is looked up again.
 RESOLVE_TTL_S = 60.0
-
-Address = Tuple[str, int]
-
-
-def encode(client_ids: Iterable[int]) -> List[bytes]:
-    """Datagrams naming ``client_ids``, each at most MAX_DATAGRAM bytes."""
-    datagrams: List[bytes] = []
-    current = bytearray(MAGIC)
-    for client_id in client_ids:
-        item = str(int(client_id)).encode("ascii")
-        extra = len(item) + (0 if len(current) == len(MAGIC) else 1)
-        if len(current) + extra > MAX_DATAGRAM:
-            datagrams.append(bytes(current))
-            current = bytearray(MAGIC)
-            extra = len(item)
-        if len(current) > len(MAGIC):
-            current += b","
-        current += item
-    if len(current) > len(MAGIC):
-        datagrams.append(bytes(current))
-    return datagrams
-
-
-def decode(datagram: bytes) -> List[int]:
-    """The client ids in ``datagram``; ValueError when it is not a wake-up."""
-    if not datagram.startswith(MAGIC) or len(datagram) > MAX_DATAGRAM:
-        raise ValueError("not a wake-up datagram")
-    ids: List[int] = []
-    for item in datagram[len(MAGIC):].split(b","):
-        client_id = parse_client_id(item.decode("ascii", errors="replace"))
-        if client_id is None or not item.isdigit():
-            raise ValueError(f"bad client id {item!r} in wake-up datagram")
-        ids.append(client_id)
-    return ids
-
-
-@dataclass(frozen=True)
-class Carried:
-    """A message carried by a wake-up, as its owner server needs it to write it."""
-
-    client_id: int
-    session: int  # the client's session when the message was stored
-    message_id: int
-    previous: int  # the client's newest pending message before it; 0: none
-    queued_at: float  # the producer's clock when it sent the wake-up (for latency)
-    body: str
-
-
-def _tag(key: bytes, payload: bytes) -> bytes:
-    return hmac.new(key, payload, hashlib.sha256).hexdigest()[:TAG_HEX].encode("ascii")
-
-
-def encode_carried(key: bytes, message: Carried) -> Optional[bytes]:
-    """The signed datagram carrying ``message``; None when it would pass MAX_DATAGRAM."""
-    head = (f"{message.client_id} {message.session} {message.message_id} {message.previous} "
-            f"{int(message.queued_at * 1000)}").encode("ascii")
-    payload = head + b"\n" + message.body.encode("utf-8")
-    if len(CARRY_MAGIC) + TAG_HEX + 1 + len(payload) > MAX_DATAGRAM:
-        return None
-    return CARRY_MAGIC + _tag(key, payload) + b" " + payload
-
-
-def decode_carried(key: Optional[bytes], datagram: bytes) -> Carried:
-    """The message ``datagram`` carries; ValueError when it is malformed or not signed
-    with ``key`` (None: this server accepts no carried messages)."""
-    if not datagram.startswith(CARRY_MAGIC) or len(datagram) > MAX_DATAGRAM:
-        raise ValueError("not a carried wake-up")
-    if key is None:
-        raise ValueError("carried wake-up, but no wake-up key is known here")
-    start = len(CARRY_MAGIC)
-    tag, payload = datagram[start:start + TAG_HEX], datagram[start + TAG_HEX + 1:]
-    if datagram[start + TAG_HEX:start + TAG_HEX + 1] != b" " or \
-            not hmac.compare_digest(tag, _tag(key, payload)):
-        raise ValueError("carried wake-up with a wrong signature")
-    head, newline, body = payload.partition(b"\n")
-    fields = head.split(b" ")
-    if not newline or len(fields) != 5 or not all(f.isdigit() and len(f) <= 20 for f in fields):
-        raise ValueError("malformed carried wake-up")
-    client_id, session, message_id, previous, queued_ms = (int(f) for f in fields)
-    return Carried(client_id, session, message_id, previous, queued_ms / 1000,
-                   body.decode("utf-8"))
-
-
-def parse_peers(text: str) -> List[Address]:
-    """``host:port,host:port`` -> addresses; ConfigurationError when malformed."""
-    peers: List[Address] = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-            raise ConfigurationError(f"peer {item!r} is not host:port")
-        peers.append((host.strip("[]"), int(port)))
-    return peers
-
 
 class WakeupSender:
     """Sends wake-ups over UDP, best effort: a lost one is caught by the servers' sweeps.

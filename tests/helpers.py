@@ -322,7 +322,7 @@ class DatagramCounter:
     def drain(self) -> List[List[int]]:
         """The ids of every datagram waiting (loopback UDP is queued before sendto() returns);
         a datagram carrying a message names its client (its signature is not checked here)."""
-        from messaging_server.wakeup import CARRY_MAGIC, TAG_HEX, decode
+        from messaging_server.protocol.wakeups import CARRY_MAGIC, TAG_HEX, decode
 
         got = []
         while True:

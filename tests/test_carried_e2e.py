@@ -22,9 +22,9 @@ from typing import Dict, Iterator, List
 import pytest
 
 from messaging_server import Enqueuer
+from messaging_server.protocol.wakeups import Carried, encode_carried
 from messaging_server.storage import Storage, open_storage
 from messaging_server.storage.interface import LEASE_HANDOVER_S
-from messaging_server.wakeup import Carried, encode_carried
 from tests.helpers import RawClient, ServerProcess, numeric_id, query, wait_until
 
 WINDOW = 5.0

@@ -30,8 +30,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 import pytest
 
 from messaging_server import Enqueuer
+from messaging_server.protocol.wakeups import CARRY_MAGIC
 from messaging_server.storage.interface import LEASE_HANDOVER_S
-from messaging_server.wakeup import CARRY_MAGIC
 from tests.helpers import (
     RawClient,
     ServerProcess,

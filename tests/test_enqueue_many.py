@@ -25,10 +25,10 @@ from messaging_server.errors import (
     UnknownClient,
 )
 from messaging_server.producer.enqueuer import MAX_BATCH, MAX_TTL_S, MIN_TTL_S
+from messaging_server.protocol.wakeups import MAX_DATAGRAM, encode
 from messaging_server.storage import Storage
 from messaging_server.storage.interface import body_hash
 from messaging_server.storage.records import Queued
-from messaging_server.wakeup import MAX_DATAGRAM, encode
 from tests.helpers import (
     DatagramCounter,
     RawClient,

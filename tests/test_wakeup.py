@@ -9,22 +9,20 @@ from typing import Iterator, List, Set
 
 import pytest
 
+from messaging_server.config.addresses import parse_peers
 from messaging_server.errors import ConfigurationError
 from messaging_server.protocol.lines import MAX_CLIENT_ID
-from messaging_server.wakeup import (
+from messaging_server.protocol.wakeups import (
     CARRY_MAGIC,
     MAGIC,
     MAX_DATAGRAM,
-    MAX_DATAGRAMS_PER_RECEIVE,
     Carried,
-    WakeupListener,
-    WakeupSender,
     decode,
     decode_carried,
     encode,
     encode_carried,
-    parse_peers,
 )
+from messaging_server.wakeup import MAX_DATAGRAMS_PER_RECEIVE, WakeupListener, WakeupSender
 from tests.helpers import DatagramCounter
 
 # --- codec -------------------------------------------------------------------------------------

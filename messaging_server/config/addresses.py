@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from messaging_server.errors import ConfigurationError
 
@@ -91,3 +91,17 @@ def literal_loopback(host: str) -> Optional[bool]:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return None
+
+
+Address = Tuple[str, int]
+
+
+def parse_peers(text: str) -> List[Address]:
+    """``host:port,host:port`` -> addresses; ConfigurationError when malformed."""
+    peers: List[Address] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+            raise ConfigurationError(f"peer {item!r} is not host:port")
+        peers.append((host.strip("[]"), int(port)))
+    return peers

@@ -21,13 +21,14 @@ from messaging_server.config.addresses import (
     DEFAULT_EXEMPT,
     FAILED_IDENTIFICATIONS_PER_MINUTE,
     NEW_CLIENTS_PER_MINUTE,
+    Address,
     check_exposure,
     parse_exempt,
+    parse_peers,
 )
 from messaging_server.config.file import read_config, render
 from messaging_server.errors import ConfigurationError
 from messaging_server.version import __version__
-from messaging_server.wakeup import Address, parse_peers
 
 DEFAULT_PORT = 8000
 

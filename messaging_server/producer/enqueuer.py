@@ -15,12 +15,14 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from messaging_server.config import settings
+from messaging_server.config.addresses import Address, parse_peers
 from messaging_server.errors import BodyRejected, ConfigurationError, NikiError, UnknownClient
 from messaging_server.protocol.credentials import parse_credential, redact
 from messaging_server.protocol.lines import MAX_CLIENT_ID
+from messaging_server.protocol.wakeups import Carried, encode_carried
 from messaging_server.storage import Queued, Storage, open_storage
 from messaging_server.storage.records import ServerAddress
-from messaging_server.wakeup import Address, Carried, WakeupSender, encode_carried, parse_peers
+from messaging_server.wakeup import WakeupSender
 
 ClientId = Union[int, str]
 # The longest time to live: past it a ttl is surely a mistake (and dates

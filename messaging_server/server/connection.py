@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union, cast
 
 from messaging_server.protocol.lines import ServerProtocol
+from messaging_server.protocol.wakeups import Carried
 from messaging_server.server import metrics
 from messaging_server.storage import StoredMessage
-from messaging_server.wakeup import Carried
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,12 @@ import threading
 from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from messaging_server.errors import StorageUnavailable
+from messaging_server.protocol.wakeups import Carried
 from messaging_server.server import metrics
 from messaging_server.server.connection import ClientConnection
 from messaging_server.server.marks import MarkWriter
 from messaging_server.storage import Storage, StoredMessage
-from messaging_server.wakeup import Carried, WakeupListener
+from messaging_server.wakeup import WakeupListener
 
 log = logging.getLogger(__name__)
 
