@@ -228,7 +228,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
 
 # The last lines of each server's log that a failing test shows.
-LOG_LINES_ON_FAILURE = 60
+LOG_LINES_ON_FAILURE = 200  # enough for a stack dump of a few dozen threads
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -241,6 +241,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """A failing test's report carries the end of the log of every server it started."""
     outcome = yield
     report = outcome.get_result()
+    if report.failed and call.when == "call":
+        # A server still running dumps its threads' stacks (SIGUSR1): where it waits.
+        for proc in helpers.STARTED:
+            proc.dump_stacks()
     if report.failed:
         for index, proc in enumerate(helpers.STARTED):
             tail = proc.log.splitlines()[-LOG_LINES_ON_FAILURE:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -135,6 +136,21 @@ class ServerProcess:
 
     def log_contains(self, text: str) -> bool:
         return text in self.log
+
+    def dump_stacks(self, timeout: float = 2.0) -> None:
+        """Have a running server write every thread's stack to its log (SIGUSR1)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        before = len(self.lines)
+        with contextlib.suppress(OSError):
+            self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if any("most recent call first" in line for line in self.lines[before:]):
+                    time.sleep(0.2)  # the rest of the dump
+                    return
+            time.sleep(0.02)
 
     @property
     def peers(self) -> str:
