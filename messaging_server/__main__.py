@@ -18,8 +18,10 @@ others, and the supervisor exits with its status.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -64,6 +66,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.write(describe_effective(effective))
         return EXIT_OK
     settings = effective.settings
+    # `kill -USR1 <pid>` (a worker's or the supervisor's) writes every thread's stack to
+    # the log (stderr): how to see where a stuck server waits, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     count = 1 if worker is not None else settings.workers or default_workers(settings.db)
     tag = f"w{worker[0]}" if worker is not None else "supervisor" if count > 1 else ""
     configure_logging(settings.verbose, settings.log_format, tag=tag)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import faulthandler
 import logging
 import os
 import signal
@@ -707,9 +706,6 @@ def run(settings: ServerSettings, storage: Storage, reuse_port: bool = False,
         threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    # `kill -USR1 <pid>` writes every thread's stack to the log (stderr): how to see
-    # where a stuck server waits, without stopping it.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("listening on %s port %d (clients, TCP) and port %d (wake-ups, UDP)",
              settings.host or "all interfaces", server.port, server.wakeups.port)
     log.info("clients: %s, %s ids, at most %d connections%s",
