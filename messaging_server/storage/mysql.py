@@ -329,29 +329,31 @@ class MysqlStorage(SqlStorage):
                   None if ttl is None else int(ttl * 1_000_000), max_pending,
                   int(HEARTBEAT_STALE_S * 1_000_000))
 
-        def call() -> Any:
+        def call() -> Optional[Queued]:
             # A conflict reaches us through the procedure's handler, which rolled the
             # whole call back first (ROLLBACK; RESIGNAL): running it again is safe.  So is
             # a run on the next host after this one's failed (_failover_pause).
             try:
                 with self._borrow() as link:
-                    return link.call(f"CALL {ENQUEUE_PROCEDURE}(%s, %s, %s, %s, %s, %s, %s)", params)
+                    row = link.call(f"CALL {ENQUEUE_PROCEDURE}(%s, %s, %s, %s, %s, %s, %s)", params)
             except pymysql.err.MySQLError as exc:
                 if exc.args[:1] and exc.args[0] in PROCEDURE_UNUSABLE:
                     self._procedure_missing(exc)
-                    return None
+                    return None  # the statements, below
                 raise self.storage_error(exc) from exc
+            return self._queued(row, client_id, max_pending, find_owner)
 
-        failed_over = False
+        def own_copy(queued: Optional[Queued]) -> Optional[Queued]:
+            return None if queued is None else self._own_copy(client_id, body, queued)
 
-        def after_failover(row: Any) -> Any:
-            nonlocal failed_over
-            failed_over = True
-            return row
-
-        row = self._retry_conflicts(call, after_failover)
-        if row is None:
+        queued = self._retry_conflicts(call, after_failover=own_copy)
+        if queued is None:
             return super().enqueue(client_id, body, duplicate_window, ttl, max_pending, find_owner)
+        return queued
+
+    def _queued(self, row: Tuple[Any, ...], client_id: int, max_pending: Optional[int],
+                find_owner: bool) -> Queued:
+        """What the procedure's one row says (see enqueue_mysql.sql)."""
         if self._procedure is not True:
             self._set_procedure(True)
         result, owner_id, host, port, session, previous = row
@@ -360,8 +362,6 @@ class MysqlStorage(SqlStorage):
         if result == -2:
             raise QueueFull(f"client {client_id} already has {max_pending} pending messages")
         self.write_health.succeeded()
-        if result == 0 and failed_over:
-            return self._own_copy(client_id, body, Queued(None))
         if result == 0:
             return Queued(None)
         owner = None if host is None or not find_owner else ServerAddress(int(owner_id), str(host), int(port))
