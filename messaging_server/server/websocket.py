@@ -47,6 +47,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from messaging_server.protocol.lines import MAX_CLIENT_LINE
+from messaging_server.server.http.auth import cross_site
 
 log = logging.getLogger("messaging_server.server.websocket")
 
@@ -78,12 +79,9 @@ Adopt = Callable[[socket.socket, Tuple[str, int]], bool]
 def origin_allowed(origin: Optional[str], host_header: Optional[str], allowed: Sequence[str]) -> bool:
     """A WebSocket from a page of another site is refused unless its origin is listed
     (``--ws-origins``): programs send no Origin; the HTTP port's own pages may connect."""
-    if origin is None:
+    if origin is None or not cross_site(origin, host_header, None):
         return True
     origin = origin.strip().lower().rstrip("/")
-    own = (host_header or "").strip().lower()
-    if origin in (f"http://{own}", f"https://{own}"):
-        return True
     return "*" in allowed or origin in (a.lower().rstrip("/") for a in allowed)
 
 

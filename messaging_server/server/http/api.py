@@ -242,9 +242,12 @@ class ApiHandler(BoundedRequestHandler):
         if cross_site(headers.get("Origin"), headers.get("Host"), headers.get("Sec-Fetch-Site")):
             raise RequestRefused(HTTPStatus.FORBIDDEN, "requests from another site's web pages are "
                                  "refused", close=True)
-        if not token.required and not loopback_host_header(self.headers.get("Host")):
-            # Without a token the API serves this machine only; a foreign Host is
-            # a web page's DNS-rebinding attempt to reach it through a browser.
+        self._check_host()
+
+    def _check_host(self) -> None:
+        """Without a token the port serves this machine only; a foreign Host is a web
+        page's DNS-rebinding attempt to reach it through a browser."""
+        if not self.server.token.required and not loopback_host_header(self.headers.get("Host")):
             raise RequestRefused(HTTPStatus.FORBIDDEN,
                                  "the Host header must name this machine (no API token is set)")
 
@@ -354,10 +357,7 @@ class ApiHandler(BoundedRequestHandler):
         if self._body_unread:  # an upgrade has no body: its bytes would be taken for frames
             raise RequestRefused(HTTPStatus.BAD_REQUEST, "a WebSocket upgrade request has no body",
                                  close=True)
-        if not self.server.token.required and not loopback_host_header(headers.get("Host")):
-            # As for the other routes: a web page's DNS rebinding must not reach this machine.
-            raise RequestRefused(HTTPStatus.FORBIDDEN,
-                                 "the Host header must name this machine (no API token is set)")
+        self._check_host()  # public as the client port, but not to a rebinding page
         self.close_connection = True
         self.server.slots.release(self.connection)
         backend = self.server.backend
