@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import pymysql
+import pytest
 
 LISTENING_RE = re.compile(r"port (\d+) \(clients, TCP\) and port (\d+) \(wake-ups, UDP\)")
 # With --workers N > 1: the supervisor's line once every worker listens.
@@ -434,3 +435,21 @@ def refuse_body(db_url: str, body: str = REFUSED_BODY) -> None:
         query(db_url, "CREATE TRIGGER refuse_body BEFORE INSERT ON messages FOR EACH ROW "
                       f"BEGIN IF NEW.body = {literal} THEN SIGNAL SQLSTATE '45000' "
                       "SET MESSAGE_TEXT = 'this body is refused'; END IF; END")
+
+
+def port_with_free_neighbours() -> int:
+    """A free TCP port p with p + 1 (UDP, wake-ups) and p + 2 (TCP, HTTP) free too."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port > 65000:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as http_:
+                udp.bind(("", port + 1))
+                http_.bind(("127.0.0.1", port + 2))
+            return port
+        except OSError:
+            continue
+    pytest.skip("no free port with free neighbours")

@@ -18,8 +18,7 @@ from typing import Iterator, List
 import pytest
 
 from messaging_server import Enqueuer
-from tests.helpers import ServerProcess, query, wait_until
-from tests.test_http_api_e2e import port_with_free_neighbours
+from tests.helpers import ServerProcess, port_with_free_neighbours, query, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -50,7 +50,15 @@ import pytest
 from messaging_server.client.sdk import Client
 from messaging_server.server.http.transport import KEEPALIVE_IDLE_S, MAX_HTTP_CONNECTIONS
 from messaging_server.storage.interface import HEARTBEAT_INTERVAL_S
-from tests.helpers import REFUSED_BODY, ServerProcess, numeric_id, query, refuse_body, wait_until
+from tests.helpers import (
+    REFUSED_BODY,
+    ServerProcess,
+    numeric_id,
+    port_with_free_neighbours,
+    query,
+    refuse_body,
+    wait_until,
+)
 
 # Routed mode and no API token unless a test sets one: no NIKI_* setting may leak in.
 pytestmark = pytest.mark.usefixtures("no_niki_environment")
@@ -681,24 +689,6 @@ def test_slow_strangers_do_not_lock_out_the_probe_or_token_holders(sqlite_url: s
         wait_until(lambda: _threads(pid) <= threads + MAX_HTTP_CONNECTIONS, 5,
                    "the threads of the closed connections to end")
         assert _resident_bytes(pid) - resident < 32 * 1024 * 1024
-
-
-def port_with_free_neighbours() -> int:
-    """A free TCP port p with p + 1 (UDP, wake-ups) and p + 2 (TCP, HTTP) free too."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port > 65000:
-            continue
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as http_:
-                udp.bind(("", port + 1))
-                http_.bind(("127.0.0.1", port + 2))
-            return port
-        except OSError:
-            continue
-    pytest.skip("no free port with free neighbours")
 
 
 def test_on_by_default_at_the_client_port_plus_two_and_off_with_zero(sqlite_url: str) -> None:
