@@ -389,7 +389,6 @@ class NikiServer(socketserver.ThreadingTCPServer):
         self.throttle = IdentifyThrottle(settings.failed_identifications_per_minute,
                                          settings.new_clients_per_minute, settings.throttle_exempt)
         self._connections: set = set()
-        self._bridged: set = set()  # sockets adopted from WebSockets: no TLS of their own
         self._connections_lock = threading.Lock()
         host = settings.host
         if not host and socket.has_dualstack_ipv6():
@@ -484,26 +483,19 @@ class NikiServer(socketserver.ThreadingTCPServer):
         connection from ``client_address``, under the same caps and limits; False when
         they refuse it.  It is not wrapped in TLS: the WebSocket's transport is the
         HTTP port's."""
-        with self._connections_lock:
-            self._bridged.add(sock)
         if self.verify_request(sock, client_address):
             try:
                 self.process_request(sock, client_address)
                 return True
             except BaseException:
                 pass
-        with self._connections_lock:
-            self._bridged.discard(sock)
         sock.close()
         return False
 
     def secure(self, sock: socket.socket) -> socket.socket:
-        """The connection's socket, wrapped in TLS if the port has it (handshake not yet done)."""
-        with self._connections_lock:
-            if sock in self._bridged:
-                self._bridged.discard(sock)
-                return sock
-        if self.tls_context is None:
+        """The connection's socket, wrapped in TLS if the port has it (handshake not yet done).
+        A WebSocket's socket pair (AF_UNIX, see adopt) has its transport's TLS already."""
+        if self.tls_context is None or sock.family == socket.AF_UNIX:
             return sock
         return self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
