@@ -178,8 +178,9 @@ class HttpEnqueuer:
         its socket, no round trip), else a new one; StorageUnavailable when none opens."""
         connection = self._connection
         if connection is not None and connection.sock is not None:
-            readable, _, _ = select.select([connection.sock], [], [], 0)
-            if not readable:
+            poller = select.poll()  # not select(): an application may hold fds past 1024
+            poller.register(connection.sock, select.POLLIN)
+            if not poller.poll(0):
                 return connection
         self._drop()
         kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
